@@ -1,0 +1,340 @@
+"""The broker: one ROUTER socket, one loop of poll -> route -> purge dead peers -> heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from broker import protocol
+from broker.config import BrokerSettings
+from broker.protocol import Command, ErrorCode, Message
+from broker.registry import WorkerRecord, WorkerRegistry, choose_worker
+
+log = logging.getLogger(__name__)
+
+_WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.ERROR)
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """A client's request, queued (`worker is None`) or running on a worker."""
+
+    request_id: bytes
+    client: bytes | None  # None once the client cancelled or vanished
+    model: str
+    body: bytes
+    enqueued_at: float
+    worker: bytes | None = None
+    started: bool = False  # a token has reached the client, so it cannot be retried
+
+
+@dataclass(slots=True)
+class ClientRecord:
+    last_seen: float
+    requests: set[bytes] = field(default_factory=set)
+
+
+class Broker:
+    """Routes requests from clients to workers and their token streams back."""
+
+    def __init__(self, settings: BrokerSettings, context: zmq.Context | None = None) -> None:
+        self.settings = settings
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sends to vanished peers raise instead of vanishing
+        self._socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_SIZE * 2)
+        self._socket.setsockopt(zmq.SNDHWM, 100_000)
+        self._socket.setsockopt(zmq.RCVHWM, 100_000)
+        self.workers = WorkerRegistry()
+        self._requests: dict[bytes, PendingRequest] = {}
+        self._queues: dict[str, deque[bytes]] = {}
+        self._clients: dict[bytes, ClientRecord] = {}
+        self._models_seen: set[str] = set()
+        self._next_heartbeat = 0.0
+        self._num_malformed = 0
+        self._last_malformed_log = 0.0
+        self.stopping = threading.Event()
+
+    @property
+    def _timeout(self) -> float:
+        return self.settings.heartbeat_interval * protocol.HEARTBEAT_LIVENESS
+
+    def bind(self) -> None:
+        self._socket.bind(self.settings.bind)
+        log.info("broker listening on %s", self.settings.bind)
+
+    def run(self) -> None:
+        """Serve until `stopping` is set."""
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not self.stopping.is_set():
+            wait = max(0.0, min(self._next_heartbeat - time.monotonic(), 0.1))
+            if poller.poll(wait * 1000):
+                self._drain()
+            now = time.monotonic()
+            self._purge(now)
+            if now >= self._next_heartbeat:
+                self._send_heartbeats()
+                self._next_heartbeat = now + self.settings.heartbeat_interval
+        self._socket.close(linger=0)
+
+    def _drain(self) -> None:
+        for _ in range(10_000):  # bounded, so purge and heartbeats still get their turn
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._route(frames)
+
+    # -- routing
+
+    def _route(self, frames: list[bytes]) -> None:
+        identity, payload = frames[0], frames[1:]
+        try:
+            message = protocol.decode(payload)
+            self._handle(identity, message, time.monotonic())
+        except protocol.ProtocolError as exc:
+            self._reject(identity, payload, exc)
+
+    def _handle(self, identity: bytes, message: Message, now: float) -> None:
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.last_seen = now
+        command = message.command
+        if command is Command.READY:
+            self._on_ready(identity, protocol.Ready.from_fields(message.fields()), now)
+        elif command in _WORKER_REPLIES:
+            self._on_worker_reply(identity, worker, message)
+        elif command is Command.DISCONNECT:
+            if worker is not None:
+                log.info("worker %s disconnected", worker.ready.worker_id)
+                self._remove_worker(worker)
+        elif command is Command.HEARTBEAT:
+            self._on_heartbeat(identity, worker, message.fields(), now)
+        elif command is Command.REQUEST:
+            self._on_request(identity, message, now)
+        elif command is Command.CANCEL:
+            self._on_cancel(identity, message.request_id)
+        elif command is Command.LIST_MODELS:
+            self._send(identity, Command.MODELS, message.request_id, protocol.model_list_fields(self._model_infos()))
+        elif command is Command.LIST_WORKERS:
+            self._send(identity, Command.WORKERS, message.request_id, protocol.worker_list_fields(self._worker_infos(now)))
+        else:
+            raise protocol.ProtocolError(f"{command.value} is not a command the broker accepts")
+
+    def _reject(self, identity: bytes, payload: list[bytes], exc: protocol.ProtocolError) -> None:
+        self._num_malformed += 1
+        now = time.monotonic()
+        if now - self._last_malformed_log > 5.0:
+            log.warning("dropped malformed message (%d so far): %s", self._num_malformed, exc)
+            self._last_malformed_log = now
+        request_id = payload[2] if len(payload) == 4 and len(payload[2]) == protocol.REQUEST_ID_SIZE else b""
+        if len(payload) == 4 and payload[0] == protocol.PROTOCOL_SIGNATURE:
+            self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, str(exc))
+
+    # -- workers
+
+    def _on_ready(self, identity: bytes, ready: protocol.Ready, now: float) -> None:
+        known = self.workers.get(identity) is not None
+        self.workers.add(identity, ready, now)
+        self._models_seen.update(ready.models)
+        if not known:
+            log.info("worker %s ready: models %s, capacity %d", ready.worker_id, list(ready.models), ready.capacity)
+        for model in ready.models:
+            self._dispatch_queued(model, now)
+
+    def _on_worker_reply(self, identity: bytes, worker: WorkerRecord | None, message: Message) -> None:
+        request = self._requests.get(message.request_id)
+        if worker is None or request is None or request.worker != identity:
+            # A stream the broker does not know (it restarted, or the request ended): stop it.
+            if message.command is Command.TOKEN:
+                self._send(identity, Command.CANCEL, message.request_id)
+            if worker is None:
+                self._send(identity, Command.REANNOUNCE)
+            return
+        if request.client is not None:
+            self._send(request.client, message.command, message.request_id, message.body)
+        if message.command is Command.TOKEN:
+            request.started = True
+        else:
+            self._finish(request)
+            self._dispatch_queued(request.model, time.monotonic())
+
+    def _remove_worker(self, worker: WorkerRecord) -> None:
+        self.workers.remove(worker.identity)
+        now = time.monotonic()
+        model_served = {m: bool(self.workers.serving(m)) for m in worker.ready.models}
+        for request_id in worker.requests:
+            request = self._requests[request_id]
+            if not request.started and model_served.get(request.model) and request.client is not None:
+                request.worker = None
+                self._queues.setdefault(request.model, deque()).appendleft(request_id)
+                log.info("re-queued request %s from lost worker %s", request_id.hex(), worker.ready.worker_id)
+            else:
+                self._fail(request, ErrorCode.WORKER_LOST, f"worker {worker.ready.worker_id} serving the request was lost")
+        for model, served in model_served.items():
+            if served:
+                self._dispatch_queued(model, now)
+            else:
+                for request_id in self._queues.pop(model, ()):
+                    self._fail(self._requests[request_id], ErrorCode.NO_WORKER, f"no worker serves '{model}' any more")
+
+    def _on_heartbeat(self, identity: bytes, worker: WorkerRecord | None, fields: dict, now: float) -> None:
+        if "worker_id" in fields:
+            if worker is None:
+                self._send(identity, Command.REANNOUNCE)
+            return
+        client = self._clients.get(identity)
+        if client is not None:
+            client.last_seen = now
+        for request_id in protocol.ClientHeartbeat.from_fields(fields).request_ids:
+            request = self._requests.get(request_id)
+            if request is None or request.client != identity:
+                self._send_error(identity, request_id, ErrorCode.UNKNOWN_REQUEST,
+                                 "the broker does not know this request (it may have restarted)")
+        self._send(identity, Command.HEARTBEAT)
+
+    # -- clients
+
+    def _on_request(self, identity: bytes, message: Message, now: float) -> None:
+        request_id = message.request_id
+        if len(request_id) != protocol.REQUEST_ID_SIZE:
+            raise protocol.ProtocolError("REQUEST needs a 16-byte request id")
+        if request_id in self._requests:
+            self._send_error(identity, request_id, ErrorCode.DUPLICATE_REQUEST, "request id already in use")
+            return
+        model = protocol.GenerationRequest.from_fields(message.fields()).model
+        if not self.workers.serving(model):
+            served = ", ".join(sorted(self.workers.models())) or "none"
+            code = ErrorCode.NO_WORKER if model in self._models_seen else ErrorCode.UNKNOWN_MODEL
+            self._send_error(identity, request_id, code, f"model '{model}' is not served; models served: {served}")
+            return
+        queue = self._queues.setdefault(model, deque())
+        worker = choose_worker(self.workers, model) if not queue else None
+        if worker is None and len(queue) >= self.settings.max_queue:
+            self._send_error(identity, request_id, ErrorCode.OVERLOADED,
+                             f"every worker for '{model}' is busy and {len(queue)} requests are waiting")
+            return
+        self._requests[request_id] = PendingRequest(request_id, identity, model, message.body, now)
+        self._clients.setdefault(identity, ClientRecord(now)).requests.add(request_id)
+        if worker is not None:
+            self._assign(self._requests[request_id], worker, now)
+        else:
+            queue.append(request_id)
+
+    def _on_cancel(self, identity: bytes, request_id: bytes) -> None:
+        request = self._requests.get(request_id)
+        if request is not None and request.client == identity:
+            self._cancel(request)
+
+    def _cancel(self, request: PendingRequest) -> None:
+        """Detach the client; a running request is freed when its worker confirms."""
+        self._detach_client(request)
+        if request.worker is None:
+            self._queues[request.model].remove(request.request_id)
+            del self._requests[request.request_id]
+        else:
+            self._send(request.worker, Command.CANCEL, request.request_id)
+
+    def _detach_client(self, request: PendingRequest) -> None:
+        client = self._clients.get(request.client) if request.client is not None else None
+        if client is not None:
+            client.requests.discard(request.request_id)
+            if not client.requests:
+                del self._clients[request.client]
+        request.client = None
+
+    def _forget_client(self, identity: bytes) -> None:
+        client = self._clients.get(identity)
+        if client is not None:
+            log.info("client gone; cancelling its %d requests", len(client.requests))
+            for request_id in list(client.requests):  # _cancel detaches each in turn
+                self._cancel(self._requests[request_id])
+
+    # -- dispatch
+
+    def _assign(self, request: PendingRequest, worker: WorkerRecord, now: float) -> None:
+        request.worker = worker.identity
+        worker.requests.add(request.request_id)
+        worker.last_dispatch = now
+        worker.num_served += 1
+        self._send(worker.identity, Command.REQUEST, request.request_id, request.body)
+
+    def _dispatch_queued(self, model: str, now: float) -> None:
+        queue = self._queues.get(model)
+        while queue:
+            worker = choose_worker(self.workers, model)
+            if worker is None:
+                return
+            self._assign(self._requests[queue.popleft()], worker, now)
+
+    def _finish(self, request: PendingRequest) -> None:
+        self._detach_client(request)
+        worker = self.workers.get(request.worker) if request.worker is not None else None
+        if worker is not None:
+            worker.requests.discard(request.request_id)
+        self._requests.pop(request.request_id, None)
+
+    def _fail(self, request: PendingRequest, code: ErrorCode, message: str) -> None:
+        if request.client is not None:
+            self._send_error(request.client, request.request_id, code, message)
+        self._finish(request)
+
+    # -- housekeeping
+
+    def _purge(self, now: float) -> None:
+        for worker in self.workers.expired(now - self._timeout):
+            log.warning("worker %s silent for %.1fs: removed", worker.ready.worker_id, now - worker.last_seen)
+            self._remove_worker(worker)
+        for identity, client in list(self._clients.items()):
+            if client.last_seen < now - self._timeout:
+                self._forget_client(identity)
+        deadline = now - self.settings.queue_timeout
+        for model, queue in self._queues.items():
+            while queue and self._requests[queue[0]].enqueued_at < deadline:
+                self._fail(self._requests[queue.popleft()], ErrorCode.QUEUE_TIMEOUT,
+                           f"waited {self.settings.queue_timeout:.0f}s for a free worker for '{model}'")
+
+    def _send_heartbeats(self) -> None:
+        for worker in self.workers:
+            self._send(worker.identity, Command.HEARTBEAT)
+
+    def _send_error(self, identity: bytes, request_id: bytes, code: ErrorCode, message: str) -> None:
+        self._send(identity, Command.ERROR, request_id, protocol.Error(code, message).to_fields())
+
+    def _send(self, identity: bytes, command: Command, request_id: bytes = b"", body: dict | bytes | None = None) -> None:
+        try:
+            self._socket.send_multipart([identity, *protocol.encode(command, request_id, body)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; EAGAIN: it stopped reading
+            log.info("peer %s unreachable (%s)", identity.hex(), exc.strerror)
+            worker = self.workers.get(identity)
+            if worker is not None:
+                self._remove_worker(worker)
+            elif identity in self._clients:
+                self._forget_client(identity)
+
+    # -- status
+
+    def _model_infos(self) -> list[protocol.ModelInfo]:
+        infos = []
+        for model in sorted(self.workers.models()):
+            workers = self.workers.serving(model)
+            infos.append(protocol.ModelInfo(
+                name=model,
+                workers=len(workers),
+                capacity=sum(w.ready.capacity for w in workers),
+                in_flight=sum(len(w.requests) for w in workers),
+                queued=len(self._queues.get(model, ())),
+                context_length=max(w.ready.context_length for w in workers),
+            ))
+        return infos
+
+    def _worker_infos(self, now: float) -> list[protocol.WorkerInfo]:
+        return [protocol.WorkerInfo(w.ready.worker_id, w.ready.models, w.ready.capacity, len(w.requests),
+                                    round(now - w.last_seen, 3), w.num_served) for w in self.workers]

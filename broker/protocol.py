@@ -1,0 +1,427 @@
+"""The tokenbus wire protocol: the only code that turns messages into frames and back.
+
+Every message a DEALER peer (client or worker) sends or receives is four frames:
+
+    [signature, command, request_id, body]
+
+`signature` is ``PROTOCOL_SIGNATURE``, `command` an ASCII command name, `request_id`
+empty or 16 bytes, `body` a msgpack map. The broker's ROUTER socket sees one more
+frame in front: the peer's routing identity. docs/protocol.md describes every command.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+PROTOCOL_SIGNATURE = b"TBUS1"
+REQUEST_ID_SIZE = 16
+MAX_MESSAGE_SIZE = 1 << 20  # bytes, per frame; larger messages drop the connection
+HEARTBEAT_INTERVAL = 1.0  # seconds
+HEARTBEAT_LIVENESS = 3  # intervals of silence after which a peer is dead
+MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS = 20
+
+
+class Command(str, enum.Enum):
+    """Command names, the second frame of every message."""
+
+    # client -> broker
+    REQUEST = "REQUEST"
+    CANCEL = "CANCEL"
+    LIST_MODELS = "LIST_MODELS"
+    LIST_WORKERS = "LIST_WORKERS"
+    # broker -> client
+    TOKEN = "TOKEN"
+    DONE = "DONE"
+    ERROR = "ERROR"
+    MODELS = "MODELS"
+    WORKERS = "WORKERS"
+    # worker <-> broker
+    READY = "READY"
+    REANNOUNCE = "REANNOUNCE"
+    DISCONNECT = "DISCONNECT"
+    # everyone
+    HEARTBEAT = "HEARTBEAT"
+
+
+class ErrorCode(str, enum.Enum):
+    """Codes carried by ERROR messages."""
+
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_MODEL = "unknown_model"
+    NO_WORKER = "no_worker"
+    OVERLOADED = "overloaded"
+    QUEUE_TIMEOUT = "queue_timeout"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    WORKER_LOST = "worker_lost"
+    UNKNOWN_REQUEST = "unknown_request"
+    DUPLICATE_REQUEST = "duplicate_request"
+    INTERNAL = "internal_error"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+class ProtocolError(ValueError):
+    """A message or field that breaks the protocol. `field` names the offending field."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# ---------------------------------------------------------------------------
+# Frames
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One protocol message. `body` is a msgpack map kept packed until read."""
+
+    command: Command
+    request_id: bytes = b""
+    body: bytes = b"\x80"  # msgpack for {}
+
+    def fields(self) -> dict[str, Any]:
+        return unpack_body(self.body)
+
+
+def encode(command: Command, request_id: bytes = b"", body: dict[str, Any] | bytes | None = None) -> list[bytes]:
+    """Frames for one message; `body` may already be packed (forwarded verbatim)."""
+    if body is None:
+        packed = b"\x80"
+    elif isinstance(body, bytes):
+        packed = body
+    else:
+        packed = msgpack.packb(body, use_bin_type=True)
+    return [PROTOCOL_SIGNATURE, command.value.encode(), request_id, packed]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Parse the four frames of a message; raises ProtocolError on anything malformed."""
+    if len(frames) != 4:
+        raise ProtocolError(f"expected 4 frames, got {len(frames)}")
+    signature, command, request_id, body = frames
+    if signature != PROTOCOL_SIGNATURE:
+        raise ProtocolError(f"unsupported protocol signature {signature[:16]!r}")
+    try:
+        cmd = Command(command.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(f"unknown command {command[:32]!r}") from None
+    if len(request_id) not in (0, REQUEST_ID_SIZE):
+        raise ProtocolError(f"request id must be empty or {REQUEST_ID_SIZE} bytes")
+    if len(body) > MAX_MESSAGE_SIZE:
+        raise ProtocolError("body too large")
+    return Message(cmd, request_id, body)
+
+
+def unpack_body(body: bytes) -> dict[str, Any]:
+    try:
+        value = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"body is not valid msgpack: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("body must be a msgpack map")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Field checks, shared by every typed body below
+
+
+def _get(fields: dict, name: str, kind: type | tuple, default: Any = None, required: bool = False) -> Any:
+    value = fields.get(name, default)
+    if value is None:
+        if required:
+            raise ProtocolError(f"'{name}' is required", name)
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; never accept it where a number is meant
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ProtocolError(f"'{name}' must be {_kind_name(kinds)}", name)
+    return value
+
+
+def _kind_name(kinds: tuple) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array", dict: "a map"}
+    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:  # also rejects NaN
+        raise ProtocolError(f"'{name}' must be between {low} and {high}, got {value}", name)
+
+
+# ---------------------------------------------------------------------------
+# Typed bodies
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """Body of REQUEST: what to generate and how. Exactly one of `messages` or `prompt`."""
+
+    model: str
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ProtocolError("'model' must be a non-empty string", "model")
+        if (self.messages is None) == (self.prompt is None):
+            raise ProtocolError("exactly one of 'messages' or 'prompt' is required", "messages")
+        if self.messages is not None and not self.messages:
+            raise ProtocolError("'messages' must not be empty", "messages")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ProtocolError("'max_tokens' must be at least 1", "max_tokens")
+        _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0)
+        if self.top_p == 0.0:
+            raise ProtocolError("'top_p' must be greater than 0", "top_p")
+        if self.top_k < 0:
+            raise ProtocolError("'top_k' must be 0 (off) or positive", "top_k")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
+            raise ProtocolError(f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+        _check_range("repetition_penalty", self.repetition_penalty, 0.01, 10.0)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:
+        unknown = set(fields) - set(cls.__slots__)
+        if unknown:
+            raise ProtocolError(f"unknown field '{sorted(unknown)[0]}'", sorted(unknown)[0])
+        messages = _get(fields, "messages", list)
+        if messages is not None:
+            messages = tuple(_chat_message(m) for m in messages)
+        stop = _get(fields, "stop", list, [])
+        if not all(isinstance(s, str) for s in stop):
+            raise ProtocolError("'stop' must be an array of strings", "stop")
+        return cls(
+            model=_get(fields, "model", str, required=True),
+            messages=messages,
+            prompt=_get(fields, "prompt", str),
+            max_tokens=_get(fields, "max_tokens", int),
+            temperature=float(_get(fields, "temperature", (int, float), 1.0)),
+            top_p=float(_get(fields, "top_p", (int, float), 1.0)),
+            top_k=_get(fields, "top_k", int, 0),
+            stop=tuple(stop),
+            seed=_get(fields, "seed", int),
+            repetition_penalty=float(_get(fields, "repetition_penalty", (int, float), 1.0)),
+            presence_penalty=float(_get(fields, "presence_penalty", (int, float), 0.0)),
+            frequency_penalty=float(_get(fields, "frequency_penalty", (int, float), 0.0)),
+            logprobs=_get(fields, "logprobs", bool, False),
+            top_logprobs=_get(fields, "top_logprobs", int, 0),
+        )
+
+    def to_fields(self) -> dict[str, Any]:
+        fields = asdict(self)
+        if self.messages is not None:
+            fields["messages"] = [asdict(m) for m in self.messages]
+        fields["stop"] = list(self.stop)
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+def _chat_message(value: Any) -> ChatMessage:
+    if not isinstance(value, dict):
+        raise ProtocolError("each message must be a map with 'role' and 'content'", "messages")
+    role, content = value.get("role"), value.get("content")
+    if role not in ("system", "user", "assistant"):
+        raise ProtocolError(f"message role must be system, user or assistant, got {role!r}", "messages")
+    if not isinstance(content, str):
+        raise ProtocolError("message content must be a string", "messages")
+    return ChatMessage(role, content)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """Body of TOKEN: newly generated text (never a split UTF-8 character)."""
+
+    text: str
+    num_tokens: int = 1
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+    def to_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"text": self.text, "num_tokens": self.num_tokens}
+        if self.logprobs is not None:
+            fields["logprobs"] = [
+                {"token": lp.token, "logprob": lp.logprob, "top": [{"token": t, "logprob": p} for t, p in lp.top]}
+                for lp in self.logprobs
+            ]
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> TokenDelta:
+        raw = _get(fields, "logprobs", list)
+        logprobs = None
+        if raw is not None:
+            logprobs = tuple(
+                TokenLogprob(e["token"], float(e["logprob"]), tuple((t["token"], float(t["logprob"])) for t in e["top"]))
+                for e in raw
+            )
+        return cls(_get(fields, "text", str, ""), _get(fields, "num_tokens", int, 1), logprobs)
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Body of DONE, the last message of a successful stream."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "finish_reason": self.finish_reason.value,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Done:
+        try:
+            reason = FinishReason(_get(fields, "finish_reason", str, required=True))
+        except ValueError:
+            raise ProtocolError("unknown finish_reason", "finish_reason") from None
+        return cls(reason, _get(fields, "prompt_tokens", int, 0), _get(fields, "completion_tokens", int, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Body of ERROR, the last message of a failed stream or answer to a bad message."""
+
+    code: ErrorCode
+    message: str
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"code": self.code.value, "message": self.message}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Error:
+        raw = _get(fields, "code", str, ErrorCode.INTERNAL.value)
+        try:
+            code = ErrorCode(raw)
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        return cls(code, _get(fields, "message", str, raw))
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Body of READY: a worker's announcement."""
+
+    worker_id: str
+    models: tuple[str, ...]
+    capacity: int
+    context_length: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise ProtocolError("'models' must be a non-empty array of names", "models")
+        if self.capacity < 1:
+            raise ProtocolError("'capacity' must be at least 1", "capacity")
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "models": list(self.models),
+            "capacity": self.capacity,
+            "context_length": self.context_length,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Ready:
+        return cls(
+            _get(fields, "worker_id", str, required=True),
+            tuple(_get(fields, "models", list, required=True)),
+            _get(fields, "capacity", int, required=True),
+            _get(fields, "context_length", int, 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One entry of MODELS: a model name with the live workers that serve it."""
+
+    name: str
+    workers: int
+    capacity: int
+    in_flight: int
+    queued: int
+    context_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """One entry of WORKERS."""
+
+    worker_id: str
+    models: tuple[str, ...]
+    capacity: int
+    in_flight: int
+    idle_seconds: float
+    served: int = 0
+
+
+def model_list_fields(models: list[ModelInfo]) -> dict[str, Any]:
+    return {"models": [asdict(m) for m in models]}
+
+
+def parse_model_list(fields: dict[str, Any]) -> list[ModelInfo]:
+    return [ModelInfo(**m) for m in _get(fields, "models", list, [])]
+
+
+def worker_list_fields(workers: list[WorkerInfo]) -> dict[str, Any]:
+    return {"workers": [dict(asdict(w), models=list(w.models)) for w in workers]}
+
+
+def parse_worker_list(fields: dict[str, Any]) -> list[WorkerInfo]:
+    return [WorkerInfo(**dict(w, models=tuple(w["models"]))) for w in _get(fields, "workers", list, [])]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHeartbeat:
+    """Body of a client's HEARTBEAT: the requests it still waits on."""
+
+    request_ids: tuple[bytes, ...] = field(default_factory=tuple)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"request_ids": list(self.request_ids)}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> ClientHeartbeat:
+        ids = _get(fields, "request_ids", list, [])
+        if not all(isinstance(i, bytes) and len(i) == REQUEST_ID_SIZE for i in ids):
+            raise ProtocolError("'request_ids' must be an array of 16-byte binaries", "request_ids")
+        return cls(tuple(ids))

@@ -1,0 +1,69 @@
+"""All the broker knows about workers: one registry, one way in (`add`) and one way out (`remove`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from broker.protocol import Ready
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    """A live worker, keyed by its ROUTER identity."""
+
+    identity: bytes
+    ready: Ready
+    last_seen: float
+    last_dispatch: float = 0.0
+    num_served: int = 0
+    requests: set[bytes] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.ready.capacity - len(self.requests)
+
+
+class WorkerRegistry:
+    def __init__(self) -> None:
+        self._workers: dict[bytes, WorkerRecord] = {}
+
+    def add(self, identity: bytes, ready: Ready, now: float) -> WorkerRecord:
+        """Register a worker; a repeated READY from the same identity replaces its announcement."""
+        record = self._workers.get(identity)
+        if record is None:
+            record = self._workers[identity] = WorkerRecord(identity, ready, now)
+        else:
+            record.ready, record.last_seen = ready, now
+        return record
+
+    def remove(self, identity: bytes) -> WorkerRecord | None:
+        """Forget a worker; the caller settles the requests it still held."""
+        return self._workers.pop(identity, None)
+
+    def get(self, identity: bytes) -> WorkerRecord | None:
+        return self._workers.get(identity)
+
+    def __iter__(self) -> Iterator[WorkerRecord]:
+        return iter(list(self._workers.values()))
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def serving(self, model: str) -> list[WorkerRecord]:
+        return [w for w in self._workers.values() if model in w.ready.models]
+
+    def models(self) -> set[str]:
+        return {name for w in self._workers.values() for name in w.ready.models}
+
+    def expired(self, deadline: float) -> list[WorkerRecord]:
+        """Workers not heard from since `deadline`."""
+        return [w for w in self._workers.values() if w.last_seen < deadline]
+
+
+def choose_worker(registry: WorkerRegistry, model: str) -> WorkerRecord | None:
+    """Shortest queue first: the worker with the most free slots; ties go to the least recently used."""
+    candidates = [w for w in registry.serving(model) if w.free > 0]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda w: (w.free, -w.last_dispatch))

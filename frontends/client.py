@@ -1,0 +1,335 @@
+"""The bus client every frontend uses: asyncio first, with a small synchronous wrapper.
+
+    async with BusClient("tcp://127.0.0.1:5555") as bus:
+        stream = await bus.chat("SmolLM2-135M-Instruct", [{"role": "user", "content": "Hi"}])
+        async for delta in stream:
+            print(delta.text, end="")
+        print(stream.done.finish_reason)
+
+Errors from the bus surface as subclasses of `BusError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from broker import protocol
+from broker.protocol import Command, ErrorCode, GenerationRequest, Message
+
+log = logging.getLogger(__name__)
+
+
+class BusError(Exception):
+    """An explicit error from the bus; `code` is the protocol's error code."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class BadRequest(BusError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class UnknownModel(BusError):
+    code = ErrorCode.UNKNOWN_MODEL
+
+
+class NoWorker(BusError):
+    code = ErrorCode.NO_WORKER
+
+
+class Overloaded(BusError):
+    code = ErrorCode.OVERLOADED
+
+
+class QueueTimeout(Overloaded):
+    code = ErrorCode.QUEUE_TIMEOUT
+
+
+class ContextLengthExceeded(BusError):
+    code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
+
+
+class WorkerLost(BusError):
+    code = ErrorCode.WORKER_LOST
+
+
+class BrokerUnreachable(BusError):
+    """The broker did not answer, or restarted and forgot the request."""
+
+    code = ErrorCode.UNKNOWN_REQUEST
+
+
+class Cancelled(BusError):
+    """Reading from a stream that this client cancelled."""
+
+
+_ERRORS = {cls.code: cls for cls in (BadRequest, UnknownModel, NoWorker, Overloaded, QueueTimeout,
+                                      ContextLengthExceeded, WorkerLost, BrokerUnreachable)}
+
+
+def error_from(error: protocol.Error) -> BusError:
+    return _ERRORS.get(error.code, BusError)(error.message)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole answer, as `Stream.collect()` returns it."""
+
+    text: str
+    finish_reason: protocol.FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: tuple[protocol.TokenLogprob, ...] | None = None
+
+
+class Stream:
+    """The answer to one request: iterate for `TokenDelta`s; `done` is set at the end."""
+
+    def __init__(self, client: BusClient, request_id: bytes) -> None:
+        self._client = client
+        self.request_id = request_id
+        self._queue: asyncio.Queue[Message | BusError] = asyncio.Queue()
+        self.done: protocol.Done | None = None
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[protocol.TokenDelta]:
+        return self
+
+    async def __anext__(self) -> protocol.TokenDelta:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BusError):
+            self._finish()
+            raise item
+        if item.command is Command.TOKEN:
+            return protocol.TokenDelta.from_fields(item.fields())
+        self._finish()
+        if item.command is Command.DONE:
+            self.done = protocol.Done.from_fields(item.fields())
+            raise StopAsyncIteration
+        raise error_from(protocol.Error.from_fields(item.fields()))
+
+    async def collect(self) -> Completion:
+        """Read the stream to its end and return the whole answer."""
+        texts: list[str] = []
+        logprobs: list[protocol.TokenLogprob] | None = None
+        async for delta in self:
+            texts.append(delta.text)
+            if delta.logprobs is not None:
+                logprobs = (logprobs or []) + list(delta.logprobs)
+        assert self.done is not None
+        return Completion("".join(texts), self.done.finish_reason, self.done.prompt_tokens,
+                          self.done.completion_tokens, None if logprobs is None else tuple(logprobs))
+
+    async def cancel(self) -> None:
+        """Stop the request on the bus; the worker frees its slot at its next step."""
+        if not self.finished:
+            self._finish()
+            await self._client._send(Command.CANCEL, self.request_id)
+
+    aclose = cancel
+
+    def _deliver(self, item: Message | BusError) -> None:
+        self._queue.put_nowait(item)
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._client._streams.pop(self.request_id, None)
+
+
+class BusClient:
+    """An asyncio DEALER connection to the broker."""
+
+    def __init__(self, address: str, *, heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL) -> None:
+        self.address = address
+        self._interval = heartbeat_interval
+        self._context = zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._streams: dict[bytes, Stream] = {}
+        self._replies: dict[bytes, asyncio.Future[Message]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._last_heard = time.monotonic()
+
+    async def __aenter__(self) -> BusClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_SIZE * 2)
+        socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        socket.connect(self.address)
+        self._socket = socket
+        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop())]
+
+    async def close(self) -> None:
+        for stream in list(self._streams.values()):
+            await stream.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    # -- requests
+
+    async def generate(self, request: GenerationRequest) -> Stream:
+        """Send one request; the returned stream yields its tokens."""
+        request_id = uuid.uuid4().bytes
+        stream = Stream(self, request_id)
+        if not self._streams and not self._replies:
+            self._last_heard = time.monotonic()
+        self._streams[request_id] = stream
+        await self._send(Command.REQUEST, request_id, request.to_fields())
+        return stream
+
+    async def chat(self, model: str, messages: list[dict[str, str]], **params: Any) -> Stream:
+        return await self.generate(GenerationRequest.from_fields({"model": model, "messages": messages, **params}))
+
+    async def complete(self, model: str, prompt: str, **params: Any) -> Stream:
+        return await self.generate(GenerationRequest.from_fields({"model": model, "prompt": prompt, **params}))
+
+    async def models(self) -> list[protocol.ModelInfo]:
+        """The models served now, with their live workers."""
+        reply = await self._ask(Command.LIST_MODELS)
+        return protocol.parse_model_list(reply.fields())
+
+    async def workers(self) -> list[protocol.WorkerInfo]:
+        reply = await self._ask(Command.LIST_WORKERS)
+        return protocol.parse_worker_list(reply.fields())
+
+    async def _ask(self, command: Command) -> Message:
+        request_id = uuid.uuid4().bytes
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = future
+        try:
+            await self._send(command, request_id)
+            timeout = self._interval * protocol.HEARTBEAT_LIVENESS
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise BrokerUnreachable(f"the broker at {self.address} did not answer") from None
+        finally:
+            self._replies.pop(request_id, None)
+
+    async def _send(self, command: Command, request_id: bytes = b"", body: dict | None = None) -> None:
+        if self._socket is None:
+            raise BrokerUnreachable("the bus client is closed")
+        await self._socket.send_multipart(protocol.encode(command, request_id, body))
+
+    # -- background loops
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart()
+            self._last_heard = time.monotonic()
+            try:
+                message = protocol.decode(frames)
+            except protocol.ProtocolError as exc:
+                log.warning("dropping malformed message from the broker: %s", exc)
+                continue
+            if message.command in (Command.TOKEN, Command.DONE, Command.ERROR):
+                stream = self._streams.get(message.request_id)
+                if stream is not None:
+                    stream._deliver(message)
+            elif message.command in (Command.MODELS, Command.WORKERS):
+                future = self._replies.get(message.request_id)
+                if future is not None and not future.done():
+                    future.set_result(message)
+
+    async def _heartbeat_loop(self) -> None:
+        """While requests are open, tell the broker which, and notice when it is gone."""
+        while True:
+            await asyncio.sleep(self._interval)
+            if not self._streams:
+                continue
+            silent = time.monotonic() - self._last_heard
+            if silent > self._interval * protocol.HEARTBEAT_LIVENESS:
+                for stream in list(self._streams.values()):
+                    stream._deliver(BrokerUnreachable(f"the broker at {self.address} stopped answering"))
+                continue
+            heartbeat = protocol.ClientHeartbeat(tuple(self._streams))
+            await self._send(Command.HEARTBEAT, b"", heartbeat.to_fields())
+
+
+class SyncBusClient:
+    """A blocking wrapper: the asyncio client runs on a private event loop thread."""
+
+    def __init__(self, address: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bus-client", daemon=True)
+        self._thread.start()
+        self._client = BusClient(address)
+        self._call(self._client.start())
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def models(self) -> list[protocol.ModelInfo]:
+        return self._call(self._client.models())
+
+    def workers(self) -> list[protocol.WorkerInfo]:
+        return self._call(self._client.workers())
+
+    def chat(self, model: str, messages: list[dict[str, str]], **params: Any) -> SyncStream:
+        return SyncStream(self, self._call(self._client.chat(model, messages, **params)))
+
+    def complete(self, model: str, prompt: str, **params: Any) -> SyncStream:
+        return SyncStream(self, self._call(self._client.complete(model, prompt, **params)))
+
+    def close(self) -> None:
+        self._call(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> SyncBusClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncStream:
+    """Blocking iteration over a `Stream`; `cancel()` may be called from the reading thread."""
+
+    def __init__(self, owner: SyncBusClient, stream: Stream) -> None:
+        self._owner = owner
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[protocol.TokenDelta]:
+        while True:
+            try:
+                yield self._owner._call(self.stream.__anext__())
+            except StopAsyncIteration:
+                return
+
+    @property
+    def done(self) -> protocol.Done | None:
+        return self.stream.done
+
+    def collect(self) -> Completion:
+        return self._owner._call(self.stream.collect())
+
+    def cancel(self) -> None:
+        self._owner._call(self.stream.cancel())

@@ -1,0 +1,50 @@
+"""Real processes for end-to-end tests: brokers and workers on random loopback ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_address() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def spawn(module: str, *args: str, log_name: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    """Start `python -m module args...` in the project root; output goes to test-artifacts/logs/."""
+    logs = ROOT / "test-artifacts" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = open(logs / f"{log_name or module}-{os.getpid()}-{time.monotonic_ns()}.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def start_broker(address: str, *args: str) -> subprocess.Popen:
+    return spawn("broker", "--bind", address, *args, log_name="broker")
+
+
+def start_worker(address: str, model: str | os.PathLike | None, *args: str) -> subprocess.Popen:
+    model_args = ["--model", str(model)] if model is not None else []
+    return spawn("worker", "--broker", address, *model_args, *args, log_name="worker")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

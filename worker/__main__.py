@@ -1,0 +1,47 @@
+"""python -m worker: serve a model on the tokenbus."""
+
+import logging
+import signal
+
+import torch
+
+from broker import protocol
+from broker.settings import load_settings
+from worker.config import WorkerSettings
+from worker.engine import Engine
+from worker.loader import load_model
+from worker.prompt import PromptEncoder
+from worker.runner import ModelRunner
+from worker.scheduler import Scheduler, SchedulerLimits
+from worker.server import WorkerServer
+
+
+def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
+    loaded = load_model(settings)
+    tokenizer = loaded.tokenizer
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    limits = SchedulerLimits(
+        max_batch=settings.max_batch,
+        max_batch_tokens=settings.max_batch_tokens or settings.max_batch * loaded.context_length,
+        max_prefill_tokens=settings.max_prefill_tokens,
+    )
+    prompts = PromptEncoder(tokenizer, loaded.model.generation_config.eos_token_id)
+    engine = Engine(ModelRunner(loaded.model, pad_token_id or 0), prompts, Scheduler(limits), loaded.context_length)
+    ready = protocol.Ready(WorkerServer.make_worker_id(), loaded.names, settings.max_batch, loaded.context_length)
+    return engine, ready
+
+
+def main() -> None:
+    settings = load_settings(WorkerSettings)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    engine, ready = build_engine(settings)
+    server = WorkerServer(engine, ready, settings.broker, settings.heartbeat_interval)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stopping.set())
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

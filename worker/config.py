@@ -1,0 +1,31 @@
+"""The worker's options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from broker import protocol
+from broker.settings import DEFAULT_BROKER_ADDRESS, cli_config
+
+
+class WorkerSettings(BaseSettings):
+    model_config = cli_config("worker", "python -m worker")
+
+    broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
+    model: str | None = Field(None, description="local folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    model_names: list[str] = Field(default_factory=list, description="names to serve the model under (default: from the model)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and activations type")
+    load_8bit: bool = Field(False, description="quantize weights to 8 bits with bitsandbytes")
+    load_4bit: bool = Field(False, description="quantize weights to 4 bits (NF4) with bitsandbytes")
+    max_batch: int = Field(16, ge=1, description="sequences run at once: the capacity announced to the broker")
+    max_batch_tokens: int = Field(0, ge=0, description="cache tokens (prompt + max_tokens) reserved at once; 0 = max-batch x context")
+    max_prefill_tokens: int = Field(4096, ge=1, description="padded prompt tokens prefilled in one step")
+    cache_dir: Path | None = Field(None, description="where converted GGUF models are kept (default: ~/.cache/tokenbus)")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    heartbeat_interval: float = Field(protocol.HEARTBEAT_INTERVAL, gt=0, description="seconds between heartbeats")
+    log_level: str = Field("INFO", description="logging level")

@@ -1,0 +1,48 @@
+"""From a request to prompt token ids, with the tokenizer's own chat template."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from transformers import PreTrainedTokenizerBase
+
+from broker.protocol import GenerationRequest, ProtocolError
+
+
+class PromptEncoder:
+    """Encodes prompts and knows which tokens end the model's turn."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, generation_eos: int | list[int] | None) -> None:
+        self.tokenizer = tokenizer
+        self.stop_token_ids = frozenset(self._end_of_turn_ids(generation_eos))
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        if request.prompt is not None:
+            return self.tokenizer(request.prompt).input_ids
+        if not self.tokenizer.chat_template:
+            raise ProtocolError("this model has no chat template; send a plain 'prompt' instead", "messages")
+        text = self.tokenizer.apply_chat_template([asdict(m) for m in request.messages], tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _end_of_turn_ids(self, generation_eos: int | list[int] | None) -> set[int]:
+        """The generation config's and tokenizer's EOS, plus the special token the chat template
+        writes after an assistant turn (for ChatML models `<|im_end|>`)."""
+        ids = {generation_eos} if isinstance(generation_eos, int) else set(generation_eos or ())
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        if self.tokenizer.chat_template:
+            marker = "\x1fmarker\x1f"
+            conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+            try:
+                text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+            except Exception:  # templates may refuse such a short conversation; the EOS ids stand
+                return ids
+            after = text.split(marker, 1)[-1]
+            following = self.tokenizer(after, add_special_tokens=False).input_ids[:1]
+            if following and following[0] in self.tokenizer.all_special_ids:
+                ids.add(following[0])
+        return ids

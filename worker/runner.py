@@ -1,0 +1,186 @@
+"""The only module that touches torch: a continuously batched forward pass over one KV cache.
+
+The running sequences are the rows of one left-padded batch. A step may first prefill new
+prompts (as their own padded batch), whose cache is then padded to the running cache's length
+and stacked under it; then every row decodes one token. Rows that finish leave at once, and
+columns of padding that no row needs any more are cut off the left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from worker.sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChoice:
+    """The token sampled for one row, with log-probabilities when the request asked for them."""
+
+    token_id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class ModelRunner:
+    """Owns the model, the batch's KV cache and the per-row sampling state."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.pad_token_id = pad_token_id
+        self.rows: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, L]: 1 where a token is cached
+        self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # [B]: next position id
+        self._generators: dict[Sequence, torch.Generator] = {}  # per row, so a seed fixes its own output
+
+    # -- batch membership
+
+    @torch.inference_mode()
+    def prefill(self, sequences: list[Sequence]) -> list[TokenChoice]:
+        """Run the prompts of `sequences`, add them as rows, and sample each one's first token."""
+        length = max(len(s.prompt_ids) for s in sequences)
+        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            input_ids[row, length - len(sequence.prompt_ids):] = torch.tensor(sequence.prompt_ids)
+            mask[row, length - len(sequence.prompt_ids):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        for sequence in sequences:
+            generator = self._generators[sequence] = torch.Generator(device=self.device)
+            if sequence.request.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(sequence.request.seed)
+        self._append_rows(sequences, cache, mask, mask.sum(-1))
+        return self._sample(logits, sequences)
+
+    def release(self, sequences: list[Sequence]) -> None:
+        """Drop rows (finished or cancelled), and padding columns no row needs any more."""
+        gone = set(sequences)
+        keep = [i for i, s in enumerate(self.rows) if s not in gone]
+        if len(keep) == len(self.rows):
+            return
+        for sequence in sequences:
+            self._generators.pop(sequence, None)
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self._cache, self._mask, self._positions = None, self._mask[:0, :0], self._positions[:0]
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._mask, self._positions = self._mask[index], self._positions[index]
+        assert self._cache is not None
+        self._cache.batch_select_indices(index)
+        first_used = int(self._mask.any(0).int().argmax())
+        if first_used:
+            self._mask = self._mask[:, first_used:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first_used:], layer.values[:, :, first_used:]
+
+    # -- decoding
+
+    @torch.inference_mode()
+    def decode(self) -> list[TokenChoice]:
+        """Feed every row its last token and sample the next one; returns one choice per row."""
+        last = torch.tensor([s.output_ids[-1] for s in self.rows], device=self.device)[:, None]  # [B, 1]
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)
+        logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=self._positions[:, None],
+                            cache=self._cache, use_cache=True).logits[:, -1]
+        self._positions = self._positions + 1
+        return self._sample(logits, self.rows)
+
+    def _append_rows(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor,
+                     positions: torch.Tensor) -> None:
+        if self._cache is None:
+            self._cache, self._mask, self._positions = cache, mask, positions
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            for old, new in zip(self._cache.layers, cache.layers):
+                old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])
+                old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])
+            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+            self._positions = torch.cat([self._positions, positions])
+        self.rows.extend(sequences)
+
+    # -- sampling
+
+    def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[TokenChoice]:
+        """Each row with its own parameters; greedy rows take the argmax."""
+        logits = logits.float()  # [B, V]
+        raw_logprobs = None
+        if any(s.request.logprobs for s in sequences):
+            raw_logprobs = F.log_softmax(logits, dim=-1)
+        scores = _apply_penalties(logits, sequences)
+        choices = []
+        for row, sequence in enumerate(sequences):
+            request = sequence.request
+            if request.temperature == 0:
+                token = int(scores[row].argmax())
+            else:
+                probs = _filtered_probs(scores[row] / request.temperature, request.top_k, request.top_p)
+                token = int(torch.multinomial(probs, 1, generator=self._generators[sequence]))
+            choices.append(_choice(token, raw_logprobs[row] if request.logprobs else None, request.top_logprobs))
+        return choices
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad the sequence dimension (dim 2 of a [B, H, L, D] cache, dim 1 of a [B, L] mask) on the left."""
+    dim = 2 if tensor.dim() == 4 else 1
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _apply_penalties(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+    """Repetition (prompt and output, as in transformers), presence and frequency (output only)."""
+    scores = logits
+    for row, sequence in enumerate(sequences):
+        request = sequence.request
+        if request.repetition_penalty == 1.0 and not request.presence_penalty and not request.frequency_penalty:
+            continue
+        if scores is logits:
+            scores = logits.clone()
+        if request.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*sequence.prompt_ids, *sequence.output_ids}), device=logits.device)
+            values = scores[row, seen]
+            scores[row, seen] = torch.where(values > 0, values / request.repetition_penalty,
+                                            values * request.repetition_penalty)
+        if sequence.output_ids and (request.presence_penalty or request.frequency_penalty):
+            counts = torch.bincount(torch.tensor(sequence.output_ids, device=logits.device), minlength=scores.shape[1])
+            scores[row] -= request.frequency_penalty * counts + request.presence_penalty * (counts > 0)
+    return scores
+
+
+def _filtered_probs(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return probs
+
+
+def _choice(token: int, logprobs: torch.Tensor | None, num_top: int) -> TokenChoice:
+    if logprobs is None:
+        return TokenChoice(token)
+    top = ()
+    if num_top:
+        values, ids = torch.topk(logprobs, num_top)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenChoice(token, float(logprobs[token]), top)

@@ -1,0 +1,78 @@
+"""The batching policy: which sequences run in the next step. Pure Python, no torch."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from worker.sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerLimits:
+    max_batch: int  # sequences decoded together
+    max_batch_tokens: int  # cache tokens reserved by running sequences (prompt + max_tokens each)
+    max_prefill_tokens: int  # padded prompt tokens prefilled in one step, so decoding never stalls long
+
+    def __post_init__(self) -> None:
+        if min(self.max_batch, self.max_batch_tokens, self.max_prefill_tokens) < 1:
+            raise ValueError("scheduler limits must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One step: prompts to prefill (they join the batch), then one decode for every running sequence."""
+
+    prefill: list[Sequence] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+class Scheduler:
+    """First come, first served admission under batch and cache limits; no preemption needed,
+    since a sequence is admitted only when its whole reservation fits."""
+
+    def __init__(self, limits: SchedulerLimits) -> None:
+        self.limits = limits
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, sequence: Sequence) -> None:
+        self.waiting.append(sequence)
+
+    def remove(self, sequence: Sequence) -> None:
+        """Take a sequence out, waiting or running (finished or cancelled)."""
+        if sequence in self.running:
+            self.running.remove(sequence)
+        elif sequence in self.waiting:
+            self.waiting.remove(sequence)
+
+    def find(self, request_id: bytes) -> Sequence | None:
+        for sequence in (*self.running, *self.waiting):
+            if sequence.request_id == request_id:
+                return sequence
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Plan:
+        # Phase 1: admit waiting sequences while they fit.
+        reserved = sum(s.num_reserved_tokens for s in self.running)
+        prefill: list[Sequence] = []
+        while self.waiting and len(self.running) + len(prefill) < self.limits.max_batch:
+            candidate = self.waiting[0]
+            padded = (len(prefill) + 1) * max(len(s.prompt_ids) for s in (*prefill, candidate))
+            if prefill and padded > self.limits.max_prefill_tokens:
+                break
+            if reserved + candidate.num_reserved_tokens > self.limits.max_batch_tokens and (self.running or prefill):
+                break
+            reserved += candidate.num_reserved_tokens
+            prefill.append(self.waiting.popleft())
+        self.running.extend(prefill)
+        # Phase 2: every running sequence decodes one token.
+        return Plan(prefill, list(self.running))

@@ -1,0 +1,128 @@
+"""The worker's sockets: a DEALER to the broker, and an inproc pair to the engine thread.
+
+The socket thread never runs the model, so heartbeats keep flowing while a long prefill runs;
+the engine thread never touches the broker's socket (ZeroMQ sockets are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+import zmq
+
+from broker import protocol
+from broker.protocol import Command, Message
+from worker.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class WorkerServer:
+    """Announces the engine's models to the broker and shuttles requests and events."""
+
+    def __init__(self, engine: Engine, ready: protocol.Ready, broker: str,
+                 heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL, context: zmq.Context | None = None) -> None:
+        self.engine = engine
+        self.ready = ready
+        self.broker = broker
+        self.interval = heartbeat_interval
+        self._context = context or zmq.Context.instance()
+        self._pipe_address = f"inproc://engine-{uuid.uuid4().hex}"
+        self.stopping = threading.Event()
+
+    @staticmethod
+    def make_worker_id() -> str:
+        return f"{socket.gethostname()}-{os.getpid()}"
+
+    def run(self) -> None:
+        """Serve until `stopping` is set; then tell the broker goodbye."""
+        pipe = self._context.socket(zmq.PAIR)
+        pipe.bind(self._pipe_address)
+        engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
+        engine_thread.start()
+        dealer = self._connect()
+        poller = zmq.Poller()
+        poller.register(pipe, zmq.POLLIN)
+        poller.register(dealer, zmq.POLLIN)
+        last_heard = next_heartbeat = time.monotonic()
+        while not self.stopping.is_set():
+            events = dict(poller.poll(self.interval * 250))
+            if pipe in events:
+                while pipe.poll(0):
+                    dealer.send_multipart(pipe.recv_multipart(), zmq.NOBLOCK)
+            if dealer in events:
+                last_heard = time.monotonic()
+                while dealer.poll(0):
+                    self._from_broker(dealer, pipe, dealer.recv_multipart())
+            now = time.monotonic()
+            if now - last_heard > self.interval * protocol.HEARTBEAT_LIVENESS:
+                log.warning("broker silent for %.1fs; reconnecting", now - last_heard)
+                poller.unregister(dealer)
+                dealer.close(linger=0)
+                dealer = self._connect()
+                poller.register(dealer, zmq.POLLIN)
+                last_heard = now
+            if now >= next_heartbeat:
+                dealer.send_multipart(protocol.encode(Command.HEARTBEAT, b"", {"worker_id": self.ready.worker_id}))
+                next_heartbeat = now + self.interval
+        dealer.send_multipart(protocol.encode(Command.DISCONNECT), zmq.NOBLOCK)
+        dealer.close(linger=500)
+        pipe.close(linger=0)
+
+    def _connect(self) -> zmq.Socket:
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_SIZE * 2)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.connect(self.broker)
+        self._announce(dealer)
+        return dealer
+
+    def _announce(self, dealer: zmq.Socket) -> None:
+        dealer.send_multipart(protocol.encode(Command.READY, b"", self.ready.to_fields()))
+        log.info("announced %s (capacity %d) to %s", list(self.ready.models), self.ready.capacity, self.broker)
+
+    def _from_broker(self, dealer: zmq.Socket, pipe: zmq.Socket, frames: list[bytes]) -> None:
+        try:
+            message = protocol.decode(frames)
+        except protocol.ProtocolError as exc:
+            log.warning("dropping malformed message from the broker: %s", exc)
+            return
+        if message.command in (Command.REQUEST, Command.CANCEL):
+            pipe.send_multipart(frames)
+        elif message.command is Command.REANNOUNCE:
+            self._announce(dealer)
+        elif message.command is not Command.HEARTBEAT:
+            log.warning("unexpected %s from the broker", message.command.value)
+
+    # -- engine thread
+
+    def _engine_loop(self) -> None:
+        pipe = self._context.socket(zmq.PAIR)
+        pipe.connect(self._pipe_address)
+        try:
+            while not self.stopping.is_set():
+                # Idle: wait for work. Busy: only pick up what arrived since the last step.
+                timeout = 0 if self.engine.has_work else 100
+                while pipe.poll(timeout):
+                    self._send(pipe, self._on_command(protocol.decode(pipe.recv_multipart())))
+                    timeout = 0
+                if self.engine.has_work:
+                    self._send(pipe, self.engine.step())
+        finally:
+            pipe.close(linger=0)
+
+    def _on_command(self, message: Message) -> list:
+        if message.command is Command.CANCEL:
+            return self.engine.cancel(message.request_id)
+        return self.engine.add(message.request_id, message.body)
+
+    @staticmethod
+    def _send(pipe: zmq.Socket, events: list) -> None:
+        for event in events:
+            pipe.send_multipart(protocol.encode(event.command, event.request_id, event.fields))

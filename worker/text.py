@@ -1,0 +1,73 @@
+"""Text assembly for a stream of tokens: UTF-8 safe deltas and stop strings that never leak."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+_CONTEXT_TOKENS = 4  # prompt tokens decoded along, so a first token's leading space survives
+
+
+class Decoder(Protocol):
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text deltas that never end inside a character.
+
+    Byte-level tokenizers can emit half of a multi-byte character; decoding then ends in U+FFFD
+    and the delta is held back until the next token completes it.
+    """
+
+    def __init__(self, decoder: Decoder, prompt_ids: Sequence[int]) -> None:
+        self._decoder = decoder
+        self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        text = self._decode(self._ids[self._prefix_offset:])
+        if len(text) <= len(prefix) or text.endswith("\ufffd"):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return text[len(prefix):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._decoder.decode(ids, skip_special_tokens=True)
+
+
+class StopMatcher:
+    """Finds caller stop strings in streamed text, holding back any tail that may begin one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stops)
+        self._pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached (the rest is dropped)."""
+        if not self._stops:
+            return text, False
+        pending = self._pending + text
+        hits = [i for i in (pending.find(stop) for stop in self._stops) if i >= 0]
+        if hits:
+            self._pending = ""
+            return pending[:min(hits)], True
+        hold = self._longest_stop_prefix_suffix(pending)
+        self._pending = pending[len(pending) - hold:]
+        return pending[:len(pending) - hold], False
+
+    def flush(self) -> str:
+        """At the end of a stream that stopped for another reason, the held-back tail is plain text."""
+        text, self._pending = self._pending, ""
+        return text
+
+    def _longest_stop_prefix_suffix(self, text: str) -> int:
+        longest = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
