@@ -12,6 +12,7 @@ Errors from the bus surface as subclasses of `BusError`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -316,12 +317,14 @@ class SyncStream:
     def __init__(self, owner: SyncBusClient, stream: Stream) -> None:
         self._owner = owner
         self.stream = stream
+        self._waiting: concurrent.futures.Future | None = None
 
     def __iter__(self) -> Iterator[protocol.TokenDelta]:
         while True:
+            self._waiting = asyncio.run_coroutine_threadsafe(self.stream.__anext__(), self._owner._loop)
             try:
-                yield self._owner._call(self.stream.__anext__())
-            except StopAsyncIteration:
+                yield self._waiting.result()
+            except (StopAsyncIteration, concurrent.futures.CancelledError):
                 return
 
     @property
@@ -332,4 +335,7 @@ class SyncStream:
         return self._owner._call(self.stream.collect())
 
     def cancel(self) -> None:
+        """Cancel on the bus; safe from a KeyboardInterrupt handler while iterating."""
+        if self._waiting is not None:
+            self._waiting.cancel()
         self._owner._call(self.stream.cancel())

@@ -52,10 +52,11 @@ class Engine:
             return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
         room = self.context_length - len(prompt_ids)
         max_tokens = request.max_tokens or room
-        if max_tokens > room:
+        if room < 1 or max_tokens > room:
+            wanted = f" and max_tokens is {request.max_tokens}" if request.max_tokens else ""
             return [_error(request_id, ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                           f"the prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}, "
-                           f"but the model's context is {self.context_length} tokens")]
+                           f"the prompt has {len(prompt_ids)} tokens{wanted}: more than the model's context "
+                           f"of {self.context_length} tokens")]
         tokenizer = self.prompts.tokenizer
         self.scheduler.add(Sequence(request_id, request, prompt_ids, max_tokens,
                                     Detokenizer(tokenizer, prompt_ids), StopMatcher(request.stop)))

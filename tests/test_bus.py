@@ -1,0 +1,236 @@
+"""The bus end to end: real broker and worker processes, real sockets, the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from broker import protocol
+from frontends.client import (BrokerUnreachable, BusClient, ContextLengthExceeded, Overloaded, QueueTimeout,
+                              UnknownModel, WorkerLost)
+from tests.conftest import TINY_MODEL, wait_for_models
+from tests.processes import free_address, start_broker, start_worker, stop
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture
+def stack(tiny_model_dir):
+    """Start brokers and workers on demand; everything is stopped at the end of the test."""
+    processes = []
+
+    class Stack:
+        address = free_address()
+
+        def broker(self, *args):
+            processes.append(start_broker(self.address, "--heartbeat-interval", "0.5", *args))
+            return processes[-1]
+
+        def worker(self, *args, name=TINY_MODEL):
+            processes.append(start_worker(self.address, tiny_model_dir, "--model-names", name,
+                                          "--heartbeat-interval", "0.5", *args))
+            return processes[-1]
+
+    yield Stack()
+    for process in reversed(processes):
+        stop(process)
+
+
+async def wait_until(predicate, timeout=30.0):
+    for _ in range(int(timeout / 0.1)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("condition not reached")
+
+
+async def in_flight(client: BusClient) -> int:
+    return sum(w.in_flight for w in await client.workers())
+
+
+async def test_two_workers_share_concurrent_streams(stack):
+    stack.broker()
+    stack.worker("--max-batch", "2")
+    stack.worker("--max-batch", "2")
+    await wait_for_models(stack.address, {TINY_MODEL})
+    async with BusClient(stack.address) as client:
+        await wait_until(lambda: _num_workers(client, 2))
+        streams = [await client.chat(TINY_MODEL, HELLO, max_tokens=12, temperature=0) for _ in range(4)]
+        results = await asyncio.gather(*(s.collect() for s in streams))
+        assert all(r.finish_reason == "length" and r.completion_tokens == 12 for r in results)
+        assert len({r.text for r in results}) == 1  # greedy: the same prompt gives the same text anywhere
+        assert [w.served for w in await client.workers()] == [2, 2]
+        [model] = await client.models()
+        assert (model.name, model.workers, model.capacity) == (TINY_MODEL, 2, 4)
+
+
+async def _num_workers(client: BusClient, count: int) -> bool:
+    return len(await client.workers()) == count
+
+
+async def test_cancel_frees_the_slot_at_once(bus):
+    async with BusClient(bus.address) as client:
+        stream = await client.chat(bus.model, HELLO, max_tokens=400)
+        await anext(stream)
+        assert await in_flight(client) == 1
+        await stream.cancel()
+        await wait_until(lambda: _idle(client))
+        assert stream.finished
+
+
+async def _idle(client: BusClient) -> bool:
+    return await in_flight(client) == 0
+
+
+async def test_full_queue_answers_overloaded_and_waiting_times_out(stack):
+    stack.broker("--max-queue", "1", "--queue-timeout", "0.3")
+    stack.worker("--max-batch", "1")
+    await wait_for_models(stack.address, {TINY_MODEL})
+    async with BusClient(stack.address) as client:
+        running = await client.chat(TINY_MODEL, HELLO, max_tokens=480)
+        await anext(running)
+        queued = await client.chat(TINY_MODEL, HELLO, max_tokens=5)
+        rejected = await client.chat(TINY_MODEL, HELLO, max_tokens=5)
+        with pytest.raises(Overloaded, match="busy"):
+            await rejected.collect()
+        with pytest.raises(QueueTimeout):
+            await queued.collect()
+        await running.cancel()
+
+
+async def test_unknown_model_names_the_models_served(bus):
+    async with BusClient(bus.address) as client:
+        stream = await client.chat("no-such-model", HELLO)
+        with pytest.raises(UnknownModel, match=f"models served: {bus.model}"):
+            await stream.collect()
+
+
+async def test_prompt_over_the_context_is_rejected_before_work(bus):
+    async with BusClient(bus.address) as client:
+        stream = await client.chat(bus.model, [{"role": "user", "content": "word " * 600}])
+        with pytest.raises(ContextLengthExceeded, match="context of 512 tokens"):
+            await stream.collect()
+        stream = await client.chat(bus.model, HELLO, max_tokens=500)
+        with pytest.raises(ContextLengthExceeded):
+            await stream.collect()
+
+
+async def test_seed_fixes_sampled_output(bus):
+    async with BusClient(bus.address) as client:
+        async def sample(seed):
+            stream = await client.complete(bus.model, "Once upon a time", max_tokens=16, temperature=1.0, seed=seed)
+            return (await stream.collect()).text
+
+        first, again, other = await asyncio.gather(sample(7), sample(7), sample(8))
+        assert first == again
+        assert first != other
+
+
+async def test_stop_string_ends_the_answer_without_leaking(bus):
+    async with BusClient(bus.address) as client:
+        full = await (await client.complete(bus.model, "The list:", max_tokens=24, temperature=0)).collect()
+        stop = full.text[len(full.text) // 2:][:3]
+        assert stop.strip(), "the greedy text has a middle to stop at"
+        cut = await (await client.complete(bus.model, "The list:", max_tokens=24, temperature=0, stop=[stop])).collect()
+        assert cut.finish_reason == "stop"
+        assert cut.text == full.text[:full.text.index(stop)]
+
+
+async def test_logprobs_come_with_each_token(bus):
+    async with BusClient(bus.address) as client:
+        stream = await client.complete(bus.model, "Hi", max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+        result = await stream.collect()
+        assert len(result.logprobs) == 5
+        for entry in result.logprobs:
+            assert entry.logprob <= 0 and len(entry.top) == 3
+            assert entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
+            assert entry.logprob == pytest.approx(entry.top[0][1])  # greedy takes the most likely token
+
+
+async def test_garbage_frames_do_not_hurt_the_broker(bus):
+    context = zmq.asyncio.Context.instance()
+    raw = context.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(bus.address)
+    rid = os.urandom(16)
+    junk = [
+        [b"garbage"], [b"TBUS1", b"TOKEN"], [b"TBUS0", b"REQUEST", rid, b"\x80"], [b"TBUS1", b"NOPE", rid, b"\x80"],
+        [b"TBUS1", b"REQUEST", rid, b"\xc1\xc1"], [b"TBUS1", b"REQUEST", b"123", b"\x80"],
+        [b"TBUS1", b"READY", b"", msgpack.packb({"models": "x"})], [b"TBUS1", b"DONE", rid, b"\x80"],
+        [b"TBUS1", b"REQUEST", rid, msgpack.packb({"model": bus.model, "prompt": 3})],
+    ]
+    for index in range(3000):
+        await raw.send_multipart(junk[index % len(junk)] if index % 7 else [os.urandom(index % 50 + 1)] * (index % 5 + 1))
+    # A malformed request with a reply address is answered with an explicit error.
+    await raw.send_multipart(protocol.encode(protocol.Command.REQUEST, rid, {"model": bus.model, "prompt": 3}))
+    while True:
+        message = protocol.decode(await asyncio.wait_for(raw.recv_multipart(), 30))
+        if message.command is protocol.Command.ERROR and message.request_id == rid:
+            error = protocol.Error.from_fields(message.fields())
+            if "prompt" in error.message:
+                break
+    assert error.code is protocol.ErrorCode.BAD_REQUEST
+    raw.close()
+    async with BusClient(bus.address) as client:
+        result = await (await client.chat(bus.model, HELLO, max_tokens=4)).collect()
+        assert result.completion_tokens == 4
+
+
+async def test_client_that_vanishes_has_its_requests_cancelled(bus):
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(bus.address)
+    raw.send_multipart(protocol.encode(protocol.Command.REQUEST, os.urandom(16),
+                                       {"model": bus.model, "prompt": "x", "max_tokens": 480}))
+    raw.recv_multipart()  # the first token: it is running
+    raw.close()
+    async with BusClient(bus.address) as client:
+        await wait_until(lambda: _idle(client))
+
+
+async def test_worker_killed_mid_stream_fails_its_stream_and_others_keep_serving(stack):
+    stack.broker()
+    victims = {stack.worker("--max-batch", "1").pid, stack.worker("--max-batch", "1").pid}
+    await wait_for_models(stack.address, {TINY_MODEL})
+    async with BusClient(stack.address) as client:
+        await wait_until(lambda: _num_workers(client, 2))
+        stream = await client.chat(TINY_MODEL, HELLO, max_tokens=480)
+        await anext(stream)
+        busy = [w for w in await client.workers() if w.in_flight]
+        victim = next(pid for pid in victims if busy[0].worker_id.endswith(f"-{pid}"))
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(WorkerLost):
+            await asyncio.wait_for(stream.collect(), 30)
+        result = await (await client.chat(TINY_MODEL, HELLO, max_tokens=4)).collect()
+        assert result.completion_tokens == 4
+        assert len(await client.workers()) == 1
+
+
+async def test_broker_restart_heals_without_touching_workers_or_clients(stack):
+    broker = stack.broker()
+    stack.worker()
+    await wait_for_models(stack.address, {TINY_MODEL})
+    async with BusClient(stack.address, heartbeat_interval=0.5) as client:
+        stream = await client.chat(TINY_MODEL, HELLO, max_tokens=480)
+        await anext(stream)
+        broker.send_signal(signal.SIGKILL)
+        broker.wait()
+        with pytest.raises(BrokerUnreachable):
+            await asyncio.wait_for(stream.collect(), 30)
+        stack.broker()
+        await wait_until(lambda: _serves(client, TINY_MODEL))
+        result = await (await client.chat(TINY_MODEL, HELLO, max_tokens=4)).collect()
+        assert result.completion_tokens == 4
+
+
+async def _serves(client: BusClient, model: str) -> bool:
+    try:
+        return model in {m.name for m in await client.models()}
+    except BrokerUnreachable:
+        return False

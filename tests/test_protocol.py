@@ -1,0 +1,100 @@
+"""Protocol round trips and rejection of malformed frames."""
+
+import msgpack
+import pytest
+
+from broker import protocol
+from broker.protocol import Command, GenerationRequest, ProtocolError
+
+RID = bytes(range(16))
+
+
+def test_message_round_trip():
+    frames = protocol.encode(Command.TOKEN, RID, {"text": "héllo", "num_tokens": 1})
+    assert frames[0] == protocol.PROTOCOL_SIGNATURE and frames[1] == b"TOKEN"
+    message = protocol.decode(frames)
+    assert message.command is Command.TOKEN and message.request_id == RID
+    assert protocol.TokenDelta.from_fields(message.fields()) == protocol.TokenDelta("héllo", 1)
+
+
+def test_packed_body_is_forwarded_verbatim():
+    body = msgpack.packb({"text": "x"})
+    assert protocol.encode(Command.TOKEN, RID, body)[3] is body
+
+
+def test_generation_request_round_trip():
+    request = GenerationRequest.from_fields({
+        "model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        "max_tokens": 5, "temperature": 0, "stop": ["\n"], "seed": 3, "logprobs": True, "top_logprobs": 2,
+    })
+    assert GenerationRequest.from_fields(request.to_fields()) == request
+    assert request.messages[1] == protocol.ChatMessage("user", "hi")
+
+
+def test_typed_bodies_round_trip():
+    delta = protocol.TokenDelta("a", 1, (protocol.TokenLogprob("a", -0.5, (("a", -0.5), ("b", -1.5))),))
+    assert protocol.TokenDelta.from_fields(delta.to_fields()) == delta
+    done = protocol.Done(protocol.FinishReason.LENGTH, 3, 4)
+    assert protocol.Done.from_fields(done.to_fields()) == done
+    error = protocol.Error(protocol.ErrorCode.OVERLOADED, "busy")
+    assert protocol.Error.from_fields(error.to_fields()) == error
+    ready = protocol.Ready("w1", ("a", "b"), 4, 512)
+    assert protocol.Ready.from_fields(ready.to_fields()) == ready
+    models = [protocol.ModelInfo("a", 1, 4, 0, 0, 512)]
+    assert protocol.parse_model_list(protocol.model_list_fields(models)) == models
+    workers = [protocol.WorkerInfo("w1", ("a",), 4, 1, 0.5, 7)]
+    assert protocol.parse_worker_list(protocol.worker_list_fields(workers)) == workers
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([b"TBUS1", b"TOKEN", RID], "expected 4 frames"),
+    ([b"TBUS9", b"TOKEN", RID, b"\x80"], "signature"),
+    ([b"TBUS1", b"EXPLODE", RID, b"\x80"], "unknown command"),
+    ([b"TBUS1", b"\xff\xfe", RID, b"\x80"], "unknown command"),
+    ([b"TBUS1", b"TOKEN", b"short", b"\x80"], "request id"),
+    ([b"TBUS1", b"TOKEN", RID, b"x" * (protocol.MAX_MESSAGE_SIZE + 1)], "too large"),
+])
+def test_malformed_frames_are_rejected(frames, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        protocol.decode(frames)
+
+
+@pytest.mark.parametrize("body", [b"\xc1", b"\x92\x01\x02", msgpack.packb("text"), b""])
+def test_garbage_bodies_are_rejected(body):
+    with pytest.raises(ProtocolError):
+        protocol.decode([b"TBUS1", b"REQUEST", RID, body]).fields()
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({}, "model"),
+    ({"model": "m"}, "messages"),
+    ({"model": "m", "prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "messages"),
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": [{"role": "robot", "content": "b"}]}, "messages"),
+    ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({"model": 7, "prompt": "a"}, "model"),
+    ({"model": "m", "prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"model": "m", "prompt": "a", "max_tokens": "5"}, "max_tokens"),
+    ({"model": "m", "prompt": "a", "max_tokens": True}, "max_tokens"),
+    ({"model": "m", "prompt": "a", "temperature": 2.5}, "temperature"),
+    ({"model": "m", "prompt": "a", "temperature": float("nan")}, "temperature"),
+    ({"model": "m", "prompt": "a", "top_p": 0}, "top_p"),
+    ({"model": "m", "prompt": "a", "top_k": -1}, "top_k"),
+    ({"model": "m", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "m", "prompt": "a", "stop": [""]}, "stop"),
+    ({"model": "m", "prompt": "a", "stop": [1]}, "stop"),
+    ({"model": "m", "prompt": "a", "presence_penalty": 3}, "presence_penalty"),
+    ({"model": "m", "prompt": "a", "top_logprobs": 21}, "top_logprobs"),
+    ({"model": "m", "prompt": "a", "tools": []}, "tools"),
+])
+def test_invalid_requests_name_the_field(fields, field):
+    with pytest.raises(ProtocolError) as error:
+        GenerationRequest.from_fields(fields)
+    assert error.value.field == field
+
+
+def test_ready_needs_models_and_capacity():
+    with pytest.raises(ProtocolError):
+        protocol.Ready.from_fields({"worker_id": "w", "models": [], "capacity": 1})
+    with pytest.raises(ProtocolError):
+        protocol.Ready.from_fields({"worker_id": "w", "models": ["m"], "capacity": 0})
