@@ -74,3 +74,19 @@ def bus(tiny_model_dir) -> Bus:
     finally:
         stop(worker)
         stop(broker)
+
+
+@pytest.fixture(scope="session")
+def default_bus() -> Bus:
+    """A broker and one worker serving the real default model (SmolLM2-135M-Instruct)."""
+    from worker.model_source import DEFAULT_MODEL_NAME
+
+    address = free_address()
+    broker = start_broker(address)
+    worker = start_worker(address, None)
+    try:
+        asyncio.run(wait_for_models(address, {DEFAULT_MODEL_NAME}))
+        yield Bus(address, DEFAULT_MODEL_NAME, broker, [worker])
+    finally:
+        stop(worker)
+        stop(broker)

@@ -1,0 +1,71 @@
+"""The real default model (SmolLM2-135M-Instruct): over the bus, batched, and quantized."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+
+from broker.protocol import Command
+from broker.settings import load_settings
+from frontends.client import BusClient
+from worker.__main__ import build_engine
+from worker.config import WorkerSettings
+from worker.model_source import DEFAULT_MODEL_NAME
+
+pytestmark = pytest.mark.slow
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_default_model_answers_over_the_bus(default_bus):
+    async def ask() -> str:
+        async with BusClient(default_bus.address) as client:
+            stream = await client.chat(DEFAULT_MODEL_NAME, FRANCE, temperature=0, max_tokens=32)
+            return (await stream.collect()).text
+
+    assert "Paris" in asyncio.run(ask())
+
+
+def run_engine(engine, prompts: dict[bytes, str], join_after: dict[bytes, int], max_tokens: int) -> dict[bytes, str]:
+    """Drive the engine step by step; a prompt joins once `join_after[id]` steps have run."""
+    texts = {rid: "" for rid in prompts}
+    step = 0
+    pending = dict(prompts)
+    while pending or engine.has_work:
+        for rid in [r for r in pending if join_after.get(r, 0) <= step]:
+            body = {"model": "m", "messages": [{"role": "user", "content": pending.pop(rid)}],
+                    "temperature": 0, "max_tokens": max_tokens}
+            assert engine.add(rid, msgpack.packb(body)) == []
+        for event in engine.step() if engine.has_work else ():
+            if event.command is Command.TOKEN:
+                texts[event.request_id] += event.fields["text"]
+        step += 1
+    return texts
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return build_engine(load_settings(WorkerSettings, []))[0]
+
+
+def test_greedy_text_is_the_same_alone_and_in_a_batch(engine):
+    prompts = {
+        b"a" * 16: "What is the capital of France?",
+        b"b" * 16: "Write a haiku about the sea.",
+        b"c" * 16: "List three prime numbers and explain briefly why each of them is prime.",
+        b"d" * 16: "Hi",
+        b"e" * 16: "Translate 'good morning' into Spanish, French and German, one per line, and nothing else.",
+    }
+    alone = {rid: run_engine(engine, {rid: text}, {}, 24)[rid] for rid, text in prompts.items()}
+    # Together, with sequences joining a running batch at different steps (different left padding).
+    together = run_engine(engine, prompts, {b"c" * 16: 3, b"d" * 16: 5, b"e" * 16: 9}, 24)
+    assert together == alone
+    assert all(alone.values())
+
+
+@pytest.mark.parametrize("flag", ["--load-8bit", "--load-4bit"])
+def test_quantized_weights_still_answer(flag):
+    engine, _ = build_engine(load_settings(WorkerSettings, [flag]))
+    assert "Paris" in run_engine(engine, {b"q" * 16: FRANCE[0]["content"]}, {}, 16)[b"q" * 16]
