@@ -37,6 +37,7 @@ class PendingRequest:
 class ClientRecord:
     last_seen: float
     requests: set[bytes] = field(default_factory=set)
+    heartbeats: bool = False  # only clients that heartbeat can be judged by their silence
 
 
 class Broker:
@@ -192,7 +193,7 @@ class Broker:
             return
         client = self._clients.get(identity)
         if client is not None:
-            client.last_seen = now
+            client.last_seen, client.heartbeats = now, True
         for request_id in protocol.ClientHeartbeat.from_fields(fields).request_ids:
             request = self._requests.get(request_id)
             if request is None or request.client != identity:
@@ -293,7 +294,7 @@ class Broker:
             log.warning("worker %s silent for %.1fs: removed", worker.ready.worker_id, now - worker.last_seen)
             self._remove_worker(worker)
         for identity, client in list(self._clients.items()):
-            if client.last_seen < now - self._timeout:
+            if client.heartbeats and client.last_seen < now - self._timeout:
                 self._forget_client(identity)
         deadline = now - self.settings.queue_timeout
         for model, queue in self._queues.items():

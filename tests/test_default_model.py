@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import msgpack
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from broker.protocol import Command
 from broker.settings import load_settings
 from frontends.client import BusClient
+from tests.processes import ROOT
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
 from worker.model_source import DEFAULT_MODEL_NAME
@@ -69,3 +72,13 @@ def test_greedy_text_is_the_same_alone_and_in_a_batch(engine):
 def test_quantized_weights_still_answer(flag):
     engine, _ = build_engine(load_settings(WorkerSettings, [flag]))
     assert "Paris" in run_engine(engine, {b"q" * 16: FRANCE[0]["content"]}, {}, 16)[b"q" * 16]
+
+
+def test_raw_client_from_the_protocol_page_works(default_bus):
+    """The page's example, run as written (only the address changed): pyzmq and msgpack, no tokenbus code."""
+    page = (ROOT / "docs" / "protocol.md").read_text()
+    example = page.split("```python\n", 1)[1].split("```", 1)[0]
+    example = example.replace("tcp://127.0.0.1:5555", default_bus.address)
+    output = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=120, cwd="/")
+    assert output.returncode == 0, output.stderr
+    assert "Paris" in output.stdout and "'finish_reason': 'stop'" in output.stdout
