@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
@@ -62,31 +64,31 @@ class Bus:
     workers: list[Popen]
 
 
-@pytest.fixture(scope="module")
-def bus(tiny_model_dir) -> Bus:
-    """A broker and one worker serving the tiny model as 'tiny' (capacity 4)."""
+@contextmanager
+def serving(model_dir: Path | None, name: str, *worker_args: str) -> Iterator[Bus]:
+    """A broker and one worker (`model_dir` None: the default model), stopped on exit."""
     address = free_address()
     broker = start_broker(address)
-    worker = start_worker(address, tiny_model_dir, "--model-names", TINY_MODEL, "--max-batch", "4")
+    worker = start_worker(address, model_dir, *worker_args)
     try:
-        asyncio.run(wait_for_models(address, {TINY_MODEL}))
-        yield Bus(address, TINY_MODEL, broker, [worker])
+        asyncio.run(wait_for_models(address, {name}))
+        yield Bus(address, name, broker, [worker])
     finally:
         stop(worker)
         stop(broker)
+
+
+@pytest.fixture(scope="module")
+def bus(tiny_model_dir) -> Iterator[Bus]:
+    """The tiny model served as 'tiny' (capacity 4)."""
+    with serving(tiny_model_dir, TINY_MODEL, "--model-names", TINY_MODEL, "--max-batch", "4") as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
-def default_bus() -> Bus:
-    """A broker and one worker serving the real default model (SmolLM2-135M-Instruct)."""
+def default_bus() -> Iterator[Bus]:
+    """The real default model, SmolLM2-135M-Instruct (capacity 16)."""
     from worker.model_source import DEFAULT_MODEL_NAME
 
-    address = free_address()
-    broker = start_broker(address)
-    worker = start_worker(address, None)
-    try:
-        asyncio.run(wait_for_models(address, {DEFAULT_MODEL_NAME}))
-        yield Bus(address, DEFAULT_MODEL_NAME, broker, [worker])
-    finally:
-        stop(worker)
-        stop(broker)
+    with serving(None, DEFAULT_MODEL_NAME) as running:
+        yield running

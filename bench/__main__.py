@@ -1,0 +1,86 @@
+"""python -m bench: throughput and latency of the whole stack against plain `model.generate`.
+
+Starts broker, worker and OpenAI API on free local ports (or uses a running API with --api-url),
+sweeps the number of concurrent streams, prints a table and writes JSON and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+from pathlib import Path
+
+from openai import AsyncOpenAI
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from bench.baseline import generate_tokens_per_second
+from bench.load import LevelResult, run_level
+from bench.report import draw_chart, table, write_json
+from bench.stack import LocalStack
+from broker.settings import cli_config, load_settings
+from worker.model_source import DEFAULT_MODEL_NAME, resolve
+
+
+class BenchSettings(BaseSettings):
+    model_config = cli_config("bench", "python -m bench")
+
+    api_url: str | None = Field(None, description="a running OpenAI endpoint (default: start a local stack)")
+    model: str | None = Field(None, description="worker --model for the local stack (default: the default model)")
+    served_name: str | None = Field(None, description="model name to request (default: from --model)")
+    concurrency: list[int] = Field([1, 4, 16, 32], description="concurrent streams to sweep")
+    requests_per_level: int = Field(2, ge=1, description="requests per level, as a multiple of its concurrency")
+    min_requests: int = Field(4, ge=1, description="at least this many requests per level")
+    max_tokens: int = Field(64, ge=2, description="new tokens per request (greedy)")
+    max_batch: int = Field(32, ge=1, description="worker --max-batch for the local stack")
+    worker_args: list[str] = Field([], description="more flags for the local worker (e.g. --device cuda)")
+    skip_generate: bool = Field(False, description="skip the plain generate baseline")
+    output_dir: Path = Field(Path("bench/results"), description="where bench.json and bench.png go")
+
+
+async def sweep(settings: BenchSettings, base_url: str, model: str) -> list[LevelResult]:
+    client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    await run_level(client, model, 1, 1, 8, first_index=10_000)  # warm-up
+    levels, first_index = [], 0
+    for concurrency in settings.concurrency:
+        count = max(settings.min_requests, settings.requests_per_level * concurrency)
+        level = await run_level(client, model, concurrency, count, settings.max_tokens, first_index)
+        first_index += count
+        print(f"  {concurrency:>3} streams: {level.tokens_per_second:7.1f} tok/s, TTFT p50 {level.ttft_p50:.2f}s, "
+              f"{level.failures} failed", flush=True)
+        levels.append(level)
+    await client.close()
+    return levels
+
+
+def main() -> None:
+    settings = load_settings(BenchSettings)
+    logging.basicConfig(level="WARNING")
+    source = resolve(settings.model)
+    model = settings.served_name or source.default_name
+    generate_tps = 0.0
+    if not settings.skip_generate:
+        print(f"plain generate on {source.location} ...", flush=True)
+        generate_tps = generate_tokens_per_second(source.location, settings.max_tokens)
+    if settings.api_url:
+        levels = asyncio.run(sweep(settings, settings.api_url, model))
+    else:
+        worker_args = ["--max-batch", str(settings.max_batch), *settings.worker_args]
+        if settings.model:
+            worker_args += ["--model", settings.model]
+        with LocalStack(worker_args) as stack:
+            print(f"stack up at {stack.api_url}; sweeping {settings.concurrency} streams", flush=True)
+            levels = asyncio.run(sweep(settings, stack.api_url, model))
+    print()
+    print(table(levels, generate_tps))
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    recorded = settings.model_dump(mode="json") | {"machine": platform.processor() or platform.machine()}
+    write_json(settings.output_dir / "bench.json", levels, generate_tps, recorded)
+    draw_chart(settings.output_dir / "bench.png", levels, generate_tps,
+               f"{model}, {settings.max_tokens} new tokens, greedy")
+    print(f"\nwrote {settings.output_dir / 'bench.json'} and {settings.output_dir / 'bench.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The benchmark's outputs: a table on stdout, JSON, and a chart."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.load import LevelResult
+
+
+def table(levels: list[LevelResult], generate_tps: float) -> str:
+    single = next((level.tokens_per_second for level in levels if level.concurrency == 1), None)
+    lines = [
+        f"plain model.generate, one stream: {generate_tps:.1f} tok/s",
+        "",
+        f"{'streams':>7} {'requests':>8} {'fail':>4} {'tok/s':>7} {'x one':>6} {'TTFT p50':>9} {'TTFT p95':>9} "
+        f"{'stream tok/s':>12}",
+    ]
+    for level in levels:
+        speedup = f"{level.tokens_per_second / single:.2f}" if single else "-"
+        lines.append(f"{level.concurrency:>7} {level.requests:>8} {level.failures:>4} {level.tokens_per_second:>7.1f} "
+                     f"{speedup:>6} {level.ttft_p50:>8.2f}s {level.ttft_p95:>8.2f}s {level.decode_rate_p50:>12.1f}")
+    if single:
+        lines += ["", f"one stream through the stack: {100 * single / generate_tps:.0f}% of plain generate"]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, levels: list[LevelResult], generate_tps: float, settings: dict) -> None:
+    path.write_text(json.dumps({"settings": settings, "generate_tokens_per_second": generate_tps,
+                                "levels": [asdict(level) for level in levels]}, indent=2))
+
+
+def draw_chart(path: Path, levels: list[LevelResult], generate_tps: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concurrency = [level.concurrency for level in levels]
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    throughput.plot(concurrency, [level.tokens_per_second for level in levels], "o-", label="tokenbus, aggregate")
+    throughput.axhline(generate_tps, color="gray", linestyle="--", label="plain generate, one stream")
+    throughput.set(xscale="log", xlabel="concurrent streams", ylabel="tokens/s", title="Throughput")
+    latency.plot(concurrency, [level.ttft_p50 for level in levels], "o-", label="p50")
+    latency.plot(concurrency, [level.ttft_p95 for level in levels], "s--", label="p95")
+    latency.set(xscale="log", xlabel="concurrent streams", ylabel="seconds", title="Time to first token")
+    for axes in (throughput, latency):
+        axes.set_xticks(concurrency, [str(c) for c in concurrency])
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

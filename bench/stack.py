@@ -1,0 +1,56 @@
+"""A throwaway local stack for the benchmark: broker, one worker and the OpenAI API."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalStack:
+    def __init__(self, worker_args: list[str]) -> None:
+        bus = f"tcp://127.0.0.1:{_free_port()}"
+        port = _free_port()
+        self.api_url = f"http://127.0.0.1:{port}/v1"
+        self._commands = [
+            ["broker", "--bind", bus],
+            ["worker", "--broker", bus, *worker_args],
+            ["frontends.openai_api", "--broker", bus, "--port", str(port)],
+        ]
+        self._processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> LocalStack:
+        for command in self._commands:
+            self._processes.append(subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.DEVNULL))
+        self._wait_healthy(timeout=300)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in reversed(self._processes):
+            process.terminate()
+        for process in self._processes:
+            process.wait(10)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        health = self.api_url.removesuffix("/v1") + "/health"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self._processes):
+                raise RuntimeError("a stack process exited during start-up")
+            try:
+                with urllib.request.urlopen(health, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("the stack did not become healthy")
