@@ -120,11 +120,12 @@ class ModelRunner:
         if any(s.request.logprobs for s in sequences):
             raw_logprobs = F.log_softmax(logits, dim=-1)
         scores = _apply_penalties(logits, sequences)
+        greedy = scores.argmax(dim=-1).tolist()  # one call for the whole batch
         choices = []
         for row, sequence in enumerate(sequences):
             request = sequence.request
             if request.temperature == 0:
-                token = int(scores[row].argmax())
+                token = greedy[row]
             else:
                 probs = _filtered_probs(scores[row] / request.temperature, request.top_k, request.top_p)
                 token = int(torch.multinomial(probs, 1, generator=self._generators[sequence]))

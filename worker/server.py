@@ -17,7 +17,7 @@ import zmq
 
 from broker import protocol
 from broker.protocol import Command, Message
-from worker.engine import Engine
+from worker.engine import Engine, Event
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class WorkerServer:
             events = dict(poller.poll(self.interval * 250))
             if pipe in events:
                 while pipe.poll(0):
-                    dealer.send_multipart(pipe.recv_multipart(), zmq.NOBLOCK)
+                    self._forward(dealer, pipe.recv_multipart())
             if dealer in events:
                 last_heard = time.monotonic()
                 while dealer.poll(0):
@@ -68,11 +68,18 @@ class WorkerServer:
                 poller.register(dealer, zmq.POLLIN)
                 last_heard = now
             if now >= next_heartbeat:
-                dealer.send_multipart(protocol.encode(Command.HEARTBEAT, b"", {"worker_id": self.ready.worker_id}))
+                self._forward(dealer, protocol.encode(Command.HEARTBEAT, b"", {"worker_id": self.ready.worker_id}))
                 next_heartbeat = now + self.interval
-        dealer.send_multipart(protocol.encode(Command.DISCONNECT), zmq.NOBLOCK)
+        self._forward(dealer, protocol.encode(Command.DISCONNECT))
         dealer.close(linger=500)
         pipe.close(linger=0)
+
+    @staticmethod
+    def _forward(dealer: zmq.Socket, frames: list[bytes]) -> None:
+        try:
+            dealer.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:  # the broker is gone and the queue is full; its successor cancels the stream
+            log.debug("dropped a message for an unreachable broker")
 
     def _connect(self) -> zmq.Socket:
         dealer = self._context.socket(zmq.DEALER)
@@ -84,7 +91,7 @@ class WorkerServer:
         return dealer
 
     def _announce(self, dealer: zmq.Socket) -> None:
-        dealer.send_multipart(protocol.encode(Command.READY, b"", self.ready.to_fields()))
+        self._forward(dealer, protocol.encode(Command.READY, b"", self.ready.to_fields()))
         log.info("announced %s (capacity %d) to %s", list(self.ready.models), self.ready.capacity, self.broker)
 
     def _from_broker(self, dealer: zmq.Socket, pipe: zmq.Socket, frames: list[bytes]) -> None:
@@ -114,15 +121,24 @@ class WorkerServer:
                     timeout = 0
                 if self.engine.has_work:
                     self._send(pipe, self.engine.step())
+        except Exception:
+            # A worker without an engine must not keep heartbeating: leave, so the broker fails its requests.
+            log.exception("the engine thread failed; stopping the worker")
+            self.stopping.set()
         finally:
             pipe.close(linger=0)
 
-    def _on_command(self, message: Message) -> list:
+    def _on_command(self, message: Message) -> list[Event]:
         if message.command is Command.CANCEL:
             return self.engine.cancel(message.request_id)
-        return self.engine.add(message.request_id, message.body)
+        try:
+            return self.engine.add(message.request_id, message.body)
+        except Exception as exc:  # e.g. a chat template that raises on these messages
+            log.exception("could not admit request %s", message.request_id.hex())
+            return [Event(message.request_id, Command.ERROR,
+                          protocol.Error(protocol.ErrorCode.INTERNAL, f"could not admit the request: {exc}").to_fields())]
 
     @staticmethod
-    def _send(pipe: zmq.Socket, events: list) -> None:
+    def _send(pipe: zmq.Socket, events: list[Event]) -> None:
         for event in events:
             pipe.send_multipart(protocol.encode(event.command, event.request_id, event.fields))
