@@ -267,8 +267,10 @@ class BusClient:
                 continue
             silent = time.monotonic() - self._last_heard
             if silent > self._interval * protocol.HEARTBEAT_LIVENESS:
-                for stream in list(self._streams.values()):
-                    stream._deliver(BrokerUnreachable(f"the broker at {self.address} stopped answering"))
+                error = BrokerUnreachable(f"the broker at {self.address} stopped answering")
+                for stream in self._streams.values():
+                    stream._deliver(error)
+                self._streams.clear()
                 continue
             heartbeat = protocol.ClientHeartbeat(tuple(self._streams))
             await self._send(Command.HEARTBEAT, b"", heartbeat.to_fields())
