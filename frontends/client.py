@@ -107,6 +107,8 @@ class Stream:
         self._queue: asyncio.Queue[Message | BusError] = asyncio.Queue()
         self.done: protocol.Done | None = None
         self.finished = False
+        self.started_at = time.monotonic()
+        self.first_token_at: float | None = None  # when the first TOKEN arrived, for latency metrics
 
     def __aiter__(self) -> AsyncIterator[protocol.TokenDelta]:
         return self
@@ -119,6 +121,8 @@ class Stream:
             self._finish()
             raise item
         if item.command is Command.TOKEN:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
             return protocol.TokenDelta.from_fields(item.fields())
         self._finish()
         if item.command is Command.DONE:

@@ -1,0 +1,277 @@
+"""The OpenAI-compatible HTTP API: an aiohttp app that turns each request into bus requests."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broker.protocol import Done, TokenDelta
+from frontends.client import BusClient, BusError, Completion, Stream
+from frontends.openai_api.config import ApiSettings
+from frontends.openai_api.errors import ApiError, bad_request
+from frontends.openai_api.metrics import ApiMetrics
+from frontends.openai_api.requests import ApiCall, parse_chat, parse_completion
+from frontends.openai_api.responses import ResponseIds, error_body, model_list, model_object
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", ApiSettings)
+BUS = web.AppKey("bus", BusClient)
+METRICS = web.AppKey("metrics", ApiMetrics)
+STARTED = web.AppKey("started", int)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = ("/health", "/metrics")
+
+
+def create_app(settings: ApiSettings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[error_middleware, cors_middleware, auth_middleware])
+    app[SETTINGS] = settings
+    app[METRICS] = ApiMetrics()
+    app[STARTED] = int(time.time())
+    app.cleanup_ctx.append(bus_client)
+    app.add_routes([
+        web.get("/v1/models", list_models),
+        web.get("/v1/models/{model_id:.+}", get_model),
+        web.post("/v1/chat/completions", chat_completions),
+        web.post("/v1/completions", completions),
+        web.get("/health", health),
+        web.get("/metrics", metrics),
+    ])
+    return app
+
+
+async def bus_client(app: web.Application) -> AsyncIterator[None]:
+    async with BusClient(app[SETTINGS].broker) as client:
+        app[BUS] = client
+        yield
+
+
+# -- middlewares
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as the OpenAI error object."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return web.json_response(error_body(error), status=error.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        error = ApiError(exc.status, exc.reason, type=kind, code=None)
+        return web.json_response(error_body(error), status=exc.status, headers=_cors_headers(request))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return web.json_response(error_body(ApiError(500, "internal server error", type="server_error")), status=500)
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    headers = _cors_headers(request)
+    if request.method == "OPTIONS" and headers:
+        return web.Response(status=204, headers={
+            **headers, "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "*"),
+            "Access-Control-Max-Age": "600"})
+    response = await handler(request)
+    if not response.prepared:  # a stream set its own headers before the first byte
+        response.headers.update(headers)
+    return response
+
+
+def _cors_headers(request: web.Request) -> dict[str, str]:
+    origins = request.app[SETTINGS].cors_origins
+    origin = request.headers.get("Origin")
+    if origin and ("*" in origins or origin in origins):
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    return {}
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    keys = request.app[SETTINGS].api_keys
+    if keys and request.path not in _OPEN_PATHS and request.method != "OPTIONS":
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # compare with every key, so the time taken says nothing about which one nearly matched
+        matches = [hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+    return await handler(request)
+
+
+# -- models and status
+
+
+async def list_models(request: web.Request) -> web.Response:
+    infos = await _models(request)
+    return web.json_response(model_list(infos, request.app[STARTED]))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    infos = await _models(request)
+    wanted = request.match_info["model_id"]
+    for info in infos:
+        if info.name == wanted:
+            return web.json_response(model_object(info, request.app[STARTED]))
+    served = ", ".join(i.name for i in infos) or "none"
+    raise ApiError(404, f"model '{wanted}' is not served; models served: {served}", param="model",
+                   code="model_not_found")
+
+
+async def _models(request: web.Request) -> list:
+    try:
+        return await request.app[BUS].models()
+    except BusError as error:
+        raise ApiError(503, f"the broker is unreachable: {error.message}", type="service_unavailable",
+                       code="broker_unreachable") from None
+
+
+async def health(request: web.Request) -> web.Response:
+    try:
+        infos = await request.app[BUS].models()
+    except BusError as error:
+        return web.json_response({"status": "unavailable", "reason": f"broker unreachable: {error.message}"},
+                                 status=503)
+    live = [info.name for info in infos if info.workers]
+    if not live:
+        return web.json_response({"status": "unavailable", "reason": "no worker is live"}, status=503)
+    return web.json_response({"status": "ok", "models": live})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# -- generation
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat", parse_chat)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion", parse_completion)
+
+
+async def _generate(request: web.Request, kind: str, parse: Callable[[Any, int], ApiCall]) -> web.StreamResponse:
+    app_metrics = request.app[METRICS]
+    endpoint, model, status = request.path, "", 500
+    start = time.monotonic()
+    app_metrics.in_flight.labels(endpoint).inc()
+    streams: list[Stream] = []
+    try:
+        call = parse(await _json_body(request), request.app[SETTINGS].max_n)
+        model = call.model
+        bus = request.app[BUS]
+        streams = [await bus.generate(r) for r in call.requests]
+        ids = ResponseIds(call.model, kind)
+        if call.stream:
+            response = await _stream(request, call, streams, ids)
+        else:
+            results = await _collect_all(streams)
+            _count_tokens(app_metrics, model, results, call.n)
+            response = web.json_response(ids.response(results, call.n))
+        status = response.status
+        return response
+    except ApiError as error:
+        status = error.status
+        if status == 429:
+            app_metrics.overloaded.labels(model).inc()
+        raise
+    finally:
+        for stream in streams:
+            await stream.cancel()  # a no-op for finished streams; stops the rest (client gone, error)
+            if stream.first_token_at is not None:
+                app_metrics.time_to_first_token.labels(model).observe(stream.first_token_at - stream.started_at)
+        app_metrics.in_flight.labels(endpoint).dec()
+        app_metrics.requests.labels(endpoint, model, str(status)).inc()
+        app_metrics.latency.labels(endpoint, model).observe(time.monotonic() - start)
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+
+
+async def _collect_all(streams: list[Stream]) -> list[Completion]:
+    try:
+        return list(await asyncio.gather(*(s.collect() for s in streams)))
+    except BusError as error:
+        raise ApiError.from_bus(error) from None
+
+
+def _count_tokens(app_metrics: ApiMetrics, model: str, results: list[Completion], n: int) -> None:
+    app_metrics.prompt_tokens.labels(model).inc(sum(r.prompt_tokens for r in results[::n]))
+    app_metrics.completion_tokens.labels(model).inc(sum(r.completion_tokens for r in results))
+
+
+async def _stream(request: web.Request, call: ApiCall, streams: list[Stream], ids: ResponseIds) -> web.StreamResponse:
+    """Server-sent events: one event per token frame. An error before the first token is an HTTP
+    error; after it, an error event that OpenAI clients raise on, and no [DONE]."""
+    events: asyncio.Queue[tuple[int, TokenDelta | Done | BusError]] = asyncio.Queue()
+    pumps = [asyncio.create_task(_pump(index, stream, events)) for index, stream in enumerate(streams)]
+    try:
+        index, item = await events.get()
+        if isinstance(item, BusError):
+            raise ApiError.from_bus(item)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               **_cors_headers(request)})
+        await response.prepare(request)
+        if ids.kind == "chat":
+            for choice in range(len(streams)):
+                await _send_event(response, ids.role_chunk(choice))
+        done: list[Done] = []
+        while True:
+            if isinstance(item, BusError):
+                await _send_event(response, error_body(ApiError.from_bus(item)))
+                return response
+            if isinstance(item, Done):
+                done.append(item)
+                await _send_event(response, ids.finish_chunk(index, item))
+                if len(done) == len(streams):
+                    break
+            else:
+                await _send_event(response, ids.delta_chunk(index, item))
+            index, item = await events.get()
+        prompt_tokens = sum(d.prompt_tokens for d in done) // call.n
+        completion_tokens = sum(d.completion_tokens for d in done)
+        request.app[METRICS].prompt_tokens.labels(call.model).inc(prompt_tokens)
+        request.app[METRICS].completion_tokens.labels(call.model).inc(completion_tokens)
+        if call.include_usage:
+            await _send_event(response, ids.usage_chunk(prompt_tokens, completion_tokens))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+    finally:
+        for pump in pumps:
+            pump.cancel()
+
+
+async def _pump(index: int, stream: Stream, events: asyncio.Queue) -> None:
+    try:
+        async for delta in stream:
+            events.put_nowait((index, delta))
+        events.put_nowait((index, stream.done))
+    except BusError as error:
+        events.put_nowait((index, error))
+
+
+async def _send_event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())

@@ -1,0 +1,21 @@
+"""The OpenAI API server's options."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from broker.settings import DEFAULT_BROKER_ADDRESS, cli_config
+
+
+class ApiSettings(BaseSettings):
+    model_config = cli_config("api", "python -m frontends.openai_api")
+
+    broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    api_keys: list[str] = Field([], description="accepted API keys (none: the API is open)")
+    cors_origins: list[str] = Field([], description="origins allowed by CORS ('*' for any)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
+    max_n: int = Field(16, ge=1, description="largest 'n' (choices per request)")
+    log_level: str = Field("INFO", description="logging level")

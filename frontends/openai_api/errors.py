@@ -1,0 +1,39 @@
+"""API errors: one exception type, and the table from bus errors to HTTP statuses."""
+
+from __future__ import annotations
+
+from broker.protocol import ErrorCode
+from frontends.client import BusError
+
+# status, OpenAI error type, OpenAI error code
+_BUS_ERRORS: dict[ErrorCode, tuple[int, str, str | None]] = {
+    ErrorCode.BAD_REQUEST: (400, "invalid_request_error", None),
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: (400, "invalid_request_error", "context_length_exceeded"),
+    ErrorCode.UNKNOWN_MODEL: (404, "invalid_request_error", "model_not_found"),
+    ErrorCode.OVERLOADED: (429, "rate_limit_error", "overloaded"),
+    ErrorCode.QUEUE_TIMEOUT: (429, "rate_limit_error", "queue_timeout"),
+    ErrorCode.NO_WORKER: (503, "service_unavailable", "no_worker"),
+    ErrorCode.UNKNOWN_REQUEST: (503, "service_unavailable", "broker_unreachable"),
+    ErrorCode.WORKER_LOST: (503, "service_unavailable", "worker_lost"),
+    ErrorCode.DUPLICATE_REQUEST: (500, "server_error", None),
+    ErrorCode.INTERNAL: (500, "server_error", None),
+}
+
+
+class ApiError(Exception):
+    """An error answered as the OpenAI error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    @classmethod
+    def from_bus(cls, error: BusError) -> ApiError:
+        status, kind, code = _BUS_ERRORS.get(error.code, (500, "server_error", None))
+        param = "model" if error.code in (ErrorCode.UNKNOWN_MODEL, ErrorCode.NO_WORKER) else error.field
+        return cls(status, error.message, type=kind, param=param, code=code)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)

@@ -1,0 +1,148 @@
+"""OpenAI request bodies to bus requests. Ranges and types of sampling fields are checked once,
+by `GenerationRequest`; this module checks the OpenAI-only fields and the shape of the body."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from broker.protocol import GenerationRequest, ProtocolError
+from frontends.openai_api.errors import bad_request
+
+_COMMON_FIELDS = {
+    "model", "temperature", "top_p", "stop", "n", "seed", "presence_penalty", "frequency_penalty", "stream",
+    "stream_options", "logprobs", "user", "max_tokens", "top_k", "repetition_penalty",
+}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+_SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k",
+                    "repetition_penalty")
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_LEGACY_LOGPROBS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ApiCall:
+    """A parsed request: the bus requests to send (one per choice), and how to answer."""
+
+    model: str
+    requests: list[GenerationRequest]  # n per prompt, prompt after prompt
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+def parse_chat(body: Any, max_n: int) -> ApiCall:
+    body = _object(body, CHAT_FIELDS)
+    if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
+        raise bad_request("'logprobs' must be a boolean", "logprobs")
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    fields = {
+        "messages": [_message(m, i) for i, m in enumerate(_required(body, "messages", list))],
+        "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+        "logprobs": bool(body.get("logprobs")),
+        "top_logprobs": body.get("top_logprobs"),
+    }
+    max_tokens_param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    return _call(body, [fields], max_n, max_tokens_param)
+
+
+def parse_completion(body: Any, max_n: int) -> ApiCall:
+    body = _object(body, COMPLETION_FIELDS)
+    if body.get("echo") or body.get("suffix") is not None or body.get("best_of") not in (None, 1):
+        param = next(p for p in ("echo", "suffix", "best_of") if body.get(p) not in (None, False, 1))
+        raise bad_request(f"'{param}' is not supported", param, "unsupported_parameter")
+    prompts = _required(body, "prompt", (str, list))
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise bad_request("'prompt' must be a string or a non-empty array of strings", "prompt")
+    top = body.get("logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LEGACY_LOGPROBS):
+        raise bad_request(f"'logprobs' must be an integer from 0 to {MAX_LEGACY_LOGPROBS}", "logprobs")
+    per_prompt = [{"prompt": p, "max_tokens": body.get("max_tokens", 16), "logprobs": top is not None,
+                   "top_logprobs": top or 0} for p in prompts]
+    return _call(body, per_prompt, max_n)
+
+
+def _call(body: dict, per_input: list[dict], max_n: int, max_tokens_param: str = "max_tokens") -> ApiCall:
+    model = _required(body, "model", str)
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
+        raise bad_request(f"'n' must be an integer from 1 to {max_n}", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise bad_request("'stream_options' takes only 'include_usage'", "stream_options")
+    if options and not stream:
+        raise bad_request("'stream_options' is only allowed with 'stream': true", "stream_options")
+    stop = body.get("stop")
+    sampling = {k: body[k] for k in _SAMPLING_FIELDS if k in body}
+    sampling["stop"] = [stop] if isinstance(stop, str) else stop
+    requests = []
+    for fields in per_input:
+        for choice in range(n):
+            seed = sampling.get("seed")
+            # n choices with one seed must still differ, and stay reproducible
+            seeded = {"seed": seed + choice} if isinstance(seed, int) and not isinstance(seed, bool) else {}
+            requests.append(_generation_request({"model": model, **sampling, **fields, **seeded}, max_tokens_param))
+    return ApiCall(model, requests, n, stream, bool(options.get("include_usage")), requests[0].logprobs)
+
+
+def _generation_request(fields: dict, max_tokens_param: str) -> GenerationRequest:
+    try:
+        return GenerationRequest.from_fields(fields)
+    except ProtocolError as exc:
+        param = max_tokens_param if exc.field == "max_tokens" else exc.field
+        message = str(exc).replace("'max_tokens'", f"'{param}'")
+        raise bad_request(message, param) from None
+
+
+def _object(body: Any, allowed: set[str]) -> dict:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    body = {k: v for k, v in body.items() if v is not None}  # null means "not given"
+    unsupported = sorted(set(body) - allowed)
+    if unsupported:
+        raise bad_request(f"'{unsupported[0]}' is not supported by this server", unsupported[0],
+                          "unsupported_parameter")
+    return body
+
+
+def _required(body: dict, name: str, kind: type | tuple) -> Any:
+    if name not in body:
+        raise bad_request(f"'{name}' is required", name, "missing_required_parameter")
+    if not isinstance(body[name], kind):
+        raise bad_request(f"'{name}' has the wrong type", name, "invalid_type")
+    return body[name]
+
+
+def _message(message: Any, index: int) -> dict[str, str]:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"{param} must be an object", param, "invalid_type")
+    role = _ROLES.get(message.get("role"))
+    if role is None:
+        raise bad_request(f"{param}.role must be one of system, developer, user, assistant", f"{param}.role")
+    extra = sorted(set(message) - {"role", "content", "name"})
+    if extra:
+        raise bad_request(f"{param}.{extra[0]} is not supported by this server", f"{param}.{extra[0]}",
+                          "unsupported_parameter")
+    return {"role": role, "content": _content(message.get("content"), f"{param}.content")}
+
+
+def _content(content: Any, param: str) -> str:
+    """A string, or a list of text parts joined together."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"{param} supports only text parts", param, "unsupported_parameter")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad_request(f"{param} must be a string or a list of text parts", param, "invalid_type")
