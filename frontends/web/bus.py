@@ -1,0 +1,21 @@
+"""One bus client per event loop: ZeroMQ asyncio sockets belong to the loop that made them."""
+
+from __future__ import annotations
+
+import asyncio
+
+from frontends.client import BusClient
+
+
+class LoopLocalBus:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._clients: dict[asyncio.AbstractEventLoop, BusClient] = {}
+
+    async def get(self) -> BusClient:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = BusClient(self.address)
+            await client.start()
+        return client
