@@ -294,7 +294,7 @@ class Broker:
             log.warning("worker %s silent for %.1fs: removed", worker.ready.worker_id, now - worker.last_seen)
             self._remove_worker(worker)
         for identity, client in list(self._clients.items()):
-            if client.heartbeats and client.last_seen < now - self._timeout:
+            if client.heartbeats and client.last_seen < now - protocol.CLIENT_TIMEOUT:
                 self._forget_client(identity)
         deadline = now - self.settings.queue_timeout
         for model, queue in self._queues.items():

@@ -22,6 +22,8 @@ REQUEST_ID_SIZE = 16
 MAX_MESSAGE_SIZE = 1 << 20  # bytes, per frame; larger messages drop the connection
 HEARTBEAT_INTERVAL = 1.0  # seconds
 HEARTBEAT_LIVENESS = 3  # intervals of silence after which a peer is dead
+CLIENT_TIMEOUT = 10.0  # seconds of silence after which a heartbeating client is gone (lenient: a busy
+                       # frontend's event loop may lag, and a false alarm would cancel its requests)
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
 

@@ -328,10 +328,16 @@ class SyncStream:
     def __iter__(self) -> Iterator[protocol.TokenDelta]:
         while True:
             self._waiting = asyncio.run_coroutine_threadsafe(self.stream.__anext__(), self._owner._loop)
-            try:
-                yield self._waiting.result()
-            except (StopAsyncIteration, concurrent.futures.CancelledError):
-                return
+            while True:
+                try:
+                    # Short waits, so a KeyboardInterrupt is raised here promptly whatever the platform.
+                    delta = self._waiting.result(timeout=0.2)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+                except (StopAsyncIteration, concurrent.futures.CancelledError):
+                    return
+            yield delta
 
     @property
     def done(self) -> protocol.Done | None:

@@ -31,15 +31,17 @@ def test_default_model_answers_over_the_bus(default_bus):
     assert "Paris" in asyncio.run(ask())
 
 
-def run_engine(engine, prompts: dict[bytes, str], join_after: dict[bytes, int], max_tokens: int) -> dict[bytes, str]:
-    """Drive the engine step by step; a prompt joins once `join_after[id]` steps have run."""
+def run_engine(engine, prompts: dict[bytes, str], join_after: dict[bytes, int], max_tokens: int,
+               params: dict[bytes, dict] | None = None) -> dict[bytes, str]:
+    """Drive the engine step by step; a prompt joins once `join_after[id]` steps have run.
+    Requests are greedy unless `params[id]` says otherwise."""
     texts = {rid: "" for rid in prompts}
     step = 0
     pending = dict(prompts)
     while pending or engine.has_work:
         for rid in [r for r in pending if join_after.get(r, 0) <= step]:
             body = {"model": "m", "messages": [{"role": "user", "content": pending.pop(rid)}],
-                    "temperature": 0, "max_tokens": max_tokens}
+                    "temperature": 0, "max_tokens": max_tokens, **(params or {}).get(rid, {})}
             assert engine.add(rid, msgpack.packb(body)) == []
         for event in engine.step() if engine.has_work else ():
             if event.command is Command.TOKEN:
@@ -66,6 +68,19 @@ def test_greedy_text_is_the_same_alone_and_in_a_batch(engine):
     together = run_engine(engine, prompts, {b"c" * 16: 3, b"d" * 16: 5, b"e" * 16: 9}, 24)
     assert together == alone
     assert all(alone.values())
+
+
+def test_each_row_keeps_its_own_sampling_in_a_batch(engine):
+    prompts = {b"s" * 16: "Write a poem about autumn.", b"g" * 16: "Count to ten.",
+               b"p" * 16: "Describe a cat."}
+    params = {b"s" * 16: {"temperature": 1.0, "seed": 5, "top_p": 0.9},
+              b"p" * 16: {"temperature": 0.8, "top_k": 20, "seed": 9, "presence_penalty": 1.0,
+                          "repetition_penalty": 1.2}}
+    alone = {rid: run_engine(engine, {rid: text}, {}, 20, params)[rid] for rid, text in prompts.items()}
+    together = run_engine(engine, prompts, {b"p" * 16: 4}, 20, params)
+    assert together == alone
+    reseeded = run_engine(engine, {b"s" * 16: prompts[b"s" * 16]}, {}, 20, {b"s" * 16: {"temperature": 1.0, "seed": 6}})
+    assert reseeded[b"s" * 16] != alone[b"s" * 16]
 
 
 @pytest.mark.parametrize("flag", ["--load-8bit", "--load-4bit"])

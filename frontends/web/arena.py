@@ -11,61 +11,77 @@ from typing import Any
 
 from frontends.client import BusError
 from frontends.web.bus import LoopLocalBus
-from frontends.web.chat import NOT_LOGGED_IN, stream_reply
+from frontends.web.chat import EMPTY_REPLY, NOT_LOGGED_IN, explain, stream_reply
 
 VOTES = {"left": "A is better", "right": "B is better", "tie": "Tie", "bad": "Both are bad"}
+NOTHING_TO_VOTE_ON = "Nothing to vote on: compare two answers first (one vote per comparison)."
+
+# What the page shows for one comparison, and the record a vote needs (None: no vote possible).
+Comparison = tuple[str, str, dict[str, Any] | None]
 
 
 class Arena:
+    """Runs comparisons and appends votes to a JSON-lines file."""
+
     def __init__(self, bus: LoopLocalBus, votes_file: Path) -> None:
         self.bus = bus
         self.votes_file = votes_file
 
     async def compare(self, prompt: str, model_a: str, model_b: str, temperature_a: float, temperature_b: float,
-                      max_tokens: int, logged_in: bool) -> AsyncIterator[tuple[str, str]]:
-        """Both answers as they grow, side by side."""
+                      max_tokens: int, logged_in: bool) -> AsyncIterator[Comparison]:
+        """Both answers as they grow; once both are complete, the record a vote will store."""
         if not logged_in:
-            yield f"⚠️ {NOT_LOGGED_IN}", f"⚠️ {NOT_LOGGED_IN}"
+            yield f"⚠️ {NOT_LOGGED_IN}", f"⚠️ {NOT_LOGGED_IN}", None
             return
+        sides = [(model_a, float(temperature_a)), (model_b, float(temperature_b))]
         answers = ["", ""]
+        failed = [False, False]
         updates: asyncio.Queue[tuple[int, str | BusError | None]] = asyncio.Queue()
 
-        async def pump(side: int, model: str, temperature: float) -> None:
-            params = {"temperature": float(temperature), "max_tokens": int(max_tokens)}
+        async def pump(side: int) -> None:
+            model, temperature = sides[side]
+            params = {"temperature": temperature, "max_tokens": int(max_tokens)}
             try:
                 async for update in stream_reply(self.bus, model, [{"role": "user", "content": prompt}], params):
                     updates.put_nowait((side, update))
             finally:
                 updates.put_nowait((side, None))
 
-        tasks = [asyncio.create_task(pump(0, model_a, temperature_a)),
-                 asyncio.create_task(pump(1, model_b, temperature_b))]
+        yield "", "", None  # a new comparison: the old record can no longer be voted on
+        tasks = [asyncio.create_task(pump(side)) for side in (0, 1)]
         try:
             running = 2
             while running:
                 side, update = await updates.get()
                 if update is None:
                     running -= 1
-                    continue
-                answers[side] = f"⚠️ {update.message}" if isinstance(update, BusError) else update
-                yield answers[0], answers[1]
+                    if not failed[side] and not answers[side].strip():
+                        answers[side] = f"⚠️ {EMPTY_REPLY}"
+                        failed[side] = True
+                elif isinstance(update, BusError):
+                    answers[side], failed[side] = "⚠️ {}: {}".format(*explain(update)), True
+                else:
+                    answers[side] = update
+                yield answers[0], answers[1], None
         finally:
+            # Stop on the page (or a closed tab) lands here: both bus requests are cancelled.
             for task in tasks:
                 task.cancel()
-
-    def vote(self, choice: str, prompt: str, model_a: str, model_b: str, temperature_a: float,
-             temperature_b: float, answer_a: str, answer_b: str, logged_in: bool) -> str:
-        """Append one vote to the JSON-lines file; returns a line for the page."""
-        if not logged_in:
-            return NOT_LOGGED_IN
-        if not answer_a or not answer_b:
-            return "Ask both models something first."
-        record: dict[str, Any] = {
-            "time": time.time(), "vote": choice, "prompt": prompt,
-            "a": {"model": model_a, "temperature": temperature_a, "answer": answer_a},
-            "b": {"model": model_b, "temperature": temperature_b, "answer": answer_b},
+        record = None if any(failed) else {
+            "prompt": prompt,
+            "a": {"model": model_a, "temperature": sides[0][1], "answer": answers[0]},
+            "b": {"model": model_b, "temperature": sides[1][1], "answer": answers[1]},
         }
+        yield answers[0], answers[1], record
+
+    def vote(self, choice: str, record: dict[str, Any] | None, logged_in: bool) -> tuple[str, None]:
+        """Append one vote to the JSON-lines file; returns a line for the page and clears the record."""
+        if not logged_in:
+            return NOT_LOGGED_IN, None
+        if record is None:
+            return NOTHING_TO_VOTE_ON, None
+        line = json.dumps({"time": time.time(), "vote": choice, **record}, ensure_ascii=False)
         self.votes_file.parent.mkdir(parents=True, exist_ok=True)
         with self.votes_file.open("a", encoding="utf-8") as votes:
-            votes.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return f"Thanks! Recorded: {VOTES[choice]}."
+            votes.write(line + "\n")
+        return f"Thanks! Recorded: {VOTES[choice]}.", None

@@ -8,6 +8,8 @@ from frontends.client import BusClient
 
 
 class LoopLocalBus:
+    """Hands each event loop its own started `BusClient`, made on first use in that loop."""
+
     def __init__(self, address: str) -> None:
         self.address = address
         self._clients: dict[asyncio.AbstractEventLoop, BusClient] = {}
@@ -16,6 +18,7 @@ class LoopLocalBus:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
+            # Registered before starting so concurrent first calls share it; start() connects without waiting.
             client = self._clients[loop] = BusClient(self.address)
             await client.start()
         return client

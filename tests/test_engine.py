@@ -1,0 +1,140 @@
+"""The engine driven by a fake runner: admission, stop tokens, stop strings, lengths, cancel, failures."""
+
+from __future__ import annotations
+
+import msgpack
+
+from broker.protocol import Command
+from worker.engine import Engine
+from worker.prompt import PromptEncoder
+from worker.runner import TokenChoice
+from worker.scheduler import Scheduler, SchedulerLimits
+
+EOS = 0
+
+
+class CharTokenizer:
+    """One token per character (id = code point); id 0 is the end of turn. No chat template."""
+
+    chat_template = None
+    eos_token_id = EOS
+    all_special_ids = [EOS]
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids if i != EOS)
+
+
+class ScriptedRunner:
+    """Plays back a script of characters per prompt; records what it was asked to do."""
+
+    def __init__(self, scripts: dict[str, str]) -> None:
+        self.scripts = scripts
+        self.rows: list = []
+        self.released: list = []
+        self.fail_next_decode = False
+
+    def prefill(self, sequences):
+        self.rows.extend(sequences)
+        return [self._next(s) for s in sequences]
+
+    def decode(self):
+        if self.fail_next_decode:
+            raise RuntimeError("device lost")
+        return [self._next(s) for s in self.rows]
+
+    def release(self, sequences):
+        self.released.extend(sequences)
+        self.rows = [s for s in self.rows if s not in sequences]
+
+    def _next(self, sequence) -> TokenChoice:
+        script = self.scripts[sequence.request.prompt]
+        position = len(sequence.output_ids)
+        return TokenChoice(ord(script[position]) if position < len(script) else EOS)
+
+
+def make_engine(scripts: dict[str, str], max_batch: int = 4) -> tuple[Engine, ScriptedRunner]:
+    runner = ScriptedRunner(scripts)
+    scheduler = Scheduler(SchedulerLimits(max_batch=max_batch, max_batch_tokens=10_000, max_prefill_tokens=10_000))
+    return Engine(runner, PromptEncoder(CharTokenizer(), EOS), scheduler, context_length=64), runner
+
+
+def add(engine: Engine, rid: bytes, prompt: str, **params) -> list:
+    return engine.add(rid, msgpack.packb({"model": "m", "prompt": prompt, **params}))
+
+
+def run(engine: Engine, events: list | None = None) -> dict[bytes, tuple[str, dict | None]]:
+    """Step until idle; `events` are those of steps already taken."""
+    texts: dict[bytes, str] = {}
+    done: dict[bytes, dict] = {}
+    events = list(events or [])
+    while events or engine.has_work:
+        for event in events or engine.step():
+            if event.command is Command.TOKEN:
+                texts[event.request_id] = texts.get(event.request_id, "") + event.fields["text"]
+            else:
+                assert event.request_id not in done, "exactly one final message per request"
+                done[event.request_id] = {"command": event.command, **event.fields}
+        events = []
+    return {rid: (texts.get(rid, ""), done.get(rid)) for rid in done}
+
+
+def test_end_of_turn_stop_string_and_length_in_one_batch():
+    engine, runner = make_engine({"a": "hello", "b": "one, two STOP three", "c": "abcdefgh"})
+    assert add(engine, b"a" * 16, "a") == []
+    assert add(engine, b"b" * 16, "b", stop=["STOP"]) == []
+    assert add(engine, b"c" * 16, "c", max_tokens=3) == []
+    results = run(engine)
+    assert results[b"a" * 16] == ("hello", {"command": Command.DONE, "finish_reason": "stop", "prompt_tokens": 1,
+                                           "completion_tokens": 6})
+    assert results[b"b" * 16][0] == "one, two " and results[b"b" * 16][1]["finish_reason"] == "stop"
+    assert results[b"c" * 16] == ("abc", {"command": Command.DONE, "finish_reason": "length", "prompt_tokens": 1,
+                                         "completion_tokens": 3})
+    assert runner.rows == [] and len(runner.released) == 3
+
+
+def test_requests_join_a_running_batch_when_a_place_frees():
+    engine, runner = make_engine({"a": "xx", "b": "yyyy", "c": "z"}, max_batch=2)
+    for rid, prompt in ((b"a" * 16, "a"), (b"b" * 16, "b"), (b"c" * 16, "c")):
+        add(engine, rid, prompt)
+    first = engine.step()
+    assert [s.request.prompt for s in runner.rows] == ["a", "b"]
+    results = run(engine, first)
+    assert {rid: text for rid, (text, _) in results.items()} == {b"a" * 16: "xx", b"b" * 16: "yyyy", b"c" * 16: "z"}
+
+
+def test_cancel_frees_the_row_before_the_next_step():
+    engine, runner = make_engine({"a": "a" * 40})
+    add(engine, b"a" * 16, "a")
+    engine.step()
+    [event] = engine.cancel(b"a" * 16)
+    assert event.fields["finish_reason"] == "cancelled"
+    assert runner.rows == [] and not engine.has_work
+    assert engine.cancel(b"a" * 16) == []  # cancelling twice does nothing
+
+
+def test_bad_requests_and_oversized_prompts_are_answered_at_once():
+    engine, _ = make_engine({})
+    [error] = engine.add(b"x" * 16, b"\xc1")
+    assert error.command is Command.ERROR and error.fields["code"] == "bad_request"
+    [error] = add(engine, b"y" * 16, "p" * 70)
+    assert error.fields["code"] == "context_length_exceeded"
+    [error] = add(engine, b"z" * 16, "p", max_tokens=64)
+    assert error.fields["code"] == "context_length_exceeded"
+    [error] = engine.add(b"w" * 16, msgpack.packb({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+    assert error.fields["code"] == "bad_request" and "chat template" in error.fields["message"]
+    assert not engine.has_work
+
+
+def test_a_failing_step_ends_every_request_in_it_with_an_error():
+    engine, runner = make_engine({"a": "a" * 10, "b": "b" * 10})
+    add(engine, b"a" * 16, "a")
+    add(engine, b"b" * 16, "b")
+    engine.step()
+    runner.fail_next_decode = True
+    events = engine.step()
+    assert {(e.request_id, e.fields["code"]) for e in events} == {(b"a" * 16, "internal_error"),
+                                                                   (b"b" * 16, "internal_error")}
+    assert not engine.has_work and runner.rows == []
