@@ -102,6 +102,8 @@ class Broker:
             self._handle(identity, message, time.monotonic())
         except protocol.ProtocolError as exc:
             self._reject(identity, payload, exc)
+        except Exception:  # a bug must cost one message, never the broker
+            log.exception("failed to handle a message from %s", identity.hex())
 
     def _handle(self, identity: bytes, message: Message, now: float) -> None:
         worker = self.workers.get(identity)
