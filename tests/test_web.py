@@ -1,139 +1,265 @@
-"""The browser chat over the real bus: gradio_client against its endpoints, and a real Chromium."""
+"""The browser chat's endpoints through gradio_client, over a real bus with the tiny model.
+
+The tiny model has random weights: at temperature 0 it writes only newlines (which also exercises
+the empty-reply notice), at temperature 1 random words. What reaches the worker is checked through
+its own count of prompt tokens, which a context-length error reports.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import shutil
+import os
+import re
+import signal
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from gradio_client import Client
 
 from frontends.client import SyncBusClient
-from tests.processes import ROOT, free_port, spawn, stop
+from tests.conftest import TINY_MODEL, wait_for_models
+from tests.processes import free_address, free_port, spawn, start_broker, start_worker, stop
 
 TOKEN = "open-sesame"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+BUSY_MODEL = "tiny-b"  # capacity 1, and the broker queues nothing: a second request is refused
+HEARTBEAT = ("--heartbeat-interval", "0.5")  # a killed worker is noticed within 1.5 s
 
-pytestmark = pytest.mark.slow
+
+@contextmanager
+def running_web(address: str, *args: str) -> Iterator[str]:
+    """`python -m frontends.web` on a free port; yields its URL once it answers HTTP."""
+    port = free_port()
+    process = spawn("frontends.web", "--broker", address, "--port", str(port), *args, log_name="web")
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "the web process exited; see test-artifacts/logs/web-*.log"
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url} never answered") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        stop(process)
+
+
+def text(message: dict) -> str:
+    """The text of one chat message as gradio_client returns it (a list of parts)."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
+def title(message: dict) -> str | None:
+    return (message.get("metadata") or {}).get("title")
+
+
+def in_flight(address: str, model: str) -> int:
+    with SyncBusClient(address) as client:
+        return sum(m.in_flight for m in client.models() if m.name == model)
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached in {timeout}s")
+        time.sleep(0.1)
+
+
+def log_in(url: str) -> Client:
+    client = Client(url, verbose=False)
+    assert client.predict(TOKEN, api_name="/login") == ""
+    return client
+
+
+def chat(client: Client, message: str, history=(), model=TINY_MODEL, system="", temperature=1.0,
+         max_tokens=32) -> list[dict]:
+    history, box = client.predict(message, list(history), model, system, temperature, 1.0, max_tokens,
+                                  api_name="/chat")
+    # The message box empties once the message is sent; refused, it keeps the text for another try.
+    assert box == ("" if title(history[-1]) != "Not logged in" else message)
+    return history
+
+
+def prompt_tokens(client: Client, message: str, history=(), system="") -> int:
+    """How many tokens the worker built from this turn: asking for the whole context makes it say."""
+    error = chat(client, message, history, system=system, max_tokens=512)[-1]
+    assert title(error) == "Conversation too long", text(error)
+    return int(re.search(r"prompt has (\d+) tokens", text(error)).group(1))
 
 
 @pytest.fixture(scope="module")
-def web(default_bus, tmp_path_factory):
-    """The page on a free port, with an access token, for the default model."""
-    port = free_port()
+def stack(tiny_model_dir, tmp_path_factory) -> Iterator[tuple[str, str, Path]]:
+    """(bus address, page URL, votes file): a broker that queues nothing, 'tiny' and 'tiny-b', the page."""
+    address = free_address()
     votes = tmp_path_factory.mktemp("web") / "votes.jsonl"
-    process = spawn("frontends.web", "--broker", default_bus.address, "--port", str(port), "--auth-token", TOKEN,
-                    "--votes-file", str(votes), log_name="web")
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        pytest.fail("the web page never answered")
-    yield url, votes
-    stop(process)
+    processes = [start_broker(address, "--max-queue", "0", *HEARTBEAT)]
+    try:
+        processes.append(start_worker(address, tiny_model_dir, "--model-names", TINY_MODEL, "--max-batch", "4",
+                                      *HEARTBEAT))
+        processes.append(start_worker(address, tiny_model_dir, "--model-names", BUSY_MODEL, "--max-batch", "1",
+                                      *HEARTBEAT))
+        asyncio.run(wait_for_models(address, {TINY_MODEL, BUSY_MODEL}))
+        with running_web(address, "--auth-token", TOKEN, "--votes-file", str(votes)) as url:
+            yield address, url, votes
+    finally:
+        for process in reversed(processes):
+            stop(process)
 
 
-def in_flight(address: str) -> int:
-    # A thread of its own: Playwright's sync API already runs an event loop here.
-    with SyncBusClient(address) as client:
-        return sum(w.in_flight for w in client.workers())
-
-
-def test_endpoints_with_gradio_client(web, default_bus):
-    url, votes = web
+def test_every_endpoint_refuses_until_the_token_is_given(stack):
+    _, url, votes = stack
     client = Client(url, verbose=False)
-    model = default_bus.model
-    history, _ = client.predict("Hi", [], model, "", 0, 1, 16, api_name="/chat")
-    assert "Log in" in history[-1]["content"][0]["text"]
-    assert "Token incorrect" in client.predict("nope", api_name="/login")
-    client.predict(TOKEN, api_name="/login")
-    history, box = client.predict("What is the capital of France?", [], model, "", 0, 1, 32, api_name="/chat")
-    assert box == "" and "Paris" in history[-1]["content"][0]["text"]
-    history, _ = client.predict("Hi", [], "no-such-model", "", 0, 1, 16, api_name="/chat")
-    assert "not served" in history[-1]["content"][0]["text"]
-    prompt = "Name a color."
-    answer_a, answer_b = client.predict(prompt, model, model, 0, 1.0, 24, api_name="/compare")
-    assert answer_a and answer_b and not answer_a.startswith("⚠️")
-    message = client.predict(prompt, model, model, 0, 1.0, answer_a, answer_b, api_name="/vote_left")
-    assert "Recorded" in message
+    [reply] = chat(client, "Hi")[-1:]
+    assert title(reply) == "Not logged in" and "access token" in text(reply)
+    [reply] = client.predict([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], TINY_MODEL, "", 1.0, 1.0, 32,
+                             api_name="/regenerate")[-1:]
+    assert title(reply) == "Not logged in"
+    assert client.predict("Hi", TINY_MODEL, TINY_MODEL, 1.0, 1.0, 32, api_name="/compare") == (
+        "⚠️ Log in with the access token first.",) * 2
+    assert "Log in" in client.predict(api_name="/vote_tie")
+    *dropdowns, status = client.predict("", "", "", api_name="/models")
+    assert status == "" and all("choices" not in d for d in dropdowns), "the model list is shown only after login"
+
+    assert "Token incorrect" in client.predict("wrong", api_name="/login")
+    assert "Token incorrect" in client.predict("", api_name="/login")
+    assert title(chat(client, "Hi")[-1]) == "Not logged in", "a wrong token must not let the session in"
+    assert client.predict(TOKEN, api_name="/login") == ""
+    reply = chat(client, "Hi")[-1]
+    assert reply["role"] == "assistant" and title(reply) is None and text(reply)
+    assert not votes.exists()
+
+
+def test_model_list_shows_live_models(stack):
+    _, url, _ = stack
+    client = log_in(url)
+    model, model_a, model_b, status = client.predict("", "", BUSY_MODEL, api_name="/models")
+    labels = {value: label for label, value in model["choices"]}
+    assert set(labels) == {TINY_MODEL, BUSY_MODEL} and status == "2 models live"
+    assert labels[TINY_MODEL].startswith(f"{TINY_MODEL} — 1 worker, ") and labels[BUSY_MODEL].endswith("/1 busy")
+    assert model["value"] in labels and model_b["value"] == BUSY_MODEL  # a served choice is kept
+
+
+def test_reply_streams_and_history_and_system_prompt_reach_the_model(stack):
+    _, url, _ = stack
+    client = log_in(url)
+    job = client.submit("Tell me something.", [], TINY_MODEL, "", 1.0, 1.0, 48, api_name="/chat")
+    history, _ = job.result(timeout=120)
+    growing = [text(h[-1]) for h, _ in job.outputs() if h and h[-1]["role"] == "assistant"]
+    growing = [t for i, t in enumerate(growing) if t and (i == 0 or t != growing[i - 1])]
+    assert len(growing) >= 3, f"the reply should arrive in pieces, got {growing}"
+    assert all(later.startswith(earlier) for earlier, later in zip(growing, growing[1:]))
+    assert [m["role"] for m in history] == ["user", "assistant"] and text(history[-1]) == growing[-1]
+
+    alone = prompt_tokens(client, "And then?")
+    with_history = prompt_tokens(client, "And then?", history)
+    assert with_history >= alone + 5 + len(growing[-1].split()) // 4  # both earlier turns went in
+    # The template may add a default system prompt of its own, so compare two of ours.
+    short = prompt_tokens(client, "And then?", system="Be brief.")
+    long = prompt_tokens(client, "And then?", system="Be brief. " + "You are a pirate who answers in rhymes. " * 5)
+    assert long >= short + 5 * 8
+    # A note shown in the page (an error) is not a turn: the model never sees it.
+    noted = history + chat(client, "Hi", model="no-such-model")[-1:]
+    assert title(noted[-1]) == "Model not available"
+    assert prompt_tokens(client, "And then?", noted) == with_history
+
+
+def test_regenerate_replaces_the_last_answer(stack):
+    _, url, _ = stack
+    client = log_in(url)
+    history = chat(client, "Hi")
+    again = client.predict(history, TINY_MODEL, "", 1.0, 1.0, 32, api_name="/regenerate")
+    assert [m["role"] for m in again] == ["user", "assistant"] and text(again[0]) == "Hi"
+    assert title(again[-1]) is None and text(again[-1])
+    [note] = client.predict([], TINY_MODEL, "", 1.0, 1.0, 32, api_name="/regenerate")
+    assert title(note) == "Nothing to regenerate"
+    assert client.predict(api_name="/clear") == ([], "")
+
+
+def test_errors_show_in_the_chat(stack):
+    _, url, _ = stack
+    client = log_in(url)
+    [user, reply] = chat(client, "Hi", temperature=0)
+    assert text(user) == "Hi" and title(reply) == "Empty reply", "a blank answer must not look like nothing"
+    reply = chat(client, "Hi", model="no-such-model")[-1]
+    assert title(reply) == "Model not available" and "no-such-model" in text(reply)
+    assert title(chat(client, "Hi", model="")[-1]) == "Model not available"
+
+
+def test_busy_model_says_so_and_cancelling_frees_the_worker(stack):
+    address, url, _ = stack
+    first, second = log_in(url), log_in(url)
+    # Greedy on the tiny model is newline after newline: it never ends early.
+    job = first.submit("Hi", [], BUSY_MODEL, "", 0.0, 1.0, 400, api_name="/chat")
+    try:
+        wait_until(lambda: in_flight(address, BUSY_MODEL) == 1, what="the first reply running")
+        reply = chat(second, "Hi", model=BUSY_MODEL)[-1]
+        assert title(reply) == "Model busy" and "busy" in text(reply)
+    finally:
+        job.cancel()
+    wait_until(lambda: in_flight(address, BUSY_MODEL) == 0, what="the cancelled reply leaving the worker")
+    assert not job.done() or len(job.outputs()) < 400, "the reply ran to its end instead of being cancelled"
+    assert title(chat(second, "Hi", model=BUSY_MODEL)[-1]) is None
+
+
+def test_worker_dying_mid_reply_keeps_the_partial_answer_and_says_why(stack, tiny_model_dir):
+    address, url, _ = stack
+    doomed = start_worker(address, tiny_model_dir, "--model-names", "doomed", "--max-batch", "1", *HEARTBEAT)
+    try:
+        asyncio.run(wait_for_models(address, {"doomed"}))
+        client = log_in(url)
+        job = client.submit("Tell me a long story.", [], "doomed", "", 1.0, 1.0, 400, api_name="/chat")
+        wait_until(lambda: any(text(h[-1]).strip() for h, _ in job.outputs() if h and h[-1]["role"] == "assistant"),
+                   what="the first words of the reply")
+        os.kill(doomed.pid, signal.SIGKILL)
+        history, _ = job.result(timeout=60)
+    finally:
+        stop(doomed)
+    partial, error = history[-2:]
+    assert partial["role"] == "assistant" and title(partial) is None and text(partial).strip()
+    assert title(error) == "Worker stopped" and "worker" in text(error).lower()
+    # The model is gone now: the next message says so instead of waiting.
+    assert title(chat(client, "Hi", model="doomed")[-1]) in ("No worker for this model", "Model not available")
+
+
+def test_side_by_side_answers_and_votes_go_to_the_file(stack):
+    _, url, votes = stack
+    client = log_in(url)
+    job = client.submit("Name a color.", TINY_MODEL, BUSY_MODEL, 1.0, 0.5, 24, api_name="/compare")
+    answer_a, answer_b = job.result(timeout=120)
+    assert answer_a.strip() and answer_b.strip() and "⚠️" not in answer_a + answer_b
+    both_growing = {side for a, b in job.outputs() for side, answer in ((0, a), (1, b))
+                    if answer and answer not in (answer_a, answer_b)}
+    assert both_growing == {0, 1}, "both answers should stream"
+    assert "Recorded: B is better" in client.predict(api_name="/vote_right")
+    assert "Nothing to vote on" in client.predict(api_name="/vote_left"), "one vote per comparison"
+
+    # The same model with two settings; one side failing means there is nothing fair to vote on.
+    same = client.predict("Name a color.", TINY_MODEL, TINY_MODEL, 0.0, 1.0, 24, api_name="/compare")
+    assert same[0].startswith("⚠️ The model finished without") and same[1].strip()
+    assert "Nothing to vote on" in client.predict(api_name="/vote_tie")
+    broken = client.predict("Name a color.", TINY_MODEL, "no-such-model", 1.0, 1.0, 24, api_name="/compare")
+    assert broken[0].strip() and not broken[0].startswith("⚠️") and broken[1].startswith("⚠️ Model not available")
+
     [vote] = [json.loads(line) for line in votes.read_text().splitlines()]
-    assert vote["vote"] == "left" and vote["a"]["answer"] == answer_a and vote["b"]["temperature"] == 1.0
+    assert vote["vote"] == "right" and vote["prompt"] == "Name a color."
+    assert vote["a"] == {"model": TINY_MODEL, "temperature": 1.0, "answer": answer_a}
+    assert vote["b"] == {"model": BUSY_MODEL, "temperature": 0.5, "answer": answer_b}
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make browser)")
-def test_chat_in_a_real_browser(web, default_bus):
-    from playwright.sync_api import sync_playwright
-
-    url, _ = web
-    artifacts = ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 1000})
-        try:
-            page.goto(url)
-            page.locator("#token input").fill("wrong")
-            page.locator("#login-button").click()
-            page.get_by_text("Token incorrect").wait_for()
-            assert not page.locator("#main").is_visible()
-            page.locator("#token input").fill(TOKEN)
-            page.locator("#login-button").click()
-            page.locator("#main").wait_for(state="visible")
-
-            page.locator("#model input").click()
-            page.get_by_role("option", name=default_bus.model).click()
-            page.get_by_text("Parameters").click()
-            temperature = page.locator("#temperature input[type=number]")
-            temperature.fill("0")
-            temperature.press("Enter")
-
-            def reply() -> str:
-                bots = page.locator('#chatbot [data-testid="bot"]')
-                return bots.last.inner_text() if bots.count() else ""
-
-            page.locator("#message textarea").fill("What is the capital of France?")
-            page.locator("#message textarea").press("Enter")
-            seen = watch(reply, until=lambda: "Paris" in reply() and in_flight(default_bus.address) == 0)
-            assert len(seen) >= 3, f"the reply should grow while it streams, saw {seen}"
-            assert all(seen[i] in seen[i + 1] or seen[i + 1].startswith(seen[i].rstrip()) for i in range(len(seen) - 1))
-            page.screenshot(path=str(artifacts / "web-ui.png"))
-
-            page.locator("#message textarea").fill("Tell me a very long story about a dragon and a knight.")
-            page.locator("#message textarea").press("Enter")
-            watch(reply, until=lambda: len(reply()) > 40 and "Paris" not in reply())
-            page.locator("#stop").click()
-            page.wait_for_timeout(500)
-            stopped = reply()
-            page.wait_for_timeout(1500)
-            assert reply() == stopped, "the reply kept growing after Stop"
-            assert in_flight(default_bus.address) == 0, "Stop must cancel the request on the bus"
-
-            page.locator("#clear").click()
-            page.wait_for_timeout(500)
-            assert page.locator('#chatbot [data-testid="bot"]').count() == 0
-        finally:
-            page.screenshot(path=str(artifacts / "web-ui-last.png"))
-            browser.close()
-
-
-def watch(read, until, timeout: float = 60.0) -> list[str]:
-    """Poll `read()` until `until()`; returns each distinct non-empty value seen, in order."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = read()
-        if value and (not seen or value != seen[-1]):
-            seen.append(value)
-        if until():
-            return seen
-        time.sleep(0.03)
-    raise TimeoutError(f"condition not reached; saw {seen[-3:]}")
+def test_without_a_broker_the_page_says_so():
+    with running_web(free_address()) as url:  # no --auth-token: open, no login needed
+        client = Client(url, verbose=False)
+        *_, status = client.predict("", "", "", api_name="/models")
+        assert status.startswith("⚠️ Broker unreachable")
+        reply = chat(client, "Hi", model=TINY_MODEL)[-1]
+        assert title(reply) == "Broker unreachable"

@@ -1,0 +1,118 @@
+"""The browser chat in a real Chromium over the real bus with the default model."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+
+from frontends.client import SyncBusClient
+from tests.processes import ROOT, free_port, spawn, stop
+
+TOKEN = "open-sesame"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("chromium") is None,
+                                 reason="Debian's chromium is not installed (make browser)")]
+
+
+@pytest.fixture(scope="module")
+def page_url(default_bus):
+    """The page on a free port, with an access token, for the default model."""
+    port = free_port()
+    process = spawn("frontends.web", "--broker", default_bus.address, "--port", str(port), "--auth-token", TOKEN,
+                    log_name="web-browser")
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "the web process exited; see test-artifacts/logs/web-browser-*.log"
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url} never answered") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        stop(process)
+
+
+def in_flight(address: str) -> int:
+    # A client of its own per call: Playwright's sync API already runs an event loop in this thread.
+    with SyncBusClient(address) as client:
+        return sum(w.in_flight for w in client.workers())
+
+
+def watch(read: Callable[[], str], until: Callable[[], bool], timeout: float = 60.0) -> list[str]:
+    """Poll `read()` until `until()`; returns each distinct non-empty value seen, in order."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = read()
+        if value and (not seen or value != seen[-1]):
+            seen.append(value)
+        if until():
+            return seen
+        time.sleep(0.03)
+    raise TimeoutError(f"condition not reached; saw {seen[-3:]}")
+
+
+def test_chat_in_a_real_browser(page_url, default_bus):
+    from playwright.sync_api import sync_playwright
+
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 1000})
+        try:
+            page.goto(page_url)
+            page.locator("#token input").fill("wrong")
+            page.locator("#login-button").click()
+            page.get_by_text("Token incorrect").wait_for()
+            assert not page.locator("#main").is_visible()
+            page.locator("#token input").fill(TOKEN)
+            page.locator("#login-button").click()
+            page.locator("#main").wait_for(state="visible")
+
+            page.locator("#model input").click()
+            page.get_by_role("option", name=default_bus.model).click()
+            page.get_by_text("Parameters").click()
+            temperature = page.locator("#temperature input[type=number]")
+            temperature.fill("0")
+            temperature.press("Enter")
+
+            def reply() -> str:
+                bots = page.locator('#chatbot [data-testid="bot"]')
+                return bots.last.inner_text() if bots.count() else ""
+
+            page.locator("#message textarea").fill("What is the capital of France?")
+            page.locator("#message textarea").press("Enter")
+            seen = watch(reply, until=lambda: "Paris" in reply() and in_flight(default_bus.address) == 0)
+            assert len(seen) >= 3, f"the reply should grow while it streams, saw {seen}"
+            assert all(later.startswith(earlier.rstrip()) for earlier, later in zip(seen, seen[1:]))
+            page.screenshot(path=str(artifacts / "web-ui.png"))
+
+            page.locator("#message textarea").fill("Tell me a very long story about a dragon and a knight.")
+            page.locator("#message textarea").press("Enter")
+            watch(reply, until=lambda: len(reply()) > 40 and "Paris" not in reply())
+            page.locator("#stop").click()
+            watch(reply, until=lambda: in_flight(default_bus.address) == 0, timeout=10)
+            stopped = reply()
+            page.wait_for_timeout(1500)
+            assert reply() == stopped, "the reply kept growing after Stop"
+
+            page.locator("#clear").click()
+            watch(reply, until=lambda: page.locator('#chatbot [data-testid="bot"]').count() == 0, timeout=10)
+        finally:
+            page.screenshot(path=str(artifacts / "web-ui-last.png"))
+            browser.close()
