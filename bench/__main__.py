@@ -20,7 +20,7 @@ from bench.load import LevelResult, run_level
 from bench.report import draw_chart, table, write_json
 from bench.stack import LocalStack
 from broker.settings import cli_config, load_settings
-from worker.model_source import DEFAULT_MODEL_NAME, resolve
+from worker.model_source import resolve
 
 
 class BenchSettings(BaseSettings):

@@ -7,6 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,3 +51,25 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+@contextmanager
+def running_web(address: str, *args: str) -> Iterator[str]:
+    """`python -m frontends.web` on a free port; yields its URL once it answers HTTP."""
+    port = free_port()
+    process = spawn("frontends.web", "--broker", address, "--port", str(port), *args, log_name="web")
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "the web process exited; see test-artifacts/logs/web-*.log"
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url} never answered") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        stop(process)

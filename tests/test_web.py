@@ -13,9 +13,7 @@ import os
 import re
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,33 +21,11 @@ from gradio_client import Client
 
 from frontends.client import SyncBusClient
 from tests.conftest import TINY_MODEL, wait_for_models
-from tests.processes import free_address, free_port, spawn, start_broker, start_worker, stop
+from tests.processes import free_address, running_web, start_broker, start_worker, stop
 
 TOKEN = "open-sesame"
 BUSY_MODEL = "tiny-b"  # capacity 1, and the broker queues nothing: a second request is refused
 HEARTBEAT = ("--heartbeat-interval", "0.5")  # a killed worker is noticed within 1.5 s
-
-
-@contextmanager
-def running_web(address: str, *args: str) -> Iterator[str]:
-    """`python -m frontends.web` on a free port; yields its URL once it answers HTTP."""
-    port = free_port()
-    process = spawn("frontends.web", "--broker", address, "--port", str(port), *args, log_name="web")
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, "the web process exited; see test-artifacts/logs/web-*.log"
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{url} never answered") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        stop(process)
 
 
 def text(message: dict) -> str:
