@@ -68,14 +68,15 @@ class Bus:
 def serving(model_dir: Path | None, name: str, *worker_args: str) -> Iterator[Bus]:
     """A broker and one worker (`model_dir` None: the default model), stopped on exit."""
     address = free_address()
-    broker = start_broker(address)
-    worker = start_worker(address, model_dir, *worker_args)
+    running = Bus(address, name, start_broker(address), [])
     try:
+        running.workers.append(start_worker(address, model_dir, *worker_args))
         asyncio.run(wait_for_models(address, {name}))
-        yield Bus(address, name, broker, [worker])
+        yield running
     finally:
-        stop(worker)
-        stop(broker)
+        # A test may have replaced the broker or added workers: stop what is there now.
+        for process in [*running.workers, running.broker]:
+            stop(process)
 
 
 @pytest.fixture(scope="module")

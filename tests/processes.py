@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+_spawned: list[subprocess.Popen] = []
 
 
 def free_port() -> int:
@@ -30,8 +32,10 @@ def spawn(module: str, *args: str, log_name: str | None = None, env: dict | None
     logs = ROOT / "test-artifacts" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = open(logs / f"{log_name or module}-{os.getpid()}-{time.monotonic_ns()}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    _spawned.append(process)
+    return process
 
 
 def start_broker(address: str, *args: str) -> subprocess.Popen:
@@ -41,6 +45,14 @@ def start_broker(address: str, *args: str) -> subprocess.Popen:
 def start_worker(address: str, model: str | os.PathLike | None, *args: str) -> subprocess.Popen:
     model_args = ["--model", str(model)] if model is not None else []
     return spawn("worker", "--broker", address, *model_args, *args, log_name="worker")
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """A safety net: no process of the suite outlives it, even when a test forgets one."""
+    for process in _spawned:
+        if process.poll() is None:
+            process.kill()
 
 
 def stop(process: subprocess.Popen) -> None:
