@@ -79,9 +79,13 @@ class Broker:
             if poller.poll(wait * 1000):
                 self._drain()
             now = time.monotonic()
-            self._purge(now)
+            try:
+                self._purge(now)
+                if now >= self._next_heartbeat:
+                    self._send_heartbeats()
+            except Exception:  # a bug must never stop the loop
+                log.exception("housekeeping failed")
             if now >= self._next_heartbeat:
-                self._send_heartbeats()
                 self._next_heartbeat = now + self.settings.heartbeat_interval
         self._socket.close(linger=0)
 
@@ -97,13 +101,16 @@ class Broker:
 
     def _route(self, frames: list[bytes]) -> None:
         identity, payload = frames[0], frames[1:]
+        message = None
         try:
             message = protocol.decode(payload)
             self._handle(identity, message, time.monotonic())
         except protocol.ProtocolError as exc:
             self._reject(identity, payload, exc)
-        except Exception:  # a bug must cost one message, never the broker
+        except Exception as exc:  # a bug must cost one message, never the broker
             log.exception("failed to handle a message from %s", identity.hex())
+            if message is not None and message.command is Command.REQUEST and message.request_id:
+                self._abort(message.request_id, identity, exc)
 
     def _handle(self, identity: bytes, message: Message, now: float) -> None:
         worker = self.workers.get(identity)
@@ -141,16 +148,30 @@ class Broker:
         if len(payload) == 4 and payload[0] == protocol.PROTOCOL_SIGNATURE:
             self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, str(exc))
 
+    def _abort(self, request_id: bytes, identity: bytes, exc: Exception) -> None:
+        """A request the broker failed on: its client still gets an ending."""
+        request = self._requests.get(request_id)
+        if request is not None and request.client == identity:
+            if request.worker is not None:
+                self._send(request.worker, Command.CANCEL, request_id)
+            elif request_id in self._queues.get(request.model, ()):
+                self._queues[request.model].remove(request_id)
+            self._fail(request, ErrorCode.INTERNAL, f"the broker failed on this request: {exc}")
+        elif request is None:
+            self._send_error(identity, request_id, ErrorCode.INTERNAL, f"the broker failed on this request: {exc}")
+
     # -- workers
 
     def _on_ready(self, identity: bytes, ready: protocol.Ready, now: float) -> None:
-        known = self.workers.get(identity) is not None
+        # A worker announces again only after losing the broker, and then it has dropped its work:
+        # its new self starts empty, and what the old one held is settled as if it had died.
+        previous = self.workers.remove(identity)
         self.workers.add(identity, ready, now)
         self._models_seen.update(ready.models)
-        if not known:
-            log.info("worker %s ready: models %s, capacity %d", ready.worker_id, list(ready.models), ready.capacity)
-        for model in ready.models:
-            self._dispatch_queued(model, now)
+        log.info("worker %s ready: models %s, capacity %d", ready.worker_id, list(ready.models), ready.capacity)
+        if previous is not None:
+            self._settle(previous)
+        self._dispatch_models(ready.models, now)
 
     def _on_worker_reply(self, identity: bytes, worker: WorkerRecord | None, message: Message) -> None:
         request = self._requests.get(message.request_id)
@@ -167,26 +188,37 @@ class Broker:
             request.started = True
         else:
             self._finish(request)
-            self._dispatch_queued(request.model, time.monotonic())
+            # The freed slot may serve any of the worker's models (aliases share it).
+            self._dispatch_models(worker.ready.models, time.monotonic())
 
     def _remove_worker(self, worker: WorkerRecord) -> None:
-        self.workers.remove(worker.identity)
+        """Forget a worker once, and settle the requests it held."""
+        if self.workers.remove(worker.identity) is None:
+            return  # already removed (a nested failure got there first)
+        self._settle(worker)
+
+    def _settle(self, worker: WorkerRecord) -> None:
+        """A worker's requests after it is gone: unstarted ones go back to the front of their queue
+        while some worker still serves their model; the rest fail."""
         now = time.monotonic()
         model_served = {m: bool(self.workers.serving(m)) for m in worker.ready.models}
-        for request_id in worker.requests:
-            request = self._requests[request_id]
-            if not request.started and model_served.get(request.model) and request.client is not None:
-                request.worker = None
-                self._queues.setdefault(request.model, deque()).appendleft(request_id)
-                log.info("re-queued request %s from lost worker %s", request_id.hex(), worker.ready.worker_id)
-            else:
+        held = sorted((self._requests[r] for r in worker.requests), key=lambda r: r.enqueued_at)
+        worker.requests.clear()
+        retry = [r for r in held if not r.started and model_served.get(r.model) and r.client is not None]
+        for request in reversed(retry):  # the oldest ends up first
+            request.worker, request.enqueued_at = None, now  # its wait for a worker starts again
+            self._queues.setdefault(request.model, deque()).appendleft(request.request_id)
+            log.info("re-queued request %s from lost worker %s", request.request_id.hex(), worker.ready.worker_id)
+        for request in held:
+            if request not in retry:
                 self._fail(request, ErrorCode.WORKER_LOST, f"worker {worker.ready.worker_id} serving the request was lost")
         for model, served in model_served.items():
             if served:
                 self._dispatch_queued(model, now)
             else:
-                for request_id in self._queues.pop(model, ()):
-                    self._fail(self._requests[request_id], ErrorCode.NO_WORKER, f"no worker serves '{model}' any more")
+                queue = self._queues.pop(model, deque())
+                while queue:
+                    self._fail(self._requests[queue.popleft()], ErrorCode.NO_WORKER, f"no worker serves '{model}' any more")
 
     def _on_heartbeat(self, identity: bytes, worker: WorkerRecord | None, fields: dict, now: float) -> None:
         if "worker_id" in fields:
@@ -277,6 +309,10 @@ class Broker:
                 return
             self._assign(self._requests[queue.popleft()], worker, now)
 
+    def _dispatch_models(self, models: tuple[str, ...], now: float) -> None:
+        for model in models:
+            self._dispatch_queued(model, now)
+
     def _finish(self, request: PendingRequest) -> None:
         self._detach_client(request)
         worker = self.workers.get(request.worker) if request.worker is not None else None
@@ -299,9 +335,11 @@ class Broker:
             if client.heartbeats and client.last_seen < now - protocol.CLIENT_TIMEOUT:
                 self._forget_client(identity)
         deadline = now - self.settings.queue_timeout
-        for model, queue in self._queues.items():
-            while queue and self._requests[queue[0]].enqueued_at < deadline:
-                self._fail(self._requests[queue.popleft()], ErrorCode.QUEUE_TIMEOUT,
+        for model, queue in list(self._queues.items()):
+            # Re-queued requests restart their wait, so the oldest may be anywhere in the queue.
+            for request_id in [r for r in queue if self._requests[r].enqueued_at < deadline]:
+                queue.remove(request_id)
+                self._fail(self._requests[request_id], ErrorCode.QUEUE_TIMEOUT,
                            f"waited {self.settings.queue_timeout:.0f}s for a free worker for '{model}'")
 
     def _send_heartbeats(self) -> None:

@@ -26,6 +26,8 @@ CLIENT_TIMEOUT = 10.0  # seconds of silence after which a heartbeating client is
                        # frontend's event loop may lag, and a false alarm would cancel its requests)
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
+MAX_COUNT = 2**31 - 1  # largest max_tokens and top_k
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer
 
 
 class Command(str, enum.Enum):
@@ -197,14 +199,15 @@ class GenerationRequest:
             raise ProtocolError("exactly one of 'messages' or 'prompt' is required", "messages")
         if self.messages is not None and not self.messages:
             raise ProtocolError("'messages' must not be empty", "messages")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ProtocolError("'max_tokens' must be at least 1", "max_tokens")
+        if self.max_tokens is not None:
+            _check_range("max_tokens", self.max_tokens, 1, MAX_COUNT)
         _check_range("temperature", self.temperature, 0.0, 2.0)
         _check_range("top_p", self.top_p, 0.0, 1.0)
         if self.top_p == 0.0:
             raise ProtocolError("'top_p' must be greater than 0", "top_p")
-        if self.top_k < 0:
-            raise ProtocolError("'top_k' must be 0 (off) or positive", "top_k")
+        _check_range("top_k", self.top_k, 0, MAX_COUNT)  # 0: off
+        if self.seed is not None:
+            _check_range("seed", self.seed, *SEED_RANGE)
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
             raise ProtocolError(f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings", "stop")
         _check_range("repetition_penalty", self.repetition_penalty, 0.01, 10.0)
@@ -214,9 +217,9 @@ class GenerationRequest:
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:
-        unknown = set(fields) - set(cls.__slots__)
+        unknown = sorted(map(str, set(fields) - set(cls.__slots__)))
         if unknown:
-            raise ProtocolError(f"unknown field '{sorted(unknown)[0]}'", sorted(unknown)[0])
+            raise ProtocolError(f"unknown field '{unknown[0]}'", unknown[0])
         messages = _get(fields, "messages", list)
         if messages is not None:
             messages = tuple(_chat_message(m) for m in messages)
@@ -288,10 +291,14 @@ class TokenDelta:
         raw = _get(fields, "logprobs", list)
         logprobs = None
         if raw is not None:
-            logprobs = tuple(
-                TokenLogprob(e["token"], float(e["logprob"]), tuple((t["token"], float(t["logprob"])) for t in e["top"]))
-                for e in raw
-            )
+            try:
+                logprobs = tuple(
+                    TokenLogprob(str(e["token"]), float(e["logprob"]),
+                                 tuple((str(t["token"]), float(t["logprob"])) for t in e.get("top", ())))
+                    for e in raw
+                )
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ProtocolError(f"malformed 'logprobs' entry: {exc}", "logprobs") from None
         return cls(_get(fields, "text", str, ""), _get(fields, "num_tokens", int, 1), logprobs)
 
 
@@ -400,8 +407,18 @@ def model_list_fields(models: list[ModelInfo]) -> dict[str, Any]:
     return {"models": [asdict(m) for m in models]}
 
 
+def _known_fields(kind: type, entry: Any) -> dict[str, Any]:
+    """The fields of `kind` in a list entry; fields added by a newer broker are ignored."""
+    if not isinstance(entry, dict):
+        raise ProtocolError(f"each {kind.__name__} entry must be a map")
+    return {name: entry[name] for name in kind.__dataclass_fields__ if name in entry}
+
+
 def parse_model_list(fields: dict[str, Any]) -> list[ModelInfo]:
-    return [ModelInfo(**m) for m in _get(fields, "models", list, [])]
+    try:
+        return [ModelInfo(**_known_fields(ModelInfo, m)) for m in _get(fields, "models", list, [])]
+    except TypeError as exc:
+        raise ProtocolError(f"malformed MODELS entry: {exc}", "models") from None
 
 
 def worker_list_fields(workers: list[WorkerInfo]) -> dict[str, Any]:
@@ -409,7 +426,11 @@ def worker_list_fields(workers: list[WorkerInfo]) -> dict[str, Any]:
 
 
 def parse_worker_list(fields: dict[str, Any]) -> list[WorkerInfo]:
-    return [WorkerInfo(**dict(w, models=tuple(w["models"]))) for w in _get(fields, "workers", list, [])]
+    try:
+        return [WorkerInfo(**dict(_known_fields(WorkerInfo, w), models=tuple(w["models"])))
+                for w in _get(fields, "workers", list, [])]
+    except (TypeError, KeyError) as exc:
+        raise ProtocolError(f"malformed WORKERS entry: {exc}", "workers") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,6 +107,7 @@ class Stream:
         self._queue: asyncio.Queue[Message | BusError] = asyncio.Queue()
         self.done: protocol.Done | None = None
         self.finished = False
+        self.cancelled = False
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None  # when the first TOKEN arrived, for latency metrics
 
@@ -114,21 +115,27 @@ class Stream:
         return self
 
     async def __anext__(self) -> protocol.TokenDelta:
+        if self.cancelled:
+            raise Cancelled("the request was cancelled")
         if self.finished:
             raise StopAsyncIteration
         item = await self._queue.get()
         if isinstance(item, BusError):
             self._finish()
             raise item
-        if item.command is Command.TOKEN:
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            return protocol.TokenDelta.from_fields(item.fields())
-        self._finish()
-        if item.command is Command.DONE:
-            self.done = protocol.Done.from_fields(item.fields())
-            raise StopAsyncIteration
-        raise error_from(protocol.Error.from_fields(item.fields()))
+        try:
+            if item.command is Command.TOKEN:
+                if self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                return protocol.TokenDelta.from_fields(item.fields())
+            self._finish()
+            if item.command is Command.DONE:
+                self.done = protocol.Done.from_fields(item.fields())
+                raise StopAsyncIteration
+            raise error_from(protocol.Error.from_fields(item.fields()))
+        except protocol.ProtocolError as exc:  # a malformed answer still ends the stream, loudly
+            await self.cancel()
+            raise BusError(f"malformed {item.command.value} from the bus: {exc}") from None
 
     async def collect(self) -> Completion:
         """Read the stream to its end and return the whole answer."""
@@ -143,9 +150,14 @@ class Stream:
                           self.done.completion_tokens, None if logprobs is None else tuple(logprobs))
 
     async def cancel(self) -> None:
-        """Stop the request on the bus; the worker frees its slot at its next step."""
+        """Stop the request on the bus; the worker frees its slot at its next step.
+
+        Reading the stream afterwards (or while it is cancelled, from another task) raises `Cancelled`.
+        """
         if not self.finished:
             self._finish()
+            self.cancelled = True
+            self._queue.put_nowait(Cancelled("the request was cancelled"))
             await self._client._send(Command.CANCEL, self.request_id)
 
     aclose = cancel
@@ -156,6 +168,14 @@ class Stream:
     def _finish(self) -> None:
         self.finished = True
         self._client._streams.pop(self.request_id, None)
+
+
+def _request(fields: dict[str, Any]) -> GenerationRequest:
+    """Checked here already, so a bad parameter fails like every other bus error."""
+    try:
+        return GenerationRequest.from_fields(fields)
+    except protocol.ProtocolError as exc:
+        raise BadRequest(str(exc), exc.field) from None
 
 
 class BusClient:
@@ -210,19 +230,19 @@ class BusClient:
         return stream
 
     async def chat(self, model: str, messages: list[dict[str, str]], **params: Any) -> Stream:
-        return await self.generate(GenerationRequest.from_fields({"model": model, "messages": messages, **params}))
+        return await self.generate(_request({"model": model, "messages": messages, **params}))
 
     async def complete(self, model: str, prompt: str, **params: Any) -> Stream:
-        return await self.generate(GenerationRequest.from_fields({"model": model, "prompt": prompt, **params}))
+        return await self.generate(_request({"model": model, "prompt": prompt, **params}))
 
     async def models(self) -> list[protocol.ModelInfo]:
         """The models served now, with their live workers."""
         reply = await self._ask(Command.LIST_MODELS)
-        return protocol.parse_model_list(reply.fields())
+        return _parsed(protocol.parse_model_list, reply)
 
     async def workers(self) -> list[protocol.WorkerInfo]:
         reply = await self._ask(Command.LIST_WORKERS)
-        return protocol.parse_worker_list(reply.fields())
+        return _parsed(protocol.parse_worker_list, reply)
 
     async def _ask(self, command: Command) -> Message:
         request_id = uuid.uuid4().bytes
@@ -335,7 +355,7 @@ class SyncStream:
                     break
                 except concurrent.futures.TimeoutError:
                     continue
-                except (StopAsyncIteration, concurrent.futures.CancelledError):
+                except (StopAsyncIteration, concurrent.futures.CancelledError, Cancelled):
                     return
             yield delta
 
@@ -351,3 +371,10 @@ class SyncStream:
         if self._waiting is not None:
             self._waiting.cancel()
         self._owner._call(self.stream.cancel())
+
+
+def _parsed(parse: Any, reply: Message) -> Any:
+    try:
+        return parse(reply.fields())
+    except protocol.ProtocolError as exc:
+        raise BusError(f"malformed {reply.command.value} from the broker: {exc}") from None

@@ -12,8 +12,8 @@ import zmq
 import zmq.asyncio
 
 from broker import protocol
-from frontends.client import (BrokerUnreachable, BusClient, ContextLengthExceeded, Overloaded, QueueTimeout,
-                              UnknownModel, WorkerLost)
+from frontends.client import (BrokerUnreachable, BusClient, BusError, ContextLengthExceeded, NoWorker, Overloaded,
+                              QueueTimeout, UnknownModel, WorkerLost)
 from tests.conftest import TINY_MODEL, wait_for_models
 from tests.processes import free_address, start_broker, start_worker, stop
 
@@ -227,6 +227,70 @@ async def test_broker_restart_heals_without_touching_workers_or_clients(stack):
         await wait_until(lambda: _serves(client, TINY_MODEL))
         result = await (await client.chat(TINY_MODEL, HELLO, max_tokens=4)).collect()
         assert result.completion_tokens == 4
+
+
+async def test_frozen_workers_are_dropped_and_come_back_by_themselves(stack):
+    stack.broker()
+    workers = [stack.worker("--max-batch", "1"), stack.worker("--max-batch", "1")]
+    await wait_for_models(stack.address, {TINY_MODEL})
+    async with BusClient(stack.address) as client:
+        await wait_until(lambda: _num_workers(client, 2))
+        streams = [await client.chat(TINY_MODEL, HELLO, max_tokens=480) for _ in range(3)]  # 2 run, 1 waits
+        for stream in streams[:2]:
+            await anext(stream)
+        for worker in workers:
+            worker.send_signal(signal.SIGSTOP)
+        try:
+            for stream in streams:
+                with pytest.raises((WorkerLost, NoWorker)):
+                    await asyncio.wait_for(stream.collect(), 30)
+            assert await client.models() == []
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGCONT)
+        # Thawed, they hear the broker again, learn it forgot them, drop their old work and announce again.
+        await wait_until(lambda: _num_workers(client, 2))
+        results = await asyncio.gather(*[(await client.chat(TINY_MODEL, HELLO, max_tokens=4)).collect()
+                                         for _ in range(2)])
+        assert [r.completion_tokens for r in results] == [4, 4]
+        assert await in_flight(client) == 0
+
+
+async def test_a_raw_worker_restarting_under_the_same_identity_settles_its_requests(bus):
+    """READY from a known identity is a fresh start: what it held is re-queued or failed, never left hanging."""
+    context = zmq.asyncio.Context.instance()
+    worker = context.socket(zmq.DEALER)
+    worker.setsockopt(zmq.LINGER, 0)
+    worker.setsockopt(zmq.ROUTING_ID, b"raw-worker-" + os.urandom(4))
+    worker.connect(bus.address)
+    ready = protocol.Ready("raw", ("raw",), 2).to_fields()
+    await worker.send_multipart(protocol.encode(protocol.Command.READY, b"", ready))
+    await wait_for_models(bus.address, {"raw"})
+
+    async def next_request() -> bytes:
+        while True:
+            message = protocol.decode(await asyncio.wait_for(worker.recv_multipart(), 30))
+            if message.command is protocol.Command.REQUEST:
+                return message.request_id
+
+    async with BusClient(bus.address) as client:
+        started = await client.chat("raw", HELLO)
+        started_id = await next_request()
+        await worker.send_multipart(protocol.encode(protocol.Command.TOKEN, started_id, {"text": "Hi"}))
+        assert (await anext(started)).text == "Hi"
+        waiting = await client.chat("raw", HELLO)
+        waiting_id = await next_request()
+        await worker.send_multipart(protocol.encode(protocol.Command.READY, b"", ready))  # "restarted"
+        with pytest.raises(WorkerLost):
+            await asyncio.wait_for(started.collect(), 30)
+        assert await next_request() == waiting_id  # not started yet: sent again
+        await worker.send_multipart(protocol.encode(protocol.Command.DONE, waiting_id, protocol.Done(
+            protocol.FinishReason.STOP, 3, 0).to_fields()))
+        assert (await asyncio.wait_for(waiting.collect(), 30)).text == ""
+        await worker.send_multipart(protocol.encode(protocol.Command.DISCONNECT))
+        with pytest.raises(BusError):  # gone with its worker
+            await (await client.chat("raw", HELLO)).collect()
+    worker.close()
 
 
 async def _serves(client: BusClient, model: str) -> bool:

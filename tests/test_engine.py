@@ -35,8 +35,12 @@ class ScriptedRunner:
         self.rows: list = []
         self.released: list = []
         self.fail_next_decode = False
+        self.fail_next_prefill = False
 
     def prefill(self, sequences):
+        if self.fail_next_prefill:
+            self.fail_next_prefill = False
+            raise RuntimeError("out of memory")
         self.rows.extend(sequences)
         return [self._next(s) for s in sequences]
 
@@ -125,6 +129,8 @@ def test_bad_requests_and_oversized_prompts_are_answered_at_once():
     assert error.fields["code"] == "context_length_exceeded"
     [error] = engine.add(b"w" * 16, msgpack.packb({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
     assert error.fields["code"] == "bad_request" and "chat template" in error.fields["message"]
+    [error] = add(engine, b"v" * 16, "")
+    assert error.fields["code"] == "bad_request" and "empty" in error.fields["message"]
     assert not engine.has_work
 
 
@@ -138,3 +144,34 @@ def test_a_failing_step_ends_every_request_in_it_with_an_error():
     assert {(e.request_id, e.fields["code"]) for e in events} == {(b"a" * 16, "internal_error"),
                                                                    (b"b" * 16, "internal_error")}
     assert not engine.has_work and runner.rows == []
+
+
+def test_a_failing_prefill_ends_only_the_joining_requests():
+    engine, runner = make_engine({"a": "a" * 6, "b": "b" * 6})
+    add(engine, b"a" * 16, "a")
+    first = engine.step()
+    add(engine, b"b" * 16, "b")
+    runner.fail_next_prefill = True
+    failed = engine.step()
+    assert [(e.request_id, e.command) for e in failed if e.command is Command.ERROR] == [(b"b" * 16, Command.ERROR)]
+    results = run(engine, first + failed)
+    assert results[b"a" * 16][0] == "aaaaaa" and results[b"a" * 16][1]["finish_reason"] == "stop"
+
+
+def test_drop_all_forgets_every_request_silently():
+    engine, runner = make_engine({"a": "a" * 10, "b": "b" * 10}, max_batch=1)
+    add(engine, b"a" * 16, "a")
+    add(engine, b"b" * 16, "b")
+    engine.step()  # a runs, b waits
+    engine.drop_all()
+    assert not engine.has_work and runner.rows == []
+
+
+def test_a_request_id_sent_again_starts_over():
+    engine, runner = make_engine({"a": "abc"})
+    add(engine, b"a" * 16, "a")
+    engine.step()
+    add(engine, b"a" * 16, "a")
+    assert len(runner.rows) == 0 and len(engine.scheduler.waiting) == 1
+    text, done = run(engine)[b"a" * 16]
+    assert text == "abc" and done["finish_reason"] == "stop"

@@ -37,6 +37,18 @@ def test_cache_budget_holds_back_until_room():
     assert scheduler.schedule().prefill == [b]
 
 
+def test_cache_budget_counts_the_padded_block():
+    # One long reservation makes every row as long: 3 rows x 60 > 150, although 60 + 10 + 10 fits.
+    scheduler = Scheduler(SchedulerLimits(max_batch=8, max_batch_tokens=150, max_prefill_tokens=10_000))
+    long, short1, short2 = sequence("long", 20, 40), sequence("s1", 5, 5), sequence("s2", 5, 5)
+    for s in (long, short1, short2):
+        scheduler.add(s)
+    assert scheduler.schedule().prefill == [long, short1]
+    assert scheduler.schedule().prefill == []
+    scheduler.remove(long)
+    assert scheduler.schedule().prefill == [short2]
+
+
 def test_oversized_request_still_runs_alone():
     scheduler = Scheduler(SchedulerLimits(max_batch=8, max_batch_tokens=10, max_prefill_tokens=4))
     big = sequence("big", 50, 50)

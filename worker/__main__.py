@@ -26,7 +26,9 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
         max_prefill_tokens=settings.max_prefill_tokens,
     )
     prompts = PromptEncoder(tokenizer, loaded.model.generation_config.eos_token_id)
-    engine = Engine(ModelRunner(loaded.model, pad_token_id or 0), prompts, Scheduler(limits), loaded.context_length)
+    unpenalized = prompts.stop_token_ids | frozenset(tokenizer.all_special_ids)
+    runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized)
+    engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length)
     ready = protocol.Ready(WorkerServer.make_worker_id(), loaded.names, settings.max_batch, loaded.context_length)
     return engine, ready
 

@@ -23,7 +23,7 @@ class WorkerSettings(BaseSettings):
     load_8bit: bool = Field(False, description="quantize weights to 8 bits with bitsandbytes")
     load_4bit: bool = Field(False, description="quantize weights to 4 bits (NF4) with bitsandbytes")
     max_batch: int = Field(16, ge=1, description="sequences run at once: the capacity announced to the broker")
-    max_batch_tokens: int = Field(0, ge=0, description="cache tokens (prompt + max_tokens) reserved at once; 0 = max-batch x context")
+    max_batch_tokens: int = Field(0, ge=0, description="KV cache budget in tokens: rows x the longest prompt + max_tokens; 0 = max-batch x context")
     max_prefill_tokens: int = Field(4096, ge=1, description="padded prompt tokens prefilled in one step")
     cache_dir: Path | None = Field(None, description="where converted GGUF models are kept (default: ~/.cache/tokenbus)")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")

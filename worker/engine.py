@@ -50,6 +50,8 @@ class Engine:
             prompt_ids = self.prompts.encode(request)
         except ProtocolError as exc:
             return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
+        if not prompt_ids:
+            return [_error(request_id, ErrorCode.BAD_REQUEST, "the prompt is empty: it encodes to no tokens")]
         room = self.context_length - len(prompt_ids)
         max_tokens = request.max_tokens or room
         if room < 1 or max_tokens > room:
@@ -57,6 +59,9 @@ class Engine:
             return [_error(request_id, ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                            f"the prompt has {len(prompt_ids)} tokens{wanted}: more than the model's context "
                            f"of {self.context_length} tokens")]
+        previous = self.scheduler.find(request_id)
+        if previous is not None:  # the broker sent it again (it lost track of this worker): start over
+            self._retire([previous])
         tokenizer = self.prompts.tokenizer
         self.scheduler.add(Sequence(request_id, request, prompt_ids, max_tokens,
                                     Detokenizer(tokenizer, prompt_ids), StopMatcher(request.stop)))
@@ -70,6 +75,10 @@ class Engine:
         sequence.finish_reason = FinishReason.CANCELLED
         self._retire([sequence])
         return [self._done(sequence)]
+
+    def drop_all(self) -> None:
+        """Forget every request without a word: the broker that sent them has forgotten them too."""
+        self._retire(list(self.scheduler.running) + list(self.scheduler.waiting))
 
     def step(self) -> list[Event]:
         """One batched step; a failure ends every request in it with an explicit error."""
@@ -85,7 +94,15 @@ class Engine:
         plan = self.scheduler.schedule()
         events: list[Event] = []
         if plan.prefill:
-            self._accept(plan.prefill, self.runner.prefill(plan.prefill), events)
+            try:
+                choices = self.runner.prefill(plan.prefill)
+            except Exception as exc:
+                # The new prompts have their own cache until they join: only they fail, the batch runs on.
+                log.exception("prefill failed; failing the %d requests that were joining", len(plan.prefill))
+                self._retire(plan.prefill)
+                events += [_error(s.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}") for s in plan.prefill]
+            else:
+                self._accept(plan.prefill, choices, events)
         if self.runner.rows:
             rows = list(self.runner.rows)
             self._accept(rows, self.runner.decode(), events)
@@ -111,7 +128,7 @@ class Engine:
                 sequence.finish_reason = FinishReason.STOP
             elif len(sequence.output_ids) >= sequence.max_tokens:
                 sequence.finish_reason = FinishReason.LENGTH
-                text += sequence.stop_matcher.flush()
+                text += sequence.stop_matcher.push(sequence.detokenizer.flush())[0] + sequence.stop_matcher.flush()
         logprobs = None
         if sequence.request.logprobs:
             token_text = self.prompts.token_text

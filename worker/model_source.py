@@ -47,7 +47,9 @@ def resolve(model: str | None, cache_dir: Path | None = None) -> ModelSource:
     if model is None:
         return ModelSource(str(default_model_dir(cache_dir)), DEFAULT_MODEL_NAME)
     path = Path(model).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
+    if path.suffix == ".gguf" and not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    if path.suffix == ".gguf":
         return ModelSource(str(converted_gguf(path, cache_dir or default_cache_dir())), path.stem)
     if path.is_dir():
         return ModelSource(str(path), path.resolve().name)
@@ -60,9 +62,7 @@ def converted_gguf(gguf: Path, cache_dir: Path) -> Path:
     The copy is written to a temporary folder and renamed into place, so an interrupted
     conversion never leaves a broken model behind.
     """
-    # Keyed by content (0.1 s for 100 MB), so every install of the same file shares one copy.
-    with gguf.open("rb") as file:
-        key = hashlib.file_digest(file, "sha256").hexdigest()[:16]
+    key = _fingerprint(gguf)
     target = cache_dir / "converted" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -87,3 +87,14 @@ def converted_gguf(gguf: Path, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _fingerprint(path: Path, sample: int = 1 << 20) -> str:
+    """Who the file is, by content: its size and its first and last MiB. Every install of the same
+    file shares one converted copy, and a multi-GB file is not read whole on every start."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as file:
+        digest.update(file.read(sample))
+        file.seek(max(0, path.stat().st_size - sample))
+        digest.update(file.read(sample))
+    return digest.hexdigest()[:16]

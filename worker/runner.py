@@ -16,6 +16,9 @@ from transformers import DynamicCache
 
 from worker.sequence import Sequence
 
+# Below this a temperature is greedy: dividing by it would overflow the logits to inf.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class TokenChoice:
@@ -29,8 +32,10 @@ class TokenChoice:
 class ModelRunner:
     """Owns the model, the batch's KV cache and the per-row sampling state."""
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int) -> None:
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, unpenalized_ids: frozenset[int] = frozenset()) -> None:
         self.model = model
+        # Penalising end-of-turn tokens (they are in every chat prompt) would keep answers from ending.
+        self.unpenalized_ids = unpenalized_ids
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
         self.rows: list[Sequence] = []
@@ -67,11 +72,11 @@ class ModelRunner:
     def release(self, sequences: list[Sequence]) -> None:
         """Drop rows (finished or cancelled), and padding columns no row needs any more."""
         gone = set(sequences)
+        for sequence in sequences:
+            self._generators.pop(sequence, None)
         keep = [i for i, s in enumerate(self.rows) if s not in gone]
         if len(keep) == len(self.rows):
             return
-        for sequence in sequences:
-            self._generators.pop(sequence, None)
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
             self._cache, self._mask, self._positions = None, self._mask[:0, :0], self._positions[:0]
@@ -119,12 +124,12 @@ class ModelRunner:
         raw_logprobs = None
         if any(s.request.logprobs for s in sequences):
             raw_logprobs = F.log_softmax(logits, dim=-1)
-        scores = _apply_penalties(logits, sequences)
+        scores = _apply_penalties(logits, sequences, self.unpenalized_ids)
         greedy = scores.argmax(dim=-1).tolist()  # one call for the whole batch
         choices = []
         for row, sequence in enumerate(sequences):
             request = sequence.request
-            if request.temperature == 0:
+            if request.temperature < MIN_TEMPERATURE:
                 token = greedy[row]
             else:
                 probs = _filtered_probs(scores[row] / request.temperature, request.top_k, request.top_p)
@@ -144,8 +149,9 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-def _apply_penalties(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
-    """Repetition (prompt and output, as in transformers), presence and frequency (output only)."""
+def _apply_penalties(logits: torch.Tensor, sequences: list[Sequence], unpenalized_ids: frozenset[int]) -> torch.Tensor:
+    """Repetition (prompt and output, as in transformers), presence and frequency (output only);
+    never on `unpenalized_ids`."""
     scores = logits
     for row, sequence in enumerate(sequences):
         request = sequence.request
@@ -154,12 +160,14 @@ def _apply_penalties(logits: torch.Tensor, sequences: list[Sequence]) -> torch.T
         if scores is logits:
             scores = logits.clone()
         if request.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({*sequence.prompt_ids, *sequence.output_ids}), device=logits.device)
+            seen = torch.tensor(sorted({*sequence.prompt_ids, *sequence.output_ids} - unpenalized_ids),
+                                device=logits.device, dtype=torch.long)
             values = scores[row, seen]
             scores[row, seen] = torch.where(values > 0, values / request.repetition_penalty,
                                             values * request.repetition_penalty)
         if sequence.output_ids and (request.presence_penalty or request.frequency_penalty):
             counts = torch.bincount(torch.tensor(sequence.output_ids, device=logits.device), minlength=scores.shape[1])
+            counts[list(unpenalized_ids)] = 0
             scores[row] -= request.frequency_penalty * counts + request.presence_penalty * (counts > 0)
     return scores
 

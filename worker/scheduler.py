@@ -11,7 +11,7 @@ from worker.sequence import Sequence
 @dataclass(frozen=True, slots=True)
 class SchedulerLimits:
     max_batch: int  # sequences decoded together
-    max_batch_tokens: int  # cache tokens reserved by running sequences (prompt + max_tokens each)
+    max_batch_tokens: int  # cache tokens: rows x the longest reservation (prompt + max_tokens)
     max_prefill_tokens: int  # padded prompt tokens prefilled in one step, so decoding never stalls long
 
     def __post_init__(self) -> None:
@@ -61,17 +61,20 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Plan:
-        # Phase 1: admit waiting sequences while they fit.
-        reserved = sum(s.num_reserved_tokens for s in self.running)
+        # Phase 1: admit waiting sequences while they fit. The cache is one padded block, so what a
+        # batch can come to hold is its number of rows times its longest reservation.
+        longest = max((s.num_reserved_tokens for s in self.running), default=0)
         prefill: list[Sequence] = []
         while self.waiting and len(self.running) + len(prefill) < self.limits.max_batch:
             candidate = self.waiting[0]
             padded = (len(prefill) + 1) * max(len(s.prompt_ids) for s in (*prefill, candidate))
             if prefill and padded > self.limits.max_prefill_tokens:
                 break
-            if reserved + candidate.num_reserved_tokens > self.limits.max_batch_tokens and (self.running or prefill):
+            rows = len(self.running) + len(prefill) + 1
+            longest_then = max(longest, candidate.num_reserved_tokens)
+            if rows * longest_then > self.limits.max_batch_tokens and (self.running or prefill):
                 break
-            reserved += candidate.num_reserved_tokens
+            longest = longest_then
             prefill.append(self.waiting.popleft())
         self.running.extend(prefill)
         # Phase 2: every running sequence decodes one token.

@@ -21,6 +21,9 @@ from worker.engine import Engine, Event
 
 log = logging.getLogger(__name__)
 
+# Sent down the engine pipe when the broker has forgotten this worker: its requests have no client left.
+_DROP_ALL = [b"drop-all"]
+
 
 class WorkerServer:
     """Announces the engine's models to the broker and shuttles requests and events."""
@@ -64,6 +67,7 @@ class WorkerServer:
                 log.warning("broker silent for %.1fs; reconnecting", now - last_heard)
                 poller.unregister(dealer)
                 dealer.close(linger=0)
+                pipe.send_multipart(_DROP_ALL)
                 dealer = self._connect()
                 poller.register(dealer, zmq.POLLIN)
                 last_heard = now
@@ -78,7 +82,7 @@ class WorkerServer:
     def _forward(dealer: zmq.Socket, frames: list[bytes]) -> None:
         try:
             dealer.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:  # the broker is gone and the queue is full; its successor cancels the stream
+        except zmq.Again:  # only with a broker gone for long (the queue is deep): nobody waits for it any more
             log.debug("dropped a message for an unreachable broker")
 
     def _connect(self) -> zmq.Socket:
@@ -86,6 +90,7 @@ class WorkerServer:
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_SIZE * 2)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.SNDHWM, 100_000)  # a busy broker is never a reason to drop a DONE
         dealer.connect(self.broker)
         self._announce(dealer)
         return dealer
@@ -103,6 +108,7 @@ class WorkerServer:
         if message.command in (Command.REQUEST, Command.CANCEL):
             pipe.send_multipart(frames)
         elif message.command is Command.REANNOUNCE:
+            pipe.send_multipart(_DROP_ALL)  # before READY, so no request sent after it is dropped
             self._announce(dealer)
         elif message.command is not Command.HEARTBEAT:
             log.warning("unexpected %s from the broker", message.command.value)
@@ -117,7 +123,11 @@ class WorkerServer:
                 # Idle: wait for work. Busy: only pick up what arrived since the last step.
                 timeout = 0 if self.engine.has_work else 100
                 while pipe.poll(timeout):
-                    self._send(pipe, self._on_command(protocol.decode(pipe.recv_multipart())))
+                    frames = pipe.recv_multipart()
+                    if frames == _DROP_ALL:
+                        self.engine.drop_all()
+                    else:
+                        self._send(pipe, self._on_command(protocol.decode(frames)))
                     timeout = 0
                 if self.engine.has_work:
                     self._send(pipe, self.engine.step())

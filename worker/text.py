@@ -34,6 +34,13 @@ class Detokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return text[len(prefix):]
 
+    def flush(self) -> str:
+        """At the end of a stream: whatever is held back (an unfinished character becomes U+FFFD)."""
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        text = self._decode(self._ids[self._prefix_offset:])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return text[len(prefix):]
+
     def _decode(self, ids: list[int]) -> str:
         return self._decoder.decode(ids, skip_special_tokens=True)
 
