@@ -158,6 +158,13 @@ def _kind_name(kinds: tuple) -> str:
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
+def _number(fields: dict, name: str, default: float) -> float:
+    try:
+        return float(_get(fields, name, (int, float), default))
+    except OverflowError:  # an integer too large for a float
+        raise ProtocolError(f"'{name}' is out of range", name) from None
+
+
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:  # also rejects NaN
         raise ProtocolError(f"'{name}' must be between {low} and {high}, got {value}", name)
@@ -231,14 +238,14 @@ class GenerationRequest:
             messages=messages,
             prompt=_get(fields, "prompt", str),
             max_tokens=_get(fields, "max_tokens", int),
-            temperature=float(_get(fields, "temperature", (int, float), 1.0)),
-            top_p=float(_get(fields, "top_p", (int, float), 1.0)),
+            temperature=_number(fields, "temperature", 1.0),
+            top_p=_number(fields, "top_p", 1.0),
             top_k=_get(fields, "top_k", int, 0),
             stop=tuple(stop),
             seed=_get(fields, "seed", int),
-            repetition_penalty=float(_get(fields, "repetition_penalty", (int, float), 1.0)),
-            presence_penalty=float(_get(fields, "presence_penalty", (int, float), 0.0)),
-            frequency_penalty=float(_get(fields, "frequency_penalty", (int, float), 0.0)),
+            repetition_penalty=_number(fields, "repetition_penalty", 1.0),
+            presence_penalty=_number(fields, "presence_penalty", 0.0),
+            frequency_penalty=_number(fields, "frequency_penalty", 0.0),
             logprobs=_get(fields, "logprobs", bool, False),
             top_logprobs=_get(fields, "top_logprobs", int, 0),
         )

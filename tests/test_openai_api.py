@@ -91,9 +91,14 @@ def test_health_and_metrics(api):
     with urllib.request.urlopen(api.url + "/health") as response:
         assert json.loads(response.read()) == {"status": "ok", "models": [TINY_MODEL]}
     api.client().chat.completions.create(model=TINY_MODEL, messages=HELLO, max_tokens=3)
+    api.client().models.list()
+    with pytest.raises(openai.NotFoundError):
+        api.client().chat.completions.create(model="made-up-name", messages=HELLO)
     with urllib.request.urlopen(api.url + "/metrics") as response:
         text = response.read().decode()
+    assert "made-up-name" not in text, "a client's model string must not become a label"
     assert f'tokenbus_api_requests_total{{endpoint="/v1/chat/completions",model="{TINY_MODEL}",status="200"}}' in text
+    assert 'tokenbus_api_requests_total{endpoint="/v1/models",model="",status="200"}' in text
     for name in ("tokenbus_api_prompt_tokens_total", "tokenbus_api_completion_tokens_total",
                  "tokenbus_api_time_to_first_token_seconds_bucket", "tokenbus_api_request_latency_seconds_bucket",
                  "tokenbus_api_requests_in_flight", "tokenbus_api_rejected_overloaded_total"):
@@ -127,6 +132,7 @@ def test_chat_stream_matches_the_spec_and_ends_with_done(api):
     with_usage = [json.loads(p) for p in sse_payloads(api.url + "/v1/chat/completions",
                                                       {**body, "stream_options": {"include_usage": True}})[:-1]]
     assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["completion_tokens"] == 6
+    assert all(c["usage"] is None for c in with_usage[:-1]), "as OpenAI: usage null until the last chunk"
     validate("CreateChatCompletionStreamResponse", with_usage[-1])
 
 
@@ -201,12 +207,17 @@ def test_text_completions(api):
     assert completion.id.startswith("cmpl-") and [c.index for c in completion.choices] == [0, 1, 2, 3]
     assert completion.usage.completion_tokens == 16
     assert all(len(c.logprobs.tokens) == 4 for c in completion.choices)
+    for choice in completion.choices:  # offsets count from the end of the prompt, token after token
+        offsets, tokens = choice.logprobs.text_offset, choice.logprobs.tokens
+        assert offsets[0] == 3 and all(b - a == len(t) for a, b, t in zip(offsets, offsets[1:], tokens))
     single = client.completions.create(model=TINY_MODEL, prompt="One", max_tokens=4)
     assert single.usage.prompt_tokens * 2 <= completion.usage.prompt_tokens + 2
     payloads = sse_payloads(api.url + "/v1/completions", {"model": TINY_MODEL, "prompt": "One", "max_tokens": 3,
-                                                          "stream": True})
+                                                          "stream": True, "logprobs": 1})
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
+    streamed_offsets = [o for c in chunks[:-1] for o in c["choices"][0]["logprobs"]["text_offset"]]
+    assert len(streamed_offsets) == 3 and streamed_offsets[0] == 3 and streamed_offsets == sorted(streamed_offsets)
     validate("CreateCompletionResponse", chunks[-1])
     for chunk in chunks[:-1]:
         # The spec has no stream schema for legacy completions; like OpenAI's own streams, chunks
@@ -231,12 +242,45 @@ def test_text_completions(api):
     ({"model": TINY_MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     ({"model": TINY_MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
     ({"model": TINY_MODEL, "messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": TINY_MODEL, "messages": HELLO, "stream": True, "stream_options": []}, "stream_options"),
+    ({"model": TINY_MODEL, "messages": HELLO, "stream": True, "stream_options": {"include_usage": "no"}},
+     "stream_options.include_usage"),
+    ({"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "messages[0].name"),
+    ({"model": TINY_MODEL, "messages": HELLO, "user": 5}, "user"),
+    ({"model": TINY_MODEL, "messages": HELLO, "seed": 2**70}, "seed"),
+    ({"model": TINY_MODEL, "messages": HELLO, "max_tokens": 2**70}, "max_tokens"),
+    ({"model": TINY_MODEL, "messages": HELLO, "temperature": 10**400}, "temperature"),
+    (b'{"model": "tiny", "messages": [], "seed": 1' + b"1" * 5000 + b"}", None),
 ])
 def test_bad_requests_get_400_naming_the_param(api, body, param):
     status, error = post(api.url + "/v1/chat/completions", body)
-    assert status == 400
+    assert status == 400, error
     validate("ErrorResponse", error)
     assert error["error"]["param"] == param
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": TINY_MODEL, "prompt": ""}, "prompt"),
+    ({"model": TINY_MODEL, "prompt": ["One", ""]}, "prompt"),
+    ({"model": TINY_MODEL, "prompt": "One", "echo": True}, "echo"),
+    ({"model": TINY_MODEL, "prompt": "One", "best_of": True}, "best_of"),
+    ({"model": TINY_MODEL, "prompt": "One", "suffix": "!"}, "suffix"),
+    ({"model": TINY_MODEL, "prompt": ["One"] * 9, "n": 2}, "n"),  # 18 bus requests: more than --max-n
+])
+def test_bad_text_completions_get_400(api, body, param):
+    status, error = post(api.url + "/v1/completions", body)
+    assert status == 400, error
+    validate("ErrorResponse", error)
+    assert error["error"]["param"] == param
+
+
+def test_harmless_values_of_unsupported_fields_are_accepted(api):
+    status, body = post(api.url + "/v1/completions", {"model": TINY_MODEL, "prompt": "One", "max_tokens": 2,
+                                                      "echo": False, "best_of": 1, "suffix": None})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    status, body = post(api.url + "/v1/chat/completions", {"model": TINY_MODEL, "messages": HELLO, "max_tokens": 2,
+                                                           "top_logprobs": 0})
+    assert status == 200
 
 
 def test_prompt_over_the_context_is_400(api):
@@ -273,6 +317,12 @@ def test_api_keys_and_cors(bus):
             "Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
         with urllib.request.urlopen(preflight) as response:
             assert response.headers["Access-Control-Allow-Origin"] == "http://app.example"
+        # Errors carry the CORS headers too, or a browser could not read why it failed.
+        request = urllib.request.Request(server.url + "/v1/chat/completions", data=b"{}", headers={
+            "Origin": "http://app.example", "Authorization": "Bearer k1", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request)
+        assert error.value.code == 400 and error.value.headers["Access-Control-Allow-Origin"] == "http://app.example"
         with urllib.request.urlopen(server.url + "/health") as response:  # open without a key
             assert response.status == 200
     finally:

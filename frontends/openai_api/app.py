@@ -27,6 +27,8 @@ SETTINGS = web.AppKey("settings", ApiSettings)
 BUS = web.AppKey("bus", BusClient)
 METRICS = web.AppKey("metrics", ApiMetrics)
 STARTED = web.AppKey("started", int)
+MODEL = web.RequestKey("model", str)  # the served model a request was for, as the metrics label it
+CLIENT_GONE = "499"  # the status metrics record for a client that left before the answer was complete
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN_PATHS = ("/health", "/metrics")
@@ -34,7 +36,7 @@ _OPEN_PATHS = ("/health", "/metrics")
 
 def create_app(settings: ApiSettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[error_middleware, cors_middleware, auth_middleware])
+                          middlewares=[cors_middleware, metrics_middleware, error_middleware, auth_middleware])
     app[SETTINGS] = settings
     app[METRICS] = ApiMetrics()
     app[STARTED] = int(time.time())
@@ -60,6 +62,25 @@ async def bus_client(app: web.Application) -> AsyncIterator[None]:
 
 
 @web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request counted by endpoint, model and final status, with its latency."""
+    app_metrics = request.app[METRICS]
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "unmatched"
+    status, start = CLIENT_GONE, time.monotonic()
+    app_metrics.in_flight.labels(endpoint).inc()
+    try:
+        response = await handler(request)
+        status = str(response.status)
+        return response
+    finally:
+        model = request.get(MODEL, "")
+        app_metrics.in_flight.labels(endpoint).dec()
+        app_metrics.requests.labels(endpoint, model, status).inc()
+        app_metrics.latency.labels(endpoint, model).observe(time.monotonic() - start)
+
+
+@web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as the OpenAI error object."""
     try:
@@ -71,7 +92,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         error = ApiError(exc.status, exc.reason, type=kind, code=None)
-        return web.json_response(error_body(error), status=exc.status, headers=_cors_headers(request))
+        return web.json_response(error_body(error), status=exc.status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -171,43 +192,36 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, kind: str, parse: Callable[[Any, int], ApiCall]) -> web.StreamResponse:
     app_metrics = request.app[METRICS]
-    endpoint, model, status = request.path, "", 500
-    start = time.monotonic()
-    app_metrics.in_flight.labels(endpoint).inc()
+    call = parse(await _json_body(request), request.app[SETTINGS].max_n)
+    request[MODEL] = call.model
     streams: list[Stream] = []
     try:
-        call = parse(await _json_body(request), request.app[SETTINGS].max_n)
-        model = call.model
         bus = request.app[BUS]
         streams = [await bus.generate(r) for r in call.requests]
-        ids = ResponseIds(call.model, kind)
+        ids = ResponseIds(call.model, kind, include_usage=call.include_usage)
         if call.stream:
-            response = await _stream(request, call, streams, ids)
-        else:
-            results = await _collect_all(streams)
-            _count_tokens(app_metrics, model, results, call.n)
-            response = web.json_response(ids.response(results, call.n))
-        status = response.status
-        return response
+            return await _stream(request, call, streams, ids)
+        results = await _collect_all(streams)
+        _count_tokens(app_metrics, call.model, results, call.n)
+        return web.json_response(ids.response(results, call.n, [r.prompt for r in call.requests]))
     except ApiError as error:
-        status = error.status
-        if status == 429:
-            app_metrics.overloaded.labels(model).inc()
+        if error.status == 404:
+            request[MODEL] = ""  # not a served model: a client's string must not become a label
+        if error.status == 429:
+            app_metrics.overloaded.labels(call.model).inc()
         raise
     finally:
         for stream in streams:
             await stream.cancel()  # a no-op for finished streams; stops the rest (client gone, error)
             if stream.first_token_at is not None:
-                app_metrics.time_to_first_token.labels(model).observe(stream.first_token_at - stream.started_at)
-        app_metrics.in_flight.labels(endpoint).dec()
-        app_metrics.requests.labels(endpoint, model, str(status)).inc()
-        app_metrics.latency.labels(endpoint, model).observe(time.monotonic() - start)
+                app_metrics.time_to_first_token.labels(request[MODEL]).observe(
+                    stream.first_token_at - stream.started_at)
 
 
 async def _json_body(request: web.Request) -> Any:
     try:
         return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or a number too long to read
         raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
 
 
@@ -235,33 +249,53 @@ async def _stream(request: web.Request, call: ApiCall, streams: list[Stream], id
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                **_cors_headers(request)})
         await response.prepare(request)
-        if ids.kind == "chat":
-            for choice in range(len(streams)):
-                await _send_event(response, ids.role_chunk(choice))
-        done: list[Done] = []
-        while True:
-            if isinstance(item, BusError):
-                await _send_event(response, error_body(ApiError.from_bus(item)))
-                return response
-            if isinstance(item, Done):
-                done.append(item)
-                await _send_event(response, ids.finish_chunk(index, item))
-                if len(done) == len(streams):
-                    break
+        try:
+            await _send_events(request, response, call, ids, index, item, events)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise  # the client left: nobody to tell
+        except Exception as exc:  # the status line is sent: the error must travel as an event
+            if isinstance(exc, ApiError):
+                error = exc
             else:
-                await _send_event(response, ids.delta_chunk(index, item))
-            index, item = await events.get()
-        prompt_tokens = sum(d.prompt_tokens for d in done) // call.n
-        completion_tokens = sum(d.completion_tokens for d in done)
-        request.app[METRICS].prompt_tokens.labels(call.model).inc(prompt_tokens)
-        request.app[METRICS].completion_tokens.labels(call.model).inc(completion_tokens)
-        if call.include_usage:
-            await _send_event(response, ids.usage_chunk(prompt_tokens, completion_tokens))
-        await response.write(b"data: [DONE]\n\n")
+                log.exception("stream failed after its first event")
+                error = ApiError(500, f"internal server error: {exc}", type="server_error")
+            await _send_event(response, error_body(error))
         return response
     finally:
         for pump in pumps:
             pump.cancel()
+
+
+async def _send_events(request: web.Request, response: web.StreamResponse, call: ApiCall, ids: ResponseIds,
+                       index: int, item: TokenDelta | Done | BusError, events: asyncio.Queue) -> None:
+    """From the first bus event to the end of the stream."""
+    if ids.kind == "chat":
+        for choice in range(len(call.requests)):
+            await _send_event(response, ids.role_chunk(choice))
+    done: list[Done] = []
+    # Legacy logprobs give each token's offset in the text, counted from the end of the prompt.
+    offsets = [len(r.prompt or "") for r in call.requests]
+    while True:
+        if isinstance(item, BusError):
+            if item.code.value in ("overloaded", "queue_timeout"):
+                request.app[METRICS].overloaded.labels(call.model).inc()
+            raise ApiError.from_bus(item)
+        if isinstance(item, Done):
+            done.append(item)
+            await _send_event(response, ids.finish_chunk(index, item))
+            if len(done) == len(call.requests):
+                break
+        else:
+            await _send_event(response, ids.delta_chunk(index, item, offsets[index]))
+            offsets[index] += sum(len(lp.token) for lp in item.logprobs or ())
+        index, item = await events.get()
+    prompt_tokens = sum(d.prompt_tokens for d in done) // call.n
+    completion_tokens = sum(d.completion_tokens for d in done)
+    request.app[METRICS].prompt_tokens.labels(call.model).inc(prompt_tokens)
+    request.app[METRICS].completion_tokens.labels(call.model).inc(completion_tokens)
+    if call.include_usage:
+        await _send_event(response, ids.usage_chunk(prompt_tokens, completion_tokens))
+    await response.write(b"data: [DONE]\n\n")
 
 
 async def _pump(index: int, stream: Stream, events: asyncio.Queue) -> None:
@@ -271,6 +305,9 @@ async def _pump(index: int, stream: Stream, events: asyncio.Queue) -> None:
         events.put_nowait((index, stream.done))
     except BusError as error:
         events.put_nowait((index, error))
+    except Exception as exc:  # never leave the stream waiting for an event that will not come
+        log.exception("reading a bus stream failed")
+        events.put_nowait((index, BusError(f"the stream failed: {exc}")))
 
 
 async def _send_event(response: web.StreamResponse, payload: dict[str, Any]) -> None:

@@ -17,5 +17,5 @@ class ApiSettings(BaseSettings):
     api_keys: list[str] = Field([], description="accepted API keys (none: the API is open)")
     cors_origins: list[str] = Field([], description="origins allowed by CORS ('*' for any)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
-    max_n: int = Field(16, ge=1, description="largest 'n' (choices per request)")
+    max_n: int = Field(16, ge=1, description="most choices in one request (n, times the prompts of a text completion)")
     log_level: str = Field("INFO", description="logging level")

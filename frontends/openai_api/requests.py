@@ -37,7 +37,7 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
     body = _object(body, CHAT_FIELDS)
     if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
         raise bad_request("'logprobs' must be a boolean", "logprobs")
-    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+    if body.get("top_logprobs") and not body.get("logprobs"):
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     fields = {
         "messages": [_message(m, i) for i, m in enumerate(_required(body, "messages", list))],
@@ -51,13 +51,14 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
 
 def parse_completion(body: Any, max_n: int) -> ApiCall:
     body = _object(body, COMPLETION_FIELDS)
-    if body.get("echo") or body.get("suffix") is not None or body.get("best_of") not in (None, 1):
-        param = next(p for p in ("echo", "suffix", "best_of") if body.get(p) not in (None, False, 1))
-        raise bad_request(f"'{param}' is not supported", param, "unsupported_parameter")
+    # Accepted only at the values that ask for nothing (null was dropped already).
+    for param, harmless in (("echo", False), ("suffix", ""), ("best_of", 1)):
+        if param in body and not (type(body[param]) is type(harmless) and body[param] == harmless):
+            raise bad_request(f"'{param}' is not supported", param, "unsupported_parameter")
     prompts = _required(body, "prompt", (str, list))
     prompts = [prompts] if isinstance(prompts, str) else prompts
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise bad_request("'prompt' must be a string or a non-empty array of strings", "prompt")
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise bad_request("'prompt' must be a non-empty string or a non-empty array of them", "prompt")
     top = body.get("logprobs")
     if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LEGACY_LOGPROBS):
         raise bad_request(f"'logprobs' must be an integer from 0 to {MAX_LEGACY_LOGPROBS}", "logprobs")
@@ -71,12 +72,18 @@ def _call(body: dict, per_input: list[dict], max_n: int, max_tokens_param: str =
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
         raise bad_request(f"'n' must be an integer from 1 to {max_n}", "n")
+    if n * len(per_input) > max_n:  # every choice of every prompt is a request on the bus
+        raise bad_request(f"{len(per_input)} prompts x n={n} choices is more than {max_n} in one request", "n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("'stream' must be a boolean", "stream")
-    options = body.get("stream_options") or {}
+    if not isinstance(body.get("user", ""), str):
+        raise bad_request("'user' must be a string", "user", "invalid_type")
+    options = body.get("stream_options", {})
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise bad_request("'stream_options' takes only 'include_usage'", "stream_options")
+        raise bad_request("'stream_options' must be an object with only 'include_usage'", "stream_options")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options.include_usage")
     if options and not stream:
         raise bad_request("'stream_options' is only allowed with 'stream': true", "stream_options")
     stop = body.get("stop")
@@ -127,7 +134,7 @@ def _message(message: Any, index: int) -> dict[str, str]:
     role = _ROLES.get(message.get("role"))
     if role is None:
         raise bad_request(f"{param}.role must be one of system, developer, user, assistant", f"{param}.role")
-    extra = sorted(set(message) - {"role", "content", "name"})
+    extra = sorted(set(message) - {"role", "content"})
     if extra:
         raise bad_request(f"{param}.{extra[0]} is not supported by this server", f"{param}.{extra[0]}",
                           "unsupported_parameter")

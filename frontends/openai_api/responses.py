@@ -56,6 +56,7 @@ class ResponseIds:
     kind: str  # "chat" or "completion"
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    include_usage: bool = False  # chunks then carry "usage": null, all but the last
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -65,8 +66,9 @@ class ResponseIds:
 
     # -- whole responses
 
-    def response(self, completions: list[Completion], n: int) -> dict[str, Any]:
-        """`completions` holds n choices per prompt; each prompt is counted once in the usage."""
+    def response(self, completions: list[Completion], n: int, prompts: list[str | None]) -> dict[str, Any]:
+        """`completions` holds n choices per prompt (`prompts`, one per completion); each prompt is
+        counted once in the usage."""
         prompt_tokens = sum(c.prompt_tokens for c in completions[::n])
         body_usage = usage(prompt_tokens, sum(c.completion_tokens for c in completions))
         if self.kind == "chat":
@@ -76,8 +78,8 @@ class ResponseIds:
                        for i, c in enumerate(completions)]
             return {**self._head("chat.completion"), "choices": choices, "usage": body_usage}
         choices = [{"index": i, "text": c.text, "finish_reason": _finish_reason(c.finish_reason),
-                    "logprobs": _legacy_logprobs(c.logprobs) if c.logprobs is not None else None}
-                   for i, c in enumerate(completions)]
+                    "logprobs": _legacy_logprobs(c.logprobs, len(p or "")) if c.logprobs is not None else None}
+                   for i, (c, p) in enumerate(zip(completions, prompts))]
         return {**self._head("text_completion"), "choices": choices, "usage": body_usage}
 
     # -- stream chunks
@@ -87,12 +89,12 @@ class ResponseIds:
         return self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                             "logprobs": None})
 
-    def delta_chunk(self, index: int, delta: TokenDelta) -> dict[str, Any]:
+    def delta_chunk(self, index: int, delta: TokenDelta, text_start: int = 0) -> dict[str, Any]:
         if self.kind == "chat":
             logprobs = _chat_logprobs(delta.logprobs) if delta.logprobs is not None else None
             return self._chunk({"index": index, "delta": {"content": delta.text}, "finish_reason": None,
                                 "logprobs": logprobs})
-        logprobs = _legacy_logprobs(delta.logprobs) if delta.logprobs is not None else None
+        logprobs = _legacy_logprobs(delta.logprobs, text_start) if delta.logprobs is not None else None
         return self._chunk({"index": index, "text": delta.text, "finish_reason": None, "logprobs": logprobs})
 
     def finish_chunk(self, index: int, done: Done) -> dict[str, Any]:
@@ -106,4 +108,7 @@ class ResponseIds:
 
     def _chunk(self, choice: dict[str, Any] | None) -> dict[str, Any]:
         object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._head(object_name), "choices": [choice] if choice is not None else []}
+        chunk = {**self._head(object_name), "choices": [choice] if choice is not None else []}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
