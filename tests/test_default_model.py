@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -68,6 +69,20 @@ def test_greedy_text_is_the_same_alone_and_in_a_batch(engine):
     together = run_engine(engine, prompts, {b"c" * 16: 3, b"d" * 16: 5, b"e" * 16: 9}, 24)
     assert together == alone
     assert all(alone.values())
+
+
+def test_a_long_prompt_prefilled_in_chunks_reads_the_same(engine):
+    prompt = ("Here are some notes about the sea. " * 8) + "Summarize the notes in one sentence."
+    rid, other = b"l" * 16, b"o" * 16
+    whole = run_engine(engine, {rid: prompt}, {}, 16)[rid]
+    limits = engine.scheduler.limits
+    engine.scheduler.limits = replace(limits, max_prefill_tokens=16)  # ~100 prompt tokens: 7 chunks
+    try:
+        chunked = run_engine(engine, {other: "Count to five.", rid: prompt}, {rid: 2}, 16)
+    finally:
+        engine.scheduler.limits = limits
+    assert chunked[rid] == whole and whole
+    assert chunked[other] == run_engine(engine, {other: "Count to five."}, {}, 16)[other]
 
 
 def test_each_row_keeps_its_own_sampling_in_a_batch(engine):

@@ -36,6 +36,7 @@ class ScriptedRunner:
         self.released: list = []
         self.fail_next_decode = False
         self.fail_next_prefill = False
+        self.chunks: list[tuple[str, int, int]] = []
 
     def prefill(self, sequences):
         if self.fail_next_prefill:
@@ -43,6 +44,12 @@ class ScriptedRunner:
             raise RuntimeError("out of memory")
         self.rows.extend(sequences)
         return [self._next(s) for s in sequences]
+
+    def prefill_chunk(self, sequence, start, end):
+        self.chunks.append((sequence.request.prompt, start, end))
+        if end < len(sequence.prompt_ids):
+            return None
+        return self.prefill([sequence])[0]
 
     def decode(self):
         if self.fail_next_decode:
@@ -59,9 +66,11 @@ class ScriptedRunner:
         return TokenChoice(ord(script[position]) if position < len(script) else EOS)
 
 
-def make_engine(scripts: dict[str, str], max_batch: int = 4) -> tuple[Engine, ScriptedRunner]:
+def make_engine(scripts: dict[str, str], max_batch: int = 4,
+                max_prefill_tokens: int = 10_000) -> tuple[Engine, ScriptedRunner]:
     runner = ScriptedRunner(scripts)
-    scheduler = Scheduler(SchedulerLimits(max_batch=max_batch, max_batch_tokens=10_000, max_prefill_tokens=10_000))
+    scheduler = Scheduler(SchedulerLimits(max_batch=max_batch, max_batch_tokens=10_000,
+                                          max_prefill_tokens=max_prefill_tokens))
     return Engine(runner, PromptEncoder(CharTokenizer(), EOS), scheduler, context_length=64), runner
 
 
@@ -175,3 +184,16 @@ def test_a_request_id_sent_again_starts_over():
     assert len(runner.rows) == 0 and len(engine.scheduler.waiting) == 1
     text, done = run(engine)[b"a" * 16]
     assert text == "abc" and done["finish_reason"] == "stop"
+
+
+def test_a_long_prompt_joins_chunk_by_chunk_while_others_stream():
+    long_prompt = "L" * 25
+    engine, runner = make_engine({"a": "a" * 8, long_prompt: "long answer"}, max_prefill_tokens=10)
+    add(engine, b"a" * 16, "a")
+    first = engine.step()
+    add(engine, b"l" * 16, long_prompt)
+    steps = [engine.step() for _ in range(3)]
+    assert runner.chunks == [(long_prompt, 0, 10), (long_prompt, 10, 20), (long_prompt, 20, 25)]
+    assert all(any(e.request_id == b"a" * 16 for e in events) for events in steps), "a streams on every step"
+    results = run(engine, first + [e for events in steps for e in events])
+    assert results[b"l" * 16][0] == "long answer" and results[b"a" * 16][0] == "a" * 8

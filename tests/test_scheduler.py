@@ -50,10 +50,42 @@ def test_cache_budget_counts_the_padded_block():
 
 
 def test_oversized_request_still_runs_alone():
-    scheduler = Scheduler(SchedulerLimits(max_batch=8, max_batch_tokens=10, max_prefill_tokens=4))
-    big = sequence("big", 50, 50)
+    scheduler = Scheduler(SchedulerLimits(max_batch=8, max_batch_tokens=10, max_prefill_tokens=100))
+    big, small = sequence("big", 50, 50), sequence("small", 1, 1)
     scheduler.add(big)
+    scheduler.add(small)
     assert scheduler.schedule().prefill == [big]
+    assert scheduler.schedule().prefill == []
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes():
+    scheduler = Scheduler(SchedulerLimits(max_batch=8, max_batch_tokens=10_000, max_prefill_tokens=40))
+    running, long, after = sequence("run", 5, 50), sequence("long", 100, 10), sequence("after", 5, 5)
+    scheduler.add(running)
+    scheduler.schedule()
+    scheduler.add(long)
+    scheduler.add(after)
+    chunks = []
+    for _ in range(3):
+        plan = scheduler.schedule()
+        assert plan.prefill == [] and plan.chunk.sequence is long
+        chunks.append((plan.chunk.start, plan.chunk.end))
+        assert plan.decode[0] is running  # the running sequence never waits a step
+    assert chunks == [(0, 40), (40, 80), (80, 100)]
+    assert plan.chunk.last and plan.decode == [running, long]  # it joins with its last chunk
+    assert scheduler.find(b"long") is long
+    plan = scheduler.schedule()
+    assert plan.chunk is None and plan.prefill == [after] and plan.decode == [running, long, after]
+
+
+def test_removing_the_sequence_being_chunked():
+    scheduler = Scheduler(SchedulerLimits(max_batch=8, max_batch_tokens=10_000, max_prefill_tokens=10))
+    long = sequence("long", 30, 1)
+    scheduler.add(long)
+    assert scheduler.schedule().chunk.end == 10
+    assert scheduler.find(b"long") is long and scheduler.has_work
+    scheduler.remove(long)
+    assert not scheduler.has_work and scheduler.schedule().empty
 
 
 def test_prefill_budget_splits_prompts_over_steps():

@@ -23,7 +23,8 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
     limits = SchedulerLimits(
         max_batch=settings.max_batch,
         max_batch_tokens=settings.max_batch_tokens or settings.max_batch * loaded.context_length,
-        max_prefill_tokens=settings.max_prefill_tokens,
+        # About half a second of prefill on a CPU: running streams pause no longer than that.
+        max_prefill_tokens=settings.max_prefill_tokens or (4096 if loaded.model.device.type == "cuda" else 512),
     )
     prompts = PromptEncoder(tokenizer, loaded.model.generation_config.eos_token_id)
     unpenalized = prompts.stop_token_ids | frozenset(tokenizer.all_special_ids)

@@ -78,7 +78,7 @@ class Engine:
 
     def drop_all(self) -> None:
         """Forget every request without a word: the broker that sent them has forgotten them too."""
-        self._retire(list(self.scheduler.running) + list(self.scheduler.waiting))
+        self._retire(self.scheduler.sequences)
 
     def step(self) -> list[Event]:
         """One batched step; a failure ends every request in it with an explicit error."""
@@ -93,16 +93,19 @@ class Engine:
     def _step(self) -> list[Event]:
         plan = self.scheduler.schedule()
         events: list[Event] = []
-        if plan.prefill:
-            try:
-                choices = self.runner.prefill(plan.prefill)
-            except Exception as exc:
-                # The new prompts have their own cache until they join: only they fail, the batch runs on.
-                log.exception("prefill failed; failing the %d requests that were joining", len(plan.prefill))
-                self._retire(plan.prefill)
-                events += [_error(s.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}") for s in plan.prefill]
-            else:
-                self._accept(plan.prefill, choices, events)
+        joining = plan.prefill or ([plan.chunk.sequence] if plan.chunk else [])
+        try:
+            if plan.chunk is not None:
+                choice = self.runner.prefill_chunk(plan.chunk.sequence, plan.chunk.start, plan.chunk.end)
+                if choice is not None:
+                    self._accept(joining, [choice], events)
+            elif plan.prefill:
+                self._accept(joining, self.runner.prefill(plan.prefill), events)
+        except Exception as exc:
+            # New prompts have their own cache until they join: only they fail, the batch runs on.
+            log.exception("prefill failed; failing the %d requests that were joining", len(joining))
+            self._retire(joining)
+            events += [_error(s.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}") for s in joining]
         if self.runner.rows:
             rows = list(self.runner.rows)
             self._accept(rows, self.runner.decode(), events)

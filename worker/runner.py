@@ -43,6 +43,7 @@ class ModelRunner:
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, L]: 1 where a token is cached
         self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # [B]: next position id
         self._generators: dict[Sequence, torch.Generator] = {}  # per row, so a seed fixes its own output
+        self._partial: dict[Sequence, DynamicCache] = {}  # caches of long prompts prefilled so far
 
     # -- batch membership
 
@@ -60,20 +61,31 @@ class ModelRunner:
         cache = DynamicCache()
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        for sequence in sequences:
-            generator = self._generators[sequence] = torch.Generator(device=self.device)
-            if sequence.request.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(sequence.request.seed)
         self._append_rows(sequences, cache, mask, mask.sum(-1))
         return self._sample(logits, sequences)
+
+    @torch.inference_mode()
+    def prefill_chunk(self, sequence: Sequence, start: int, end: int) -> TokenChoice | None:
+        """Prefill prompt tokens [start, end) of one sequence in a cache of its own. With the last
+        chunk the sequence joins the batch, and its first token is returned."""
+        cache = self._partial.pop(sequence, None) or DynamicCache()
+        input_ids = torch.tensor([sequence.prompt_ids[start:end]], device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)  # [1, L]: the chunks so far
+        positions = torch.arange(start, end, device=self.device)[None]
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if end < len(sequence.prompt_ids):
+            self._partial[sequence] = cache
+            return None
+        self._append_rows([sequence], cache, mask, torch.tensor([end], device=self.device))
+        return self._sample(logits, [sequence])[0]
 
     def release(self, sequences: list[Sequence]) -> None:
         """Drop rows (finished or cancelled), and padding columns no row needs any more."""
         gone = set(sequences)
         for sequence in sequences:
             self._generators.pop(sequence, None)
+            self._partial.pop(sequence, None)
         keep = [i for i, s in enumerate(self.rows) if s not in gone]
         if len(keep) == len(self.rows):
             return
@@ -105,6 +117,12 @@ class ModelRunner:
 
     def _append_rows(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor,
                      positions: torch.Tensor) -> None:
+        for sequence in sequences:
+            generator = self._generators[sequence] = torch.Generator(device=self.device)
+            if sequence.request.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(sequence.request.seed)
         if self._cache is None:
             self._cache, self._mask, self._positions = cache, mask, positions
         else:

@@ -12,7 +12,7 @@ from worker.sequence import Sequence
 class SchedulerLimits:
     max_batch: int  # sequences decoded together
     max_batch_tokens: int  # cache tokens: rows x the longest reservation (prompt + max_tokens)
-    max_prefill_tokens: int  # padded prompt tokens prefilled in one step, so decoding never stalls long
+    max_prefill_tokens: int  # prompt tokens prefilled in one step (longer prompts go in chunks), so decoding never stalls long
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.max_batch_tokens, self.max_prefill_tokens) < 1:
@@ -20,15 +20,30 @@ class SchedulerLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class Chunk:
+    """Part of a prompt too long to prefill in one step: tokens [start, end)."""
+
+    sequence: Sequence
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        return self.end == len(self.sequence.prompt_ids)
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
-    """One step: prompts to prefill (they join the batch), then one decode for every running sequence."""
+    """One step: prompts to prefill (they join the batch) or one chunk of a long prompt (it joins with
+    its last chunk), then one decode for every running sequence."""
 
     prefill: list[Sequence] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
+    chunk: Chunk | None = None
 
     @property
     def empty(self) -> bool:
-        return not self.prefill and not self.decode
+        return not self.prefill and not self.decode and self.chunk is None
 
 
 class Scheduler:
@@ -39,6 +54,8 @@ class Scheduler:
         self.limits = limits
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.chunking: Sequence | None = None  # admitted, its long prompt being prefilled chunk by chunk
+        self._num_chunked = 0  # prompt tokens of `chunking` already prefilled
 
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
@@ -47,24 +64,36 @@ class Scheduler:
         """Take a sequence out, waiting or running (finished or cancelled)."""
         if sequence in self.running:
             self.running.remove(sequence)
+        elif sequence is self.chunking:
+            self.chunking = None
         elif sequence in self.waiting:
             self.waiting.remove(sequence)
 
     def find(self, request_id: bytes) -> Sequence | None:
-        for sequence in (*self.running, *self.waiting):
+        for sequence in self.sequences:
             if sequence.request_id == request_id:
                 return sequence
         return None
 
     @property
+    def sequences(self) -> list[Sequence]:
+        """Every sequence held: running, being chunked, waiting."""
+        return [*self.running, *([self.chunking] if self.chunking else []), *self.waiting]
+
+    @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.chunking)
 
     def schedule(self) -> Plan:
-        # Phase 1: admit waiting sequences while they fit. The cache is one padded block, so what a
-        # batch can come to hold is its number of rows times its longest reservation.
+        # Phase 1: prefill. A long prompt goes on chunk by chunk, and nothing else joins meanwhile.
+        if self.chunking is not None:
+            chunk = self._next_chunk()
+            return Plan([], list(self.running), chunk)
+        # Otherwise admit waiting sequences while they fit. The cache is one padded block, so what
+        # a batch can come to hold is its number of rows times its longest reservation.
         longest = max((s.num_reserved_tokens for s in self.running), default=0)
         prefill: list[Sequence] = []
+        chunk = None
         while self.waiting and len(self.running) + len(prefill) < self.limits.max_batch:
             candidate = self.waiting[0]
             padded = (len(prefill) + 1) * max(len(s.prompt_ids) for s in (*prefill, candidate))
@@ -75,7 +104,23 @@ class Scheduler:
             if rows * longest_then > self.limits.max_batch_tokens and (self.running or prefill):
                 break
             longest = longest_then
+            if len(candidate.prompt_ids) > self.limits.max_prefill_tokens:  # alone, and in chunks
+                self.chunking, self._num_chunked = self.waiting.popleft(), 0
+                chunk = self._next_chunk()
+                break
             prefill.append(self.waiting.popleft())
         self.running.extend(prefill)
         # Phase 2: every running sequence decodes one token.
-        return Plan(prefill, list(self.running))
+        return Plan(prefill, list(self.running), chunk)
+
+    def _next_chunk(self) -> Chunk:
+        sequence = self.chunking
+        assert sequence is not None
+        start = self._num_chunked
+        end = min(start + self.limits.max_prefill_tokens, len(sequence.prompt_ids))
+        self._num_chunked = end
+        chunk = Chunk(sequence, start, end)
+        if chunk.last:  # its first token comes from this chunk: it decodes with the others from now on
+            self.chunking = None
+            self.running.append(sequence)
+        return chunk
