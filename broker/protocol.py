@@ -271,9 +271,27 @@ def _chat_message(value: Any) -> ChatMessage:
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
+    """A token and its log-probability. `token_bytes` are its own bytes: for a token that holds part
+    of a UTF-8 character they are not those of `token`, which then shows U+FFFD."""
+
     token: str
     logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    token_bytes: bytes = b""
+    top: tuple[TokenLogprob, ...] = ()  # the most likely alternatives (their own `top` is empty)
+
+    def to_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"token": self.token, "bytes": self.token_bytes, "logprob": self.logprob}
+        if self.top:
+            fields["top"] = [t.to_fields() for t in self.top]
+        return fields
+
+    @classmethod
+    def from_fields(cls, entry: Any) -> TokenLogprob:
+        try:
+            top = tuple(cls.from_fields(t) for t in entry.get("top", ()))
+            return cls(str(entry["token"]), float(entry["logprob"]), bytes(entry.get("bytes", b"")), top)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"malformed 'logprobs' entry: {exc}", "logprobs") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,25 +305,13 @@ class TokenDelta:
     def to_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"text": self.text, "num_tokens": self.num_tokens}
         if self.logprobs is not None:
-            fields["logprobs"] = [
-                {"token": lp.token, "logprob": lp.logprob, "top": [{"token": t, "logprob": p} for t, p in lp.top]}
-                for lp in self.logprobs
-            ]
+            fields["logprobs"] = [lp.to_fields() for lp in self.logprobs]
         return fields
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> TokenDelta:
         raw = _get(fields, "logprobs", list)
-        logprobs = None
-        if raw is not None:
-            try:
-                logprobs = tuple(
-                    TokenLogprob(str(e["token"]), float(e["logprob"]),
-                                 tuple((str(t["token"]), float(t["logprob"])) for t in e.get("top", ())))
-                    for e in raw
-                )
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise ProtocolError(f"malformed 'logprobs' entry: {exc}", "logprobs") from None
+        logprobs = None if raw is None else tuple(TokenLogprob.from_fields(e) for e in raw)
         return cls(_get(fields, "text", str, ""), _get(fields, "num_tokens", int, 1), logprobs)
 
 

@@ -149,8 +149,8 @@ async def test_logprobs_come_with_each_token(bus):
         assert len(result.logprobs) == 5
         for entry in result.logprobs:
             assert entry.logprob <= 0 and len(entry.top) == 3
-            assert entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
-            assert entry.logprob == pytest.approx(entry.top[0][1])  # greedy takes the most likely token
+            assert entry.top[0].logprob >= entry.top[1].logprob >= entry.top[2].logprob
+            assert entry.logprob == pytest.approx(entry.top[0].logprob)  # greedy takes the most likely token
 
 
 async def test_garbage_frames_do_not_hurt_the_broker(bus):

@@ -195,6 +195,7 @@ def test_chat_logprobs(api):
     entries = completion.choices[0].logprobs.content
     assert len(entries) == 4
     assert all(len(e.top_logprobs) == 2 and e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in entries)
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == completion.choices[0].message.content
 
 
 # -- legacy completions

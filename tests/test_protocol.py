@@ -32,7 +32,8 @@ def test_generation_request_round_trip():
 
 
 def test_typed_bodies_round_trip():
-    delta = protocol.TokenDelta("a", 1, (protocol.TokenLogprob("a", -0.5, (("a", -0.5), ("b", -1.5))),))
+    top = (protocol.TokenLogprob("a", -0.5, b"a"), protocol.TokenLogprob("\ufffd", -1.5, b"\xe4"))
+    delta = protocol.TokenDelta("a", 1, (protocol.TokenLogprob("a", -0.5, b"a", top),))
     assert protocol.TokenDelta.from_fields(delta.to_fields()) == delta
     done = protocol.Done(protocol.FinishReason.LENGTH, 3, 4)
     assert protocol.Done.from_fields(done.to_fields()) == done

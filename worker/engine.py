@@ -134,9 +134,9 @@ class Engine:
                 text += sequence.stop_matcher.push(sequence.detokenizer.flush())[0] + sequence.stop_matcher.flush()
         logprobs = None
         if sequence.request.logprobs:
-            token_text = self.prompts.token_text
-            logprobs = (protocol.TokenLogprob(token_text(choice.token_id), choice.logprob or 0.0,
-                                              tuple((token_text(t), lp) for t, lp in choice.top)),)
+            logprob = self.prompts.token_logprob
+            logprobs = (logprob(choice.token_id, choice.logprob or 0.0,
+                                tuple(logprob(t, lp) for t, lp in choice.top)),)
         return protocol.TokenDelta(text, 1, logprobs)
 
     def _done(self, sequence: Sequence) -> Event:

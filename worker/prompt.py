@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import asdict
 
 from transformers import PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from broker.protocol import GenerationRequest, ProtocolError
+from broker.protocol import GenerationRequest, ProtocolError, TokenLogprob
+
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_decoder(tokenizer: PreTrainedTokenizerBase) -> dict[str, int] | None:
+    """For byte-level BPE tokenizers (GPT-2 style), the table from token symbols back to bytes."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or json.loads(backend.to_str()).get("decoder", {}).get("type") != "ByteLevel":
+        return None
+    return {symbol: byte for byte, symbol in bytes_to_unicode().items()}
 
 
 class PromptEncoder:
@@ -15,6 +28,7 @@ class PromptEncoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, generation_eos: int | list[int] | None) -> None:
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(self._end_of_turn_ids(generation_eos))
+        self._byte_decoder = _byte_decoder(tokenizer)
 
     def encode(self, request: GenerationRequest) -> list[int]:
         if request.prompt is not None:
@@ -25,8 +39,18 @@ class PromptEncoder:
                                                   add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def token_logprob(self, token_id: int, logprob: float,
+                      top: tuple[TokenLogprob, ...] = ()) -> TokenLogprob:
+        return TokenLogprob(self.tokenizer.decode([token_id]), logprob, self._token_bytes(token_id), top)
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes, even when it holds only part of a character."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self._byte_decoder is not None and all(c in self._byte_decoder for c in piece):
+            return bytes(self._byte_decoder[c] for c in piece)  # byte-level BPE: one symbol per byte
+        if _BYTE_FALLBACK.fullmatch(piece):
+            return bytes([int(piece[3:5], 16)])  # SentencePiece's <0xHH>
+        return self.tokenizer.decode([token_id]).encode()
 
     def _end_of_turn_ids(self, generation_eos: int | list[int] | None) -> set[int]:
         """The generation config's and tokenizer's EOS, plus the special token the chat template

@@ -34,8 +34,9 @@ def _finish_reason(reason: str) -> str:
 
 
 def _chat_logprobs(entries: tuple[TokenLogprob, ...]) -> dict[str, Any]:
-    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
-                         "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in e.top]}
+    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token_bytes),
+                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes)}
+                                          for t in e.top]}
                         for e in entries], "refusal": None}
 
 
@@ -45,7 +46,7 @@ def _legacy_logprobs(entries: tuple[TokenLogprob, ...], text_start: int = 0) -> 
         offsets.append(position)
         position += len(entry.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries], "text_offset": offsets}
 
 
 @dataclass(slots=True)
