@@ -297,7 +297,10 @@ class BusClient:
                 self._streams.clear()
                 continue
             heartbeat = protocol.ClientHeartbeat(tuple(self._streams))
-            await self._send(Command.HEARTBEAT, b"", heartbeat.to_fields())
+            try:
+                await self._send(Command.HEARTBEAT, b"", heartbeat.to_fields())
+            except (zmq.ZMQError, BusError) as exc:  # the silence check above still ends the streams in time
+                log.warning("heartbeat not sent: %s", exc)
 
 
 class SyncBusClient:
