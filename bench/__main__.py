@@ -20,6 +20,7 @@ from bench.load import LevelResult, run_level
 from bench.report import draw_chart, table, write_json
 from bench.stack import LocalStack
 from broker.settings import cli_config, load_settings
+from worker.loader import pick_device, pick_dtype
 from worker.model_source import resolve
 
 
@@ -34,6 +35,7 @@ class BenchSettings(BaseSettings):
     min_requests: int = Field(4, ge=1, description="at least this many requests per level")
     max_tokens: int = Field(64, ge=2, description="new tokens per request (greedy)")
     max_batch: int = Field(32, ge=1, description="worker --max-batch for the local stack")
+    dtype: str = Field("auto", description="worker --dtype, and the dtype of the plain generate baseline")
     worker_args: list[str] = Field([], description="more flags for the local worker (e.g. --device cuda)")
     skip_generate: bool = Field(False, description="skip the plain generate baseline")
     output_dir: Path = Field(Path("bench/results"), description="where bench.json and bench.png go")
@@ -61,12 +63,14 @@ def main() -> None:
     model = settings.served_name or source.default_name
     generate_tps = 0.0
     if not settings.skip_generate:
-        print(f"plain generate on {source.location} ...", flush=True)
-        generate_tps = generate_tokens_per_second(source.location, settings.max_tokens)
+        device = pick_device("auto")  # as the worker picks it
+        dtype = pick_dtype(settings.dtype, device)
+        print(f"plain generate on {source.location}, {device}, {dtype} ...", flush=True)
+        generate_tps = generate_tokens_per_second(source.location, settings.max_tokens, device, dtype)
     if settings.api_url:
         levels = asyncio.run(sweep(settings, settings.api_url, model))
     else:
-        worker_args = ["--max-batch", str(settings.max_batch), *settings.worker_args]
+        worker_args = ["--max-batch", str(settings.max_batch), "--dtype", settings.dtype, *settings.worker_args]
         if settings.model:
             worker_args += ["--model", settings.model]
         with LocalStack(worker_args) as stack:

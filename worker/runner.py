@@ -13,11 +13,56 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from worker.sequence import Sequence
 
 # Below this a temperature is greedy: dividing by it would overflow the logits to inf.
 MIN_TEMPERATURE = 1e-5
+
+
+class HeadroomLayer(DynamicLayer):
+    """A cache layer whose tensors are views into buffers with room to grow, so a decode step writes
+    one column in place instead of copying the whole cache (a plain `DynamicLayer` concatenates).
+    Whenever the runner replaces the tensors (rows joining or leaving), the next update copies them
+    into a new buffer."""
+
+    _GROWTH = 64  # columns of room added with each new buffer
+
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys.numel() == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        length, new = self.keys.shape[-2], key_states.shape[-2]
+        if not self._backed() or length + new > self._key_buffer.shape[-2]:
+            self._key_buffer = _with_room(self.keys, length + new + self._GROWTH)
+            self._value_buffer = _with_room(self.values, length + new + self._GROWTH)
+        self._key_buffer[:, :, length:length + new] = key_states
+        self._value_buffer[:, :, length:length + new] = value_states
+        self.keys = self._key_buffer[:, :, :length + new]  # [B, H, L, D] views
+        self.values = self._value_buffer[:, :, :length + new]
+        return self.keys, self.values
+
+    def _backed(self) -> bool:
+        """Whether the tensors are still the views this layer made (not replaced by the runner)."""
+        buffer = self._key_buffer
+        return (buffer is not None and self.keys.data_ptr() == buffer.data_ptr()
+                and self.keys.shape[0] == buffer.shape[0] and self.keys.stride() == buffer.stride()
+                and self.values.data_ptr() == self._value_buffer.data_ptr())
+
+
+def _with_room(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    buffer = tensor.new_empty(tensor.shape[0], tensor.shape[1], columns, tensor.shape[3])
+    buffer[:, :, :tensor.shape[2]] = tensor
+    return buffer
+
+
+def _new_cache() -> DynamicCache:
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = HeadroomLayer  # layers are created on first use, of this class
+    return cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +103,7 @@ class ModelRunner:
             mask[row, length - len(sequence.prompt_ids):] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = _new_cache()
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         self._append_rows(sequences, cache, mask, mask.sum(-1))
@@ -68,7 +113,7 @@ class ModelRunner:
     def prefill_chunk(self, sequence: Sequence, start: int, end: int) -> TokenChoice | None:
         """Prefill prompt tokens [start, end) of one sequence in a cache of its own. With the last
         chunk the sequence joins the batch, and its first token is returned."""
-        cache = self._partial.pop(sequence, None) or DynamicCache()
+        cache = self._partial.pop(sequence, None) or _new_cache()
         input_ids = torch.tensor([sequence.prompt_ids[start:end]], device=self.device)
         mask = torch.ones((1, end), dtype=torch.long, device=self.device)  # [1, L]: the chunks so far
         positions = torch.arange(start, end, device=self.device)[None]
