@@ -35,8 +35,9 @@ class BenchSettings(BaseSettings):
     min_requests: int = Field(4, ge=1, description="at least this many requests per level")
     max_tokens: int = Field(64, ge=2, description="new tokens per request (greedy)")
     max_batch: int = Field(32, ge=1, description="worker --max-batch for the local stack")
+    device: str = Field("auto", description="worker --device, and the device of the plain generate baseline")
     dtype: str = Field("auto", description="worker --dtype, and the dtype of the plain generate baseline")
-    worker_args: list[str] = Field([], description="more flags for the local worker (e.g. --device cuda)")
+    worker_args: list[str] = Field([], description="more flags for the local worker (e.g. --load-8bit)")
     skip_generate: bool = Field(False, description="skip the plain generate baseline")
     output_dir: Path = Field(Path("bench/results"), description="where bench.json and bench.png go")
 
@@ -63,14 +64,15 @@ def main() -> None:
     model = settings.served_name or source.default_name
     generate_tps = 0.0
     if not settings.skip_generate:
-        device = pick_device("auto")  # as the worker picks it
+        device = pick_device(settings.device)  # as the worker picks it
         dtype = pick_dtype(settings.dtype, device)
         print(f"plain generate on {source.location}, {device}, {dtype} ...", flush=True)
         generate_tps = generate_tokens_per_second(source.location, settings.max_tokens, device, dtype)
     if settings.api_url:
         levels = asyncio.run(sweep(settings, settings.api_url, model))
     else:
-        worker_args = ["--max-batch", str(settings.max_batch), "--dtype", settings.dtype, *settings.worker_args]
+        worker_args = ["--max-batch", str(settings.max_batch), "--device", settings.device, "--dtype", settings.dtype,
+                       *settings.worker_args]
         if settings.model:
             worker_args += ["--model", settings.model]
         with LocalStack(worker_args) as stack:

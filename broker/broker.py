@@ -56,6 +56,8 @@ class Broker:
         self._requests: dict[bytes, PendingRequest] = {}
         self._queues: dict[str, deque[bytes]] = {}
         self._clients: dict[bytes, ClientRecord] = {}
+        self._unreachable_clients: set[bytes] = set()  # forgotten in `_purge`, never in the middle of a send
+        self._reannounced: dict[bytes, float] = {}  # unknown workers asked to announce, and when
         self._models_seen: set[str] = set()
         self._next_heartbeat = 0.0
         self._num_malformed = 0
@@ -167,6 +169,7 @@ class Broker:
         # its new self starts empty, and what the old one held is settled as if it had died.
         previous = self.workers.remove(identity)
         self.workers.add(identity, ready, now)
+        self._reannounced.pop(identity, None)
         self._models_seen.update(ready.models)
         log.info("worker %s ready: models %s, capacity %d", ready.worker_id, list(ready.models), ready.capacity)
         if previous is not None:
@@ -180,7 +183,7 @@ class Broker:
             if message.command is Command.TOKEN:
                 self._send(identity, Command.CANCEL, message.request_id)
             if worker is None:
-                self._send(identity, Command.REANNOUNCE)
+                self._ask_to_announce(identity, time.monotonic())
             return
         if request.client is not None:
             self._send(request.client, message.command, message.request_id, message.body)
@@ -190,6 +193,13 @@ class Broker:
             self._finish(request)
             # The freed slot may serve any of the worker's models (aliases share it).
             self._dispatch_models(worker.ready.models, time.monotonic())
+
+    def _ask_to_announce(self, identity: bytes, now: float) -> None:
+        """An unknown worker (this broker restarted, or declared it dead) gets one REANNOUNCE per
+        heartbeat interval, however many of its messages arrive before its READY does."""
+        if now - self._reannounced.get(identity, -float("inf")) >= self.settings.heartbeat_interval:
+            self._reannounced[identity] = now
+            self._send(identity, Command.REANNOUNCE)
 
     def _remove_worker(self, worker: WorkerRecord) -> None:
         """Forget a worker once, and settle the requests it held."""
@@ -223,7 +233,7 @@ class Broker:
     def _on_heartbeat(self, identity: bytes, worker: WorkerRecord | None, fields: dict, now: float) -> None:
         if "worker_id" in fields:
             if worker is None:
-                self._send(identity, Command.REANNOUNCE)
+                self._ask_to_announce(identity, now)
             return
         client = self._clients.get(identity)
         if client is not None:
@@ -272,8 +282,10 @@ class Broker:
         """Detach the client; a running request is freed when its worker confirms."""
         self._detach_client(request)
         if request.worker is None:
-            self._queues[request.model].remove(request.request_id)
-            del self._requests[request.request_id]
+            queue = self._queues.get(request.model, ())
+            if request.request_id in queue:
+                queue.remove(request.request_id)
+            self._requests.pop(request.request_id, None)
         else:
             self._send(request.worker, Command.CANCEL, request.request_id)
 
@@ -290,7 +302,10 @@ class Broker:
         if client is not None:
             log.info("client gone; cancelling its %d requests", len(client.requests))
             for request_id in list(client.requests):  # _cancel detaches each in turn
-                self._cancel(self._requests[request_id])
+                request = self._requests.get(request_id)
+                if request is not None:
+                    self._cancel(request)
+            self._clients.pop(identity, None)
 
     # -- dispatch
 
@@ -328,6 +343,11 @@ class Broker:
     # -- housekeeping
 
     def _purge(self, now: float) -> None:
+        while self._unreachable_clients:
+            self._forget_client(self._unreachable_clients.pop())
+        for identity, asked_at in list(self._reannounced.items()):
+            if asked_at < now - self._timeout:
+                del self._reannounced[identity]
         for worker in self.workers.expired(now - self._timeout):
             log.warning("worker %s silent for %.1fs: removed", worker.ready.worker_id, now - worker.last_seen)
             self._remove_worker(worker)
@@ -350,6 +370,8 @@ class Broker:
         self._send(identity, Command.ERROR, request_id, protocol.Error(code, message).to_fields())
 
     def _send(self, identity: bytes, command: Command, request_id: bytes = b"", body: dict | bytes | None = None) -> None:
+        if identity in self._unreachable_clients:
+            return
         try:
             self._socket.send_multipart([identity, *protocol.encode(command, request_id, body)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone; EAGAIN: it stopped reading
@@ -358,7 +380,7 @@ class Broker:
             if worker is not None:
                 self._remove_worker(worker)
             elif identity in self._clients:
-                self._forget_client(identity)
+                self._unreachable_clients.add(identity)
 
     # -- status
 

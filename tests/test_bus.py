@@ -12,6 +12,7 @@ import zmq
 import zmq.asyncio
 
 from broker import protocol
+from broker.protocol import Message
 from frontends.client import (BrokerUnreachable, BusClient, BusError, ContextLengthExceeded, NoWorker, Overloaded,
                               QueueTimeout, UnknownModel, WorkerLost)
 from tests.conftest import TINY_MODEL, wait_for_models
@@ -291,6 +292,80 @@ async def test_a_raw_worker_restarting_under_the_same_identity_settles_its_reque
         with pytest.raises(BusError):  # gone with its worker
             await (await client.chat("raw", HELLO)).collect()
     worker.close()
+
+
+async def test_an_unknown_worker_is_asked_to_announce_once_however_much_it_sends(stack):
+    stack.broker("--heartbeat-interval", "60")  # one interval outlasts the test
+    worker = _raw_dealer(stack.address)
+    heartbeat = protocol.encode(protocol.Command.HEARTBEAT, b"", {"worker_id": "raw"})
+    for _ in range(10):  # a worker that outlived its broker: heartbeats and tokens of forgotten requests
+        await worker.send_multipart(heartbeat)
+        await worker.send_multipart(protocol.encode(protocol.Command.TOKEN, os.urandom(16), {"text": "x"}))
+    replies = await _replies_until_workers(worker)
+    assert replies.count(protocol.Command.REANNOUNCE) == 1
+    assert replies.count(protocol.Command.CANCEL) == 10
+    await worker.send_multipart(protocol.encode(protocol.Command.READY, b"", protocol.Ready("raw", ("raw",), 1).to_fields()))
+    await worker.send_multipart(protocol.encode(protocol.Command.TOKEN, os.urandom(16), {"text": "x"}))
+    assert await _replies_until_workers(worker) == [protocol.Command.CANCEL]  # known now: no REANNOUNCE
+    worker.close()
+
+
+async def test_a_worker_told_to_announce_drops_its_work_first(tiny_model_dir):
+    """After its new READY, a worker sends nothing about the requests it dropped, and a second
+    REANNOUNCE close behind the first brings no second READY."""
+    address = free_address()
+    broker = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+    broker.setsockopt(zmq.LINGER, 0)
+    broker.bind(address)
+    interval = 2.0
+    process = start_worker(address, tiny_model_dir, "--model-names", TINY_MODEL, "--heartbeat-interval", str(interval))
+    try:
+        async def receive() -> tuple[bytes, Message]:
+            identity, *frames = await asyncio.wait_for(broker.recv_multipart(), 60)
+            return identity, protocol.decode(frames)
+
+        async def send(identity: bytes, command, request_id: bytes = b"", body=None) -> None:
+            await broker.send_multipart([identity, *protocol.encode(command, request_id, body)])
+
+        identity, message = await receive()
+        assert message.command is protocol.Command.READY
+        await asyncio.sleep(interval * 1.1)  # a worker heeds REANNOUNCE only an interval after its READY
+        dropped, kept = os.urandom(16), os.urandom(16)
+        await send(identity, protocol.Command.REQUEST, dropped, {"model": TINY_MODEL, "prompt": "x", "max_tokens": 400})
+        while message.command is not protocol.Command.TOKEN:
+            _, message = await receive()
+        await send(identity, protocol.Command.REANNOUNCE)
+        await send(identity, protocol.Command.REANNOUNCE)
+        while message.command is not protocol.Command.READY:
+            _, message = await receive()
+        await send(identity, protocol.Command.REQUEST, kept, {"model": TINY_MODEL, "prompt": "x", "max_tokens": 3})
+        after_ready = []
+        while message.command is not protocol.Command.DONE:
+            _, message = await receive()
+            after_ready.append(message)
+        assert {m.request_id for m in after_ready if m.command is not protocol.Command.HEARTBEAT} == {kept}
+        assert protocol.Command.READY not in [m.command for m in after_ready]
+    finally:
+        stop(process)
+        broker.close()
+
+
+def _raw_dealer(address: str) -> zmq.asyncio.Socket:
+    socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(address)
+    return socket
+
+
+async def _replies_until_workers(socket: zmq.asyncio.Socket) -> list[protocol.Command]:
+    """The broker's replies to what was sent so far: LIST_WORKERS goes last, so its answer comes last."""
+    await socket.send_multipart(protocol.encode(protocol.Command.LIST_WORKERS, os.urandom(16)))
+    replies = []
+    while True:
+        message = protocol.decode(await asyncio.wait_for(socket.recv_multipart(), 30))
+        if message.command is protocol.Command.WORKERS:
+            return replies
+        replies.append(message.command)
 
 
 async def _serves(client: BusClient, model: str) -> bool:

@@ -155,6 +155,21 @@ def test_a_failing_step_ends_every_request_in_it_with_an_error():
     assert not engine.has_work and runner.rows == []
 
 
+def test_a_failing_decode_keeps_the_events_its_step_already_made():
+    engine, runner = make_engine({"a": "a" * 10, "b": "b", "c": ""})
+    add(engine, b"a" * 16, "a")
+    engine.step()
+    add(engine, b"b" * 16, "b")  # joins with its one letter, then ends at the decode that fails
+    add(engine, b"c" * 16, "c")  # joins and ends at once: its first token is the end of turn
+    runner.fail_next_decode = True
+    events = engine.step()
+    results = run(engine, events)
+    assert results[b"c" * 16] == ("", {"command": Command.DONE, "finish_reason": "stop",
+                                       "prompt_tokens": 1, "completion_tokens": 1})
+    assert results[b"b" * 16][0] == "b" and results[b"b" * 16][1]["code"] == "internal_error"
+    assert results[b"a" * 16][1]["code"] == "internal_error"
+
+
 def test_a_failing_prefill_ends_only_the_joining_requests():
     engine, runner = make_engine({"a": "a" * 6, "b": "b" * 6})
     add(engine, b"a" * 16, "a")

@@ -81,18 +81,20 @@ class Engine:
         self._retire(self.scheduler.sequences)
 
     def step(self) -> list[Event]:
-        """One batched step; a failure ends every request in it with an explicit error."""
+        """One batched step; a failure ends every request in it with an explicit error, after the
+        events the step had already made."""
+        events: list[Event] = []
         try:
-            return self._step()
+            self._step(events)
         except Exception as exc:
             log.exception("engine step failed; failing the requests in the batch")
             failed = list(self.scheduler.running)
             self._retire(failed)
-            return [_error(s.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}") for s in failed]
+            events += [_error(s.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}") for s in failed]
+        return events
 
-    def _step(self) -> list[Event]:
+    def _step(self, events: list[Event]) -> None:
         plan = self.scheduler.schedule()
-        events: list[Event] = []
         joining = plan.prefill or ([plan.chunk.sequence] if plan.chunk else [])
         try:
             if plan.chunk is not None:
@@ -109,7 +111,6 @@ class Engine:
         if self.runner.rows:
             rows = list(self.runner.rows)
             self._accept(rows, self.runner.decode(), events)
-        return events
 
     def _accept(self, sequences: list[Sequence], choices: list[TokenChoice], events: list[Event]) -> None:
         for sequence, choice in zip(sequences, choices):

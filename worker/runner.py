@@ -140,13 +140,11 @@ class ModelRunner:
             return
         index = torch.tensor(keep, device=self.device)
         self._mask, self._positions = self._mask[index], self._positions[index]
-        assert self._cache is not None
-        self._cache.batch_select_indices(index)
         first_used = int(self._mask.any(0).int().argmax())
-        if first_used:
-            self._mask = self._mask[:, first_used:]
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first_used:], layer.values[:, :, first_used:]
+        self._mask = self._mask[:, first_used:]
+        assert self._cache is not None
+        for layer in self._cache.layers:
+            _replace_tensors(layer, layer.keys[index, :, first_used:], layer.values[index, :, first_used:])
 
     # -- decoding
 
@@ -162,8 +160,9 @@ class ModelRunner:
 
     def _append_rows(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor,
                      positions: torch.Tensor) -> None:
+        generators = {}
         for sequence in sequences:
-            generator = self._generators[sequence] = torch.Generator(device=self.device)
+            generator = generators[sequence] = torch.Generator(device=self.device)
             if sequence.request.seed is None:
                 generator.seed()
             else:
@@ -171,12 +170,16 @@ class ModelRunner:
         if self._cache is None:
             self._cache, self._mask, self._positions = cache, mask, positions
         else:
+            # Every new tensor first, so a failure (out of memory) leaves the batch as it was.
             width = max(self._mask.shape[1], mask.shape[1])
-            for old, new in zip(self._cache.layers, cache.layers):
-                old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])
-                old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])
+            stacked = [(torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)]),
+                        torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)]))
+                       for old, new in zip(self._cache.layers, cache.layers)]
             self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
             self._positions = torch.cat([self._positions, positions])
+            for layer, (keys, values) in zip(self._cache.layers, stacked):
+                _replace_tensors(layer, keys, values)
+        self._generators.update(generators)
         self.rows.extend(sequences)
 
     # -- sampling
@@ -199,6 +202,13 @@ class ModelRunner:
                 token = int(torch.multinomial(probs, 1, generator=self._generators[sequence]))
             choices.append(_choice(token, raw_logprobs[row] if request.logprobs else None, request.top_logprobs))
         return choices
+
+
+def _replace_tensors(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Give a cache layer new tensors; a `HeadroomLayer` lets go of its old buffers at once."""
+    layer.keys, layer.values = keys, values
+    if isinstance(layer, HeadroomLayer):
+        layer._key_buffer = layer._value_buffer = None
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
@@ -230,7 +240,7 @@ def _apply_penalties(logits: torch.Tensor, sequences: list[Sequence], unpenalize
                                             values * request.repetition_penalty)
         if sequence.output_ids and (request.presence_penalty or request.frequency_penalty):
             counts = torch.bincount(torch.tensor(sequence.output_ids, device=logits.device), minlength=scores.shape[1])
-            counts[list(unpenalized_ids)] = 0
+            counts[[i for i in unpenalized_ids if i < counts.shape[0]]] = 0
             scores[row] -= request.frequency_penalty * counts + request.presence_penalty * (counts > 0)
     return scores
 

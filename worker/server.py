@@ -21,8 +21,10 @@ from worker.engine import Engine, Event
 
 log = logging.getLogger(__name__)
 
-# Sent down the engine pipe when the broker has forgotten this worker: its requests have no client left.
+# The broker has forgotten this worker, so its requests have no client left: the socket thread sends
+# _DROP_ALL down the engine pipe, drops the engine's events until _DROPPED comes back, then announces.
 _DROP_ALL = [b"drop-all"]
+_DROPPED = [b"dropped"]
 
 
 class WorkerServer:
@@ -36,6 +38,8 @@ class WorkerServer:
         self.interval = heartbeat_interval
         self._context = context or zmq.Context.instance()
         self._pipe_address = f"inproc://engine-{uuid.uuid4().hex}"
+        self._dropping = False  # a _DROP_ALL is on its way through the engine
+        self._announced_at = -float("inf")
         self.stopping = threading.Event()
 
     @staticmethod
@@ -49,6 +53,7 @@ class WorkerServer:
         engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
         engine_thread.start()
         dealer = self._connect()
+        self._announce(dealer)
         poller = zmq.Poller()
         poller.register(pipe, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
@@ -57,18 +62,18 @@ class WorkerServer:
             events = dict(poller.poll(self.interval * 250))
             if pipe in events:
                 while pipe.poll(0):
-                    self._forward(dealer, pipe.recv_multipart())
+                    self._from_engine(dealer, pipe.recv_multipart())
             if dealer in events:
                 last_heard = time.monotonic()
                 while dealer.poll(0):
-                    self._from_broker(dealer, pipe, dealer.recv_multipart())
+                    self._from_broker(pipe, dealer.recv_multipart())
             now = time.monotonic()
             if now - last_heard > self.interval * protocol.HEARTBEAT_LIVENESS:
                 log.warning("broker silent for %.1fs; reconnecting", now - last_heard)
                 poller.unregister(dealer)
                 dealer.close(linger=0)
-                pipe.send_multipart(_DROP_ALL)
                 dealer = self._connect()
+                self._drop_all(pipe)
                 poller.register(dealer, zmq.POLLIN)
                 last_heard = now
             if now >= next_heartbeat:
@@ -92,14 +97,20 @@ class WorkerServer:
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.SNDHWM, 100_000)  # a busy broker is never a reason to drop a DONE
         dealer.connect(self.broker)
-        self._announce(dealer)
         return dealer
+
+    def _drop_all(self, pipe: zmq.Socket) -> None:
+        """Start afresh: the engine drops every request, then (in `_from_engine`) the worker announces."""
+        if not self._dropping:
+            self._dropping = True
+            pipe.send_multipart(_DROP_ALL)
 
     def _announce(self, dealer: zmq.Socket) -> None:
         self._forward(dealer, protocol.encode(Command.READY, b"", self.ready.to_fields()))
+        self._announced_at = time.monotonic()
         log.info("announced %s (capacity %d) to %s", list(self.ready.models), self.ready.capacity, self.broker)
 
-    def _from_broker(self, dealer: zmq.Socket, pipe: zmq.Socket, frames: list[bytes]) -> None:
+    def _from_broker(self, pipe: zmq.Socket, frames: list[bytes]) -> None:
         try:
             message = protocol.decode(frames)
         except protocol.ProtocolError as exc:
@@ -108,10 +119,19 @@ class WorkerServer:
         if message.command in (Command.REQUEST, Command.CANCEL):
             pipe.send_multipart(frames)
         elif message.command is Command.REANNOUNCE:
-            pipe.send_multipart(_DROP_ALL)  # before READY, so no request sent after it is dropped
-            self._announce(dealer)
+            # Messages sent before our last READY reached the broker may still ask for another one.
+            if time.monotonic() - self._announced_at >= self.interval:
+                self._drop_all(pipe)
         elif message.command is not Command.HEARTBEAT:
             log.warning("unexpected %s from the broker", message.command.value)
+
+    def _from_engine(self, dealer: zmq.Socket, frames: list[bytes]) -> None:
+        if frames == _DROPPED:
+            self._dropping = False
+            self._announce(dealer)
+        elif not self._dropping:
+            self._forward(dealer, frames)
+        # else: an event of a dropped request, which no broker knows any more
 
     # -- engine thread
 
@@ -126,6 +146,7 @@ class WorkerServer:
                     frames = pipe.recv_multipart()
                     if frames == _DROP_ALL:
                         self.engine.drop_all()
+                        pipe.send_multipart(_DROPPED)
                     else:
                         self._send(pipe, self._on_command(protocol.decode(frames)))
                     timeout = 0

@@ -193,7 +193,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, kind: str, parse: Callable[[Any, int], ApiCall]) -> web.StreamResponse:
     app_metrics = request.app[METRICS]
     call = parse(await _json_body(request), request.app[SETTINGS].max_n)
-    request[MODEL] = call.model
     streams: list[Stream] = []
     try:
         bus = request.app[BUS]
@@ -202,19 +201,20 @@ async def _generate(request: web.Request, kind: str, parse: Callable[[Any, int],
         if call.stream:
             return await _stream(request, call, streams, ids)
         results = await _collect_all(streams)
+        request[MODEL] = call.model  # a worker answered: a served model, fit to be a metrics label
         _count_tokens(app_metrics, call.model, results, call.n)
         return web.json_response(ids.response(results, call.n, [r.prompt for r in call.requests]))
     except ApiError as error:
-        if error.status == 404:
-            request[MODEL] = ""  # not a served model: a client's string must not become a label
-        if error.status == 429:
+        if error.status == 429:  # only a served model is overloaded
+            request[MODEL] = call.model
             app_metrics.overloaded.labels(call.model).inc()
         raise
     finally:
         for stream in streams:
             await stream.cancel()  # a no-op for finished streams; stops the rest (client gone, error)
             if stream.first_token_at is not None:
-                app_metrics.time_to_first_token.labels(request[MODEL]).observe(
+                request[MODEL] = call.model
+                app_metrics.time_to_first_token.labels(call.model).observe(
                     stream.first_token_at - stream.started_at)
 
 
@@ -246,6 +246,7 @@ async def _stream(request: web.Request, call: ApiCall, streams: list[Stream], id
         index, item = await events.get()
         if isinstance(item, BusError):
             raise ApiError.from_bus(item)
+        request[MODEL] = call.model  # a worker answered: a served model, fit to be a metrics label
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                **_cors_headers(request)})
         await response.prepare(request)
