@@ -10,10 +10,10 @@ from bench.load import LevelResult
 
 
 def table(levels: list[LevelResult], generate_tps: float) -> str:
+    """`generate_tps` 0: the plain generate baseline was skipped."""
     single = next((level.tokens_per_second for level in levels if level.concurrency == 1), None)
-    lines = [
-        f"plain model.generate, one stream: {generate_tps:.1f} tok/s",
-        "",
+    lines = [f"plain model.generate, one stream: {generate_tps:.1f} tok/s", ""] if generate_tps else []
+    lines += [
         f"{'streams':>7} {'requests':>8} {'fail':>4} {'tok/s':>7} {'x one':>6} {'TTFT p50':>9} {'TTFT p95':>9} "
         f"{'stream tok/s':>12}",
     ]
@@ -21,7 +21,7 @@ def table(levels: list[LevelResult], generate_tps: float) -> str:
         speedup = f"{level.tokens_per_second / single:.2f}" if single else "-"
         lines.append(f"{level.concurrency:>7} {level.requests:>8} {level.failures:>4} {level.tokens_per_second:>7.1f} "
                      f"{speedup:>6} {level.ttft_p50:>8.2f}s {level.ttft_p95:>8.2f}s {level.decode_rate_p50:>12.1f}")
-    if single:
+    if single and generate_tps:
         lines += ["", f"one stream through the stack: {100 * single / generate_tps:.0f}% of plain generate"]
     return "\n".join(lines)
 
@@ -40,7 +40,8 @@ def draw_chart(path: Path, levels: list[LevelResult], generate_tps: float, title
     concurrency = [level.concurrency for level in levels]
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
     throughput.plot(concurrency, [level.tokens_per_second for level in levels], "o-", label="tokenbus, aggregate")
-    throughput.axhline(generate_tps, color="gray", linestyle="--", label="plain generate, one stream")
+    if generate_tps:
+        throughput.axhline(generate_tps, color="gray", linestyle="--", label="plain generate, one stream")
     throughput.set(xscale="log", xlabel="concurrent streams", ylabel="tokens/s", title="Throughput")
     latency.plot(concurrency, [level.ttft_p50 for level in levels], "o-", label="p50")
     latency.plot(concurrency, [level.ttft_p95 for level in levels], "s--", label="p95")

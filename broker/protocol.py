@@ -105,6 +105,8 @@ def encode(command: Command, request_id: bytes = b"", body: dict[str, Any] | byt
         packed = body
     else:
         packed = msgpack.packb(body, use_bin_type=True)
+    if len(packed) > MAX_MESSAGE_SIZE:  # checked here too: sent, it would cost the sender its connection
+        raise ProtocolError(f"body too large: {len(packed)} bytes packed, the limit is {MAX_MESSAGE_SIZE}")
     return [PROTOCOL_SIGNATURE, command.value.encode(), request_id, packed]
 
 

@@ -158,7 +158,10 @@ class Stream:
             self._finish()
             self.cancelled = True
             self._queue.put_nowait(Cancelled("the request was cancelled"))
-            await self._client._send(Command.CANCEL, self.request_id)
+            try:
+                await self._client._send(Command.CANCEL, self.request_id, wait=False)
+            except BrokerUnreachable:
+                pass  # nothing to stop: a broker that lost this client forgets its requests
 
     aclose = cancel
 
@@ -203,6 +206,9 @@ class BusClient:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_SIZE * 2)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        # Queue nothing while the broker is away: a request it never got must fail now, not run
+        # later for a caller who has been told it failed.
+        socket.setsockopt(zmq.IMMEDIATE, 1)
         socket.connect(self.address)
         self._socket = socket
         self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop())]
@@ -222,11 +228,19 @@ class BusClient:
     async def generate(self, request: GenerationRequest) -> Stream:
         """Send one request; the returned stream yields its tokens."""
         request_id = uuid.uuid4().bytes
+        try:
+            frames = protocol.encode(Command.REQUEST, request_id, request.to_fields())
+        except protocol.ProtocolError as exc:
+            raise BadRequest(str(exc)) from None
         stream = Stream(self, request_id)
         if not self._streams and not self._replies:
             self._last_heard = time.monotonic()
         self._streams[request_id] = stream
-        await self._send(Command.REQUEST, request_id, request.to_fields())
+        try:
+            await self._send_frames(frames)
+        except BrokerUnreachable:
+            stream._finish()
+            raise
         return stream
 
     async def chat(self, model: str, messages: list[dict[str, str]], **params: Any) -> Stream:
@@ -257,10 +271,23 @@ class BusClient:
         finally:
             self._replies.pop(request_id, None)
 
-    async def _send(self, command: Command, request_id: bytes = b"", body: dict | None = None) -> None:
+    async def _send(self, command: Command, request_id: bytes = b"", body: dict | None = None, *,
+                    wait: bool = True) -> None:
+        await self._send_frames(protocol.encode(command, request_id, body), wait=wait)
+
+    async def _send_frames(self, frames: list[bytes], *, wait: bool = True) -> None:
+        """Send, waiting at most the broker's liveness for room (or not at all: `wait` False)."""
         if self._socket is None:
             raise BrokerUnreachable("the bus client is closed")
-        await self._socket.send_multipart(protocol.encode(command, request_id, body))
+        # Never a blocking send: a pending one would hold up every later send, NOBLOCK ones too.
+        timeout_ms = int(self._interval * protocol.HEARTBEAT_LIVENESS * 1000) if wait else 0
+        try:
+            if await self._socket.poll(timeout_ms, zmq.POLLOUT):
+                await self._socket.send_multipart(frames, zmq.NOBLOCK)
+                return
+        except zmq.Again:
+            pass
+        raise BrokerUnreachable(f"the broker at {self.address} is not connected")
 
     # -- background loops
 
@@ -298,7 +325,7 @@ class BusClient:
                 continue
             heartbeat = protocol.ClientHeartbeat(tuple(self._streams))
             try:
-                await self._send(Command.HEARTBEAT, b"", heartbeat.to_fields())
+                await self._send(Command.HEARTBEAT, b"", heartbeat.to_fields(), wait=False)
             except (zmq.ZMQError, BusError) as exc:  # the silence check above still ends the streams in time
                 log.warning("heartbeat not sent: %s", exc)
 

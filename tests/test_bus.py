@@ -13,7 +13,7 @@ import zmq.asyncio
 
 from broker import protocol
 from broker.protocol import Message
-from frontends.client import (BrokerUnreachable, BusClient, BusError, ContextLengthExceeded, NoWorker, Overloaded,
+from frontends.client import (BadRequest, BrokerUnreachable, BusClient, BusError, ContextLengthExceeded, NoWorker, Overloaded,
                               QueueTimeout, UnknownModel, WorkerLost)
 from tests.conftest import TINY_MODEL, wait_for_models
 from tests.processes import free_address, start_broker, start_worker, stop
@@ -154,6 +154,16 @@ async def test_logprobs_come_with_each_token(bus):
             assert entry.logprob == pytest.approx(entry.top[0].logprob)  # greedy takes the most likely token
 
 
+async def test_a_message_too_large_for_the_bus_is_refused_without_hurting_other_streams(bus):
+    async with BusClient(bus.address) as client:
+        running = await client.chat(bus.model, HELLO, max_tokens=40)
+        await anext(running)
+        huge = [{"role": "user", "content": "x" * 3 * protocol.MAX_MESSAGE_SIZE}]  # over the sockets' limit too
+        with pytest.raises(BadRequest, match="too large"):
+            await client.chat(bus.model, huge)
+        assert (await asyncio.wait_for(running.collect(), 30)).finish_reason.value == "length"
+
+
 async def test_garbage_frames_do_not_hurt_the_broker(bus):
     context = zmq.asyncio.Context.instance()
     raw = context.socket(zmq.DEALER)
@@ -193,6 +203,17 @@ async def test_client_that_vanishes_has_its_requests_cancelled(bus):
     raw.close()
     async with BusClient(bus.address) as client:
         await wait_until(lambda: _idle(client))
+
+
+async def test_with_no_broker_every_call_fails_and_none_waits_to_be_replayed():
+    """Nothing queues up for an absent broker: each call ends with BrokerUnreachable, however many."""
+    async with BusClient(free_address()) as client:
+        results = await asyncio.wait_for(asyncio.gather(
+            *(client.models() for _ in range(1100)),  # more than a socket's default queue of 1000
+            *(client.chat(TINY_MODEL, HELLO) for _ in range(10)), return_exceptions=True), 60)
+        assert {type(r) for r in results} == {BrokerUnreachable}
+        with pytest.raises(BrokerUnreachable):
+            await asyncio.wait_for(client.models(), 30)
 
 
 async def test_worker_killed_mid_stream_fails_its_stream_and_others_keep_serving(stack):

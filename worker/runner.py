@@ -106,6 +106,7 @@ class ModelRunner:
         cache = _new_cache()
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        _check_filled(cache, length)
         self._append_rows(sequences, cache, mask, mask.sum(-1))
         return self._sample(logits, sequences)
 
@@ -119,6 +120,7 @@ class ModelRunner:
         positions = torch.arange(start, end, device=self.device)[None]
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        _check_filled(cache, end)
         if end < len(sequence.prompt_ids):
             self._partial[sequence] = cache
             return None
@@ -202,6 +204,13 @@ class ModelRunner:
                 token = int(torch.multinomial(probs, 1, generator=self._generators[sequence]))
             choices.append(_choice(token, raw_logprobs[row] if request.logprobs else None, request.top_logprobs))
         return choices
+
+
+def _check_filled(cache: DynamicCache, length: int) -> None:
+    """A model that ignored the cache would decode garbage without a word: refuse instead."""
+    if cache.get_seq_length() != length:
+        raise RuntimeError(f"the model left {cache.get_seq_length()} of {length} positions in the KV cache; "
+                           "it must accept `cache=` (transformers 5.24 or later)")
 
 
 def _replace_tensors(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
