@@ -242,7 +242,7 @@ class GenerationRequest:
             max_tokens=_get(fields, "max_tokens", int),
             temperature=_number(fields, "temperature", 1.0),
             top_p=_number(fields, "top_p", 1.0),
-            top_k=_get(fields, "top_k", int, 0),
+            top_k=_top_k(_get(fields, "top_k", int, 0)),
             stop=tuple(stop),
             seed=_get(fields, "seed", int),
             repetition_penalty=_number(fields, "repetition_penalty", 1.0),
@@ -359,6 +359,10 @@ class Error:
         except ValueError:
             code = ErrorCode.INTERNAL
         return cls(code, _get(fields, "message", str, raw))
+
+
+def _top_k(value: int) -> int:
+    return 0 if value == -1 else value  # -1: off, as vLLM spells it
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,8 +108,13 @@ def main() -> None:
             except (EOFError, KeyboardInterrupt):
                 print()
                 break
-            if not chat.handle(line):
-                break
+            try:
+                if not chat.handle(line):
+                    break
+            except BusError as exc:  # e.g. /models while the broker is away: say so and carry on
+                print(f"[error: {exc.message}]")
+            except KeyboardInterrupt:  # Ctrl-C outside a reply (a reply handles its own)
+                print()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import sys
 import pexpect
 import pytest
 
-from tests.processes import ROOT
+from tests.conftest import TINY_MODEL, serving
+from tests.processes import ROOT, stop
 
 
 @pytest.mark.slow
@@ -40,3 +41,20 @@ def test_terminal_chat_streams_cancels_and_resets(default_bus):
     finally:
         chat.close(force=True)
     assert chat.exitstatus == 0
+
+
+def test_terminal_chat_outlives_its_broker(tiny_model_dir):
+    with serving(tiny_model_dir, TINY_MODEL, "--model-names", TINY_MODEL) as bus:
+        chat = pexpect.spawn(sys.executable, ["-m", "frontends.cli", "--broker", bus.address],
+                             cwd=str(ROOT), encoding="utf-8", timeout=60)
+        try:
+            chat.expect_exact("you> ")
+            stop(bus.broker)
+            chat.sendline("/models")
+            chat.expect_exact("[error: the broker at")
+            chat.expect_exact("you> ")
+            chat.sendline("/quit")
+            chat.expect(pexpect.EOF)
+        finally:
+            chat.close(force=True)
+        assert chat.exitstatus == 0

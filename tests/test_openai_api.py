@@ -352,6 +352,11 @@ def test_overload_is_429(tiny_model_dir):
             with pytest.raises(openai.RateLimitError):
                 client.chat.completions.create(model=TINY_MODEL, messages=HELLO, max_tokens=2)
             long_stream.close()
+            with urllib.request.urlopen(server.url + "/metrics") as response:
+                text = response.read().decode()
+            assert f'tokenbus_api_rejected_overloaded_total{{model="{TINY_MODEL}"}} 1.0' in text
+            assert (f'tokenbus_api_requests_total{{endpoint="/v1/chat/completions",model="{TINY_MODEL}",'
+                    f'status="429"}} 1.0') in text
         finally:
             server.stop()
 

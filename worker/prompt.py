@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import asdict
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -35,8 +36,11 @@ class PromptEncoder:
             return self.tokenizer(request.prompt).input_ids
         if not self.tokenizer.chat_template:
             raise ProtocolError("this model has no chat template; send a plain 'prompt' instead", "messages")
-        text = self.tokenizer.apply_chat_template([asdict(m) for m in request.messages], tokenize=False,
-                                                  add_generation_prompt=True)
+        try:
+            text = self.tokenizer.apply_chat_template([asdict(m) for m in request.messages], tokenize=False,
+                                                      add_generation_prompt=True)
+        except TemplateError as exc:  # the template's own rule, e.g. "roles must alternate": the caller's to fix
+            raise ProtocolError(f"the model's chat template rejects these messages: {exc}", "messages") from None
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def token_logprob(self, token_id: int, logprob: float,

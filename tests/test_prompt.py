@@ -1,0 +1,42 @@
+"""Prompts from the real default model's tokenizer and its own chat template."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from transformers import AutoTokenizer
+
+from broker.protocol import GenerationRequest, ProtocolError
+from worker.model_source import default_model_dir
+from worker.prompt import PromptEncoder
+
+# The rule some models' templates enforce (Llama 2, Mistral): user and assistant take turns.
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+               "{{ m['content'] }}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def chat(*contents: str) -> GenerationRequest:
+    return GenerationRequest.from_fields({"model": "m", "messages": [{"role": "user", "content": c} for c in contents]})
+
+
+def test_chat_uses_the_models_own_template(tokenizer):
+    ids = PromptEncoder(tokenizer, tokenizer.eos_token_id).encode(chat("Hi"))
+    assert tokenizer.decode(ids) == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by " \
+        "Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_messages_the_template_refuses_are_the_callers_error(tokenizer):
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ALTERNATING
+    encoder = PromptEncoder(strict, tokenizer.eos_token_id)
+    assert encoder.encode(chat("a")) == strict("a", add_special_tokens=False).input_ids
+    with pytest.raises(ProtocolError, match="roles must alternate") as error:
+        encoder.encode(chat("a", "b"))
+    assert error.value.field == "messages"
