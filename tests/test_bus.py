@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
+from contextlib import asynccontextmanager
 
 import msgpack
 import pytest
@@ -17,6 +19,7 @@ from frontends.client import (BadRequest, BrokerUnreachable, BusClient, BusError
                               QueueTimeout, UnknownModel, WorkerLost)
 from tests.conftest import TINY_MODEL, wait_for_models
 from tests.processes import free_address, start_broker, start_worker, stop
+from tests.raw_worker import RawWorker
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -75,14 +78,37 @@ async def _num_workers(client: BusClient, count: int) -> bool:
     return len(await client.workers()) == count
 
 
-async def test_cancel_frees_the_slot_at_once(bus):
-    async with BusClient(bus.address) as client:
-        stream = await client.chat(bus.model, HELLO, max_tokens=400)
-        await anext(stream)
-        assert await in_flight(client) == 1
-        await stream.cancel()
-        await wait_until(lambda: _idle(client))
-        assert stream.finished
+async def test_cancel_reaches_the_worker_and_frees_the_slot(bus):
+    worker = RawWorker(bus.address, "raw-cancel")  # it never ends a reply by itself
+    try:
+        await wait_for_models(bus.address, {"raw-cancel"})
+        async with BusClient(bus.address) as client:
+            stream = await client.chat("raw-cancel", HELLO)
+            request = await asyncio.to_thread(worker.next, protocol.Command.REQUEST)
+            worker.send(protocol.Command.TOKEN, request.request_id, {"text": "Hi"})
+            assert (await anext(stream)).text == "Hi"
+            await stream.cancel()
+            assert (await asyncio.to_thread(worker.next, protocol.Command.CANCEL)).request_id == request.request_id
+            worker.send(protocol.Command.DONE, request.request_id,
+                        protocol.Done(protocol.FinishReason.CANCELLED, 3, 1).to_fields())
+            await wait_until(lambda: _idle(client))
+            assert stream.finished
+    finally:
+        worker.close()
+
+
+async def test_a_worker_stops_a_cancelled_request_at_its_next_step(tiny_model_dir):
+    async with _worker_behind_raw_broker(tiny_model_dir) as (send, receive):
+        request_id = os.urandom(16)
+        await send(protocol.Command.REQUEST, request_id, {"model": TINY_MODEL, "prompt": "x", "max_tokens": 480})
+        while (await receive()).command is not protocol.Command.TOKEN:
+            pass
+        await send(protocol.Command.CANCEL, request_id)
+        while (message := await receive()).command is not protocol.Command.DONE:
+            pass
+        done = protocol.Done.from_fields(message.fields())
+        assert message.request_id == request_id and done.finish_reason is protocol.FinishReason.CANCELLED
+        assert done.completion_tokens < 480
 
 
 async def _idle(client: BusClient) -> bool:
@@ -194,15 +220,27 @@ async def test_garbage_frames_do_not_hurt_the_broker(bus):
 
 
 async def test_client_that_vanishes_has_its_requests_cancelled(bus):
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(bus.address)
-    raw.send_multipart(protocol.encode(protocol.Command.REQUEST, os.urandom(16),
-                                       {"model": bus.model, "prompt": "x", "max_tokens": 480}))
-    raw.recv_multipart()  # the first token: it is running
-    raw.close()
-    async with BusClient(bus.address) as client:
-        await wait_until(lambda: _idle(client))
+    worker = RawWorker(bus.address, "raw-vanish")
+    try:
+        await wait_for_models(bus.address, {"raw-vanish"})
+        raw = _raw_dealer(bus.address)
+        await raw.send_multipart(protocol.encode(protocol.Command.REQUEST, os.urandom(16),
+                                                 {"model": "raw-vanish", "prompt": "x"}))
+        request = await asyncio.to_thread(worker.next, protocol.Command.REQUEST)
+        raw.close()
+        # The broker learns the client is gone when a token for it cannot be delivered.
+        for _ in range(300):
+            worker.send(protocol.Command.TOKEN, request.request_id, {"text": "x"})
+            try:
+                cancel = await asyncio.to_thread(worker.next, protocol.Command.CANCEL, 0.1)
+                break
+            except queue.Empty:
+                continue
+        else:
+            pytest.fail("the broker never cancelled the vanished client's request")
+        assert cancel.request_id == request.request_id
+    finally:
+        worker.close()
 
 
 async def test_with_no_broker_every_call_fails_and_none_waits_to_be_replayed():
@@ -334,38 +372,46 @@ async def test_an_unknown_worker_is_asked_to_announce_once_however_much_it_sends
 async def test_a_worker_told_to_announce_drops_its_work_first(tiny_model_dir):
     """After its new READY, a worker sends nothing about the requests it dropped, and a second
     REANNOUNCE close behind the first brings no second READY."""
+    interval = 2.0
+    async with _worker_behind_raw_broker(tiny_model_dir, interval) as (send, receive):
+        await asyncio.sleep(interval * 1.1)  # a worker heeds REANNOUNCE only an interval after its READY
+        dropped, kept = os.urandom(16), os.urandom(16)
+        await send(protocol.Command.REQUEST, dropped, {"model": TINY_MODEL, "prompt": "x", "max_tokens": 400})
+        while (await receive()).command is not protocol.Command.TOKEN:
+            pass
+        await send(protocol.Command.REANNOUNCE)
+        await send(protocol.Command.REANNOUNCE)
+        while (await receive()).command is not protocol.Command.READY:
+            pass
+        await send(protocol.Command.REQUEST, kept, {"model": TINY_MODEL, "prompt": "x", "max_tokens": 3})
+        after_ready = [await receive()]
+        while after_ready[-1].command is not protocol.Command.DONE:
+            after_ready.append(await receive())
+        assert {m.request_id for m in after_ready if m.command is not protocol.Command.HEARTBEAT} == {kept}
+        assert protocol.Command.READY not in [m.command for m in after_ready]
+
+
+@asynccontextmanager
+async def _worker_behind_raw_broker(model_dir, interval: float = 60.0):
+    """A real worker process whose broker is the test: yields `send(command, id, body)` to the
+    worker and `receive()` of its next message, once it has announced itself."""
     address = free_address()
     broker = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
     broker.setsockopt(zmq.LINGER, 0)
     broker.bind(address)
-    interval = 2.0
-    process = start_worker(address, tiny_model_dir, "--model-names", TINY_MODEL, "--heartbeat-interval", str(interval))
+    process = start_worker(address, model_dir, "--model-names", TINY_MODEL, "--heartbeat-interval", str(interval))
     try:
-        async def receive() -> tuple[bytes, Message]:
-            identity, *frames = await asyncio.wait_for(broker.recv_multipart(), 60)
-            return identity, protocol.decode(frames)
+        identity, *frames = await asyncio.wait_for(broker.recv_multipart(), 120)
+        assert protocol.decode(frames).command is protocol.Command.READY
 
-        async def send(identity: bytes, command, request_id: bytes = b"", body=None) -> None:
+        async def send(command, request_id: bytes = b"", body=None) -> None:
             await broker.send_multipart([identity, *protocol.encode(command, request_id, body)])
 
-        identity, message = await receive()
-        assert message.command is protocol.Command.READY
-        await asyncio.sleep(interval * 1.1)  # a worker heeds REANNOUNCE only an interval after its READY
-        dropped, kept = os.urandom(16), os.urandom(16)
-        await send(identity, protocol.Command.REQUEST, dropped, {"model": TINY_MODEL, "prompt": "x", "max_tokens": 400})
-        while message.command is not protocol.Command.TOKEN:
-            _, message = await receive()
-        await send(identity, protocol.Command.REANNOUNCE)
-        await send(identity, protocol.Command.REANNOUNCE)
-        while message.command is not protocol.Command.READY:
-            _, message = await receive()
-        await send(identity, protocol.Command.REQUEST, kept, {"model": TINY_MODEL, "prompt": "x", "max_tokens": 3})
-        after_ready = []
-        while message.command is not protocol.Command.DONE:
-            _, message = await receive()
-            after_ready.append(message)
-        assert {m.request_id for m in after_ready if m.command is not protocol.Command.HEARTBEAT} == {kept}
-        assert protocol.Command.READY not in [m.command for m in after_ready]
+        async def receive() -> Message:
+            _, *frames = await asyncio.wait_for(broker.recv_multipart(), 60)
+            return protocol.decode(frames)
+
+        yield send, receive
     finally:
         stop(process)
         broker.close()

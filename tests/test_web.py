@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
+from broker.protocol import Command, Done, FinishReason
 from frontends.client import SyncBusClient
 from tests.conftest import TINY_MODEL, wait_for_models
 from tests.processes import free_address, running_web, start_broker, start_worker, stop
+from tests.raw_worker import RawWorker
 
 TOKEN = "open-sesame"
-BUSY_MODEL = "tiny-b"  # capacity 1, and the broker queues nothing: a second request is refused
+BUSY_MODEL = "tiny-b"  # a second model, capacity 1
 HEARTBEAT = ("--heartbeat-interval", "0.5")  # a killed worker is noticed within 1.5 s
 
 
@@ -174,20 +176,29 @@ def test_errors_show_in_the_chat(stack):
     assert title(chat(client, "Hi", model="")[-1]) == "Model not available"
 
 
-def test_busy_model_says_so_and_cancelling_frees_the_worker(stack):
+def test_busy_model_says_so_and_cancelling_stops_the_request_on_the_bus(stack):
     address, url, _ = stack
-    first, second = log_in(url), log_in(url)
-    # Greedy on the tiny model is newline after newline: it never ends early.
-    job = first.submit("Hi", [], BUSY_MODEL, "", 0.0, 1.0, 400, api_name="/chat")
+    worker = RawWorker(address, "raw-busy")  # capacity 1; a reply ends only when the test says so
     try:
-        wait_until(lambda: in_flight(address, BUSY_MODEL) == 1, what="the first reply running")
-        reply = chat(second, "Hi", model=BUSY_MODEL)[-1]
+        asyncio.run(wait_for_models(address, {"raw-busy"}))
+        first, second = log_in(url), log_in(url)
+        job = first.submit("Hi", [], "raw-busy", "", 0.0, 1.0, 400, api_name="/chat")
+        request = worker.next(Command.REQUEST)
+        worker.send(Command.TOKEN, request.request_id, {"text": "Hello"})
+        reply = chat(second, "Hi", model="raw-busy")[-1]
         assert title(reply) == "Model busy" and "busy" in text(reply)
-    finally:
         job.cancel()
-    wait_until(lambda: in_flight(address, BUSY_MODEL) == 0, what="the cancelled reply leaving the worker")
-    assert not job.done() or len(job.outputs()) < 400, "the reply ran to its end instead of being cancelled"
-    assert title(chat(second, "Hi", model=BUSY_MODEL)[-1]) is None
+        assert worker.next(Command.CANCEL).request_id == request.request_id
+        worker.send(Command.DONE, request.request_id, Done(FinishReason.CANCELLED, 3, 1).to_fields())
+        wait_until(lambda: in_flight(address, "raw-busy") == 0, what="the cancelled reply leaving the worker")
+        job = second.submit("Hi", [], "raw-busy", "", 0.0, 1.0, 400, api_name="/chat")
+        request = worker.next(Command.REQUEST)
+        worker.send(Command.TOKEN, request.request_id, {"text": "Free again"})
+        worker.send(Command.DONE, request.request_id, Done(FinishReason.STOP, 3, 2).to_fields())
+        history, _ = job.result(timeout=30)
+        assert text(history[-1]) == "Free again" and title(history[-1]) is None
+    finally:
+        worker.close()
 
 
 def test_worker_dying_mid_reply_keeps_the_partial_answer_and_says_why(stack, tiny_model_dir):

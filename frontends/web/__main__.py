@@ -15,8 +15,9 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s web %(levelname)s %(message)s")
     app = build_app(settings)
     app.queue(default_concurrency_limit=settings.concurrency_limit)
+    # The page takes no files: Gradio's upload route, open before any login, must not fill the disk.
     app.launch(server_name=settings.host, server_port=settings.port, share=settings.share, ssr_mode=False,
-               show_error=True, theme=THEME)
+               show_error=True, theme=THEME, max_file_size="1kb")
 
 
 if __name__ == "__main__":
