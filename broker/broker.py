@@ -400,4 +400,5 @@ class Broker:
 
     def _worker_infos(self, now: float) -> list[protocol.WorkerInfo]:
         return [protocol.WorkerInfo(w.ready.worker_id, w.ready.models, w.ready.capacity, len(w.requests),
-                                    round(now - w.last_seen, 3), w.num_served) for w in self.workers]
+                                    round(now - w.last_seen, 3), w.num_served, w.ready.cache_tokens)
+                for w in self.workers]

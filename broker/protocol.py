@@ -373,6 +373,7 @@ class Ready:
     models: tuple[str, ...]
     capacity: int
     context_length: int = 0
+    cache_tokens: int = 0  # the KV cache budget: rows x their longest prompt + max_tokens (0: unknown)
 
     def __post_init__(self) -> None:
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
@@ -386,6 +387,7 @@ class Ready:
             "models": list(self.models),
             "capacity": self.capacity,
             "context_length": self.context_length,
+            "cache_tokens": self.cache_tokens,
         }
 
     @classmethod
@@ -395,6 +397,7 @@ class Ready:
             tuple(_get(fields, "models", list, required=True)),
             _get(fields, "capacity", int, required=True),
             _get(fields, "context_length", int, 0),
+            _get(fields, "cache_tokens", int, 0),
         )
 
 
@@ -420,6 +423,7 @@ class WorkerInfo:
     in_flight: int
     idle_seconds: float
     served: int = 0
+    cache_tokens: int = 0
 
 
 def model_list_fields(models: list[ModelInfo]) -> dict[str, Any]:

@@ -131,6 +131,14 @@ async def test_full_queue_answers_overloaded_and_waiting_times_out(stack):
         await running.cancel()
 
 
+async def test_workers_announce_their_capacity_and_cache_budget(bus):
+    async with BusClient(bus.address) as client:
+        [worker] = [w for w in await client.workers() if bus.model in w.models]
+        [model] = [m for m in await client.models() if m.name == bus.model]
+    assert (worker.capacity, model.context_length) == (4, 512)
+    assert worker.cache_tokens == 4 * 512  # by default, every row may fill the context
+
+
 async def test_unknown_model_names_the_models_served(bus):
     async with BusClient(bus.address) as client:
         stream = await client.chat("no-such-model", HELLO)

@@ -40,11 +40,11 @@ def test_typed_bodies_round_trip():
     assert protocol.Done.from_fields(done.to_fields()) == done
     error = protocol.Error(protocol.ErrorCode.OVERLOADED, "busy")
     assert protocol.Error.from_fields(error.to_fields()) == error
-    ready = protocol.Ready("w1", ("a", "b"), 4, 512)
+    ready = protocol.Ready("w1", ("a", "b"), 4, 512, 2048)
     assert protocol.Ready.from_fields(ready.to_fields()) == ready
     models = [protocol.ModelInfo("a", 1, 4, 0, 0, 512)]
     assert protocol.parse_model_list(protocol.model_list_fields(models)) == models
-    workers = [protocol.WorkerInfo("w1", ("a",), 4, 1, 0.5, 7)]
+    workers = [protocol.WorkerInfo("w1", ("a",), 4, 1, 0.5, 7, 2048)]
     assert protocol.parse_worker_list(protocol.worker_list_fields(workers)) == workers
 
 

@@ -30,7 +30,8 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
     unpenalized = prompts.stop_token_ids | frozenset(tokenizer.all_special_ids)
     runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized)
     engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length)
-    ready = protocol.Ready(WorkerServer.make_worker_id(), loaded.names, settings.max_batch, loaded.context_length)
+    ready = protocol.Ready(WorkerServer.make_worker_id(), loaded.names, settings.max_batch, loaded.context_length,
+                           limits.max_batch_tokens)
     return engine, ready
 
 
