@@ -196,7 +196,11 @@ async def _generate(request: web.Request, kind: str, parse: Callable[[Any, int],
     streams: list[Stream] = []
     try:
         bus = request.app[BUS]
-        streams = [await bus.generate(r) for r in call.requests]
+        try:
+            for generation in call.requests:
+                streams.append(await bus.generate(generation))
+        except BusError as error:  # not sent at all: no broker, or a message too large for the bus
+            raise ApiError.from_bus(error) from None
         ids = ResponseIds(call.model, kind, include_usage=call.include_usage)
         if call.stream:
             return await _stream(request, call, streams, ids)
