@@ -97,7 +97,10 @@ class Broker:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._route(frames)
+            try:
+                self._route(frames)
+            except Exception:  # even answering a bad message went wrong: drop it, keep serving
+                log.exception("failed to answer a message from %s", frames[0].hex())
 
     # -- routing
 
@@ -149,6 +152,18 @@ class Broker:
         request_id = payload[2] if len(payload) == 4 and len(payload[2]) == protocol.REQUEST_ID_SIZE else b""
         if len(payload) == 4 and payload[0] == protocol.PROTOCOL_SIGNATURE:
             self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, str(exc))
+        worker = self.workers.get(identity)
+        if worker is not None and request_id in worker.requests:
+            self._on_bad_reply(worker, self._requests[request_id], exc)
+
+    def _on_bad_reply(self, worker: WorkerRecord, request: PendingRequest, exc: protocol.ProtocolError) -> None:
+        """A worker's reply to a request was malformed: a lost token or ending must not go unnoticed,
+        so the request fails, the worker is told to stop it, and its slot is free at once."""
+        log.warning("worker %s sent a malformed reply to request %s: %s", worker.ready.worker_id,
+                    request.request_id.hex(), exc)
+        self._send(worker.identity, Command.CANCEL, request.request_id)
+        self._fail(request, ErrorCode.INTERNAL, f"worker {worker.ready.worker_id} sent a malformed reply: {exc}")
+        self._dispatch_models(worker.ready.models, time.monotonic())
 
     def _abort(self, request_id: bytes, identity: bytes, exc: Exception) -> None:
         """A request the broker failed on: its client still gets an ending."""
@@ -325,8 +340,19 @@ class Broker:
             self._assign(self._requests[queue.popleft()], worker, now)
 
     def _dispatch_models(self, models: tuple[str, ...], now: float) -> None:
-        for model in models:
-            self._dispatch_queued(model, now)
+        """Serve the queues of these models (one worker's aliases share its slots), the request that
+        has waited longest first, whichever name it used."""
+        candidates = set(models)
+        while candidates:
+            waiting = [model for model in candidates if self._queues.get(model)]
+            if not waiting:
+                return
+            model = min(waiting, key=lambda m: self._requests[self._queues[m][0]].enqueued_at)
+            worker = choose_worker(self.workers, model)
+            if worker is None:
+                candidates.discard(model)
+            else:
+                self._assign(self._requests[self._queues[model].popleft()], worker, now)
 
     def _finish(self, request: PendingRequest) -> None:
         self._detach_client(request)

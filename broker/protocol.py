@@ -27,6 +27,7 @@ CLIENT_TIMEOUT = 10.0  # seconds of silence after which a heartbeating client is
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
 MAX_COUNT = 2**31 - 1  # largest max_tokens and top_k
+MAX_ERROR_MESSAGE = 2000  # characters of an ERROR's message; longer ones are cut
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer
 
 
@@ -167,6 +168,12 @@ def _number(fields: dict, name: str, default: float) -> float:
         raise ProtocolError(f"'{name}' is out of range", name) from None
 
 
+def _quote(value: Any) -> str:
+    """A caller's value inside an error message, cut short: an answer must never outgrow its question."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:60] + "..."
+
+
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:  # also rejects NaN
         raise ProtocolError(f"'{name}' must be between {low} and {high}, got {value}", name)
@@ -228,7 +235,7 @@ class GenerationRequest:
     def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:
         unknown = sorted(map(str, set(fields) - set(cls.__slots__)))
         if unknown:
-            raise ProtocolError(f"unknown field '{unknown[0]}'", unknown[0])
+            raise ProtocolError(f"unknown field {_quote(unknown[0])}", unknown[0][:64])
         messages = _get(fields, "messages", list)
         if messages is not None:
             messages = tuple(_chat_message(m) for m in messages)
@@ -265,7 +272,7 @@ def _chat_message(value: Any) -> ChatMessage:
         raise ProtocolError("each message must be a map with 'role' and 'content'", "messages")
     role, content = value.get("role"), value.get("content")
     if role not in ("system", "user", "assistant"):
-        raise ProtocolError(f"message role must be system, user or assistant, got {role!r}", "messages")
+        raise ProtocolError(f"message role must be system, user or assistant, got {_quote(role)}", "messages")
     if not isinstance(content, str):
         raise ProtocolError("message content must be a string", "messages")
     return ChatMessage(role, content)
@@ -291,8 +298,11 @@ class TokenLogprob:
     def from_fields(cls, entry: Any) -> TokenLogprob:
         try:
             top = tuple(cls.from_fields(t) for t in entry.get("top", ()))
-            return cls(str(entry["token"]), float(entry["logprob"]), bytes(entry.get("bytes", b"")), top)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            token_bytes = entry.get("bytes", b"")
+            if not isinstance(token_bytes, bytes):  # bytes(5) would be five zero bytes
+                raise TypeError("'bytes' must be bin")
+            return cls(str(entry["token"]), float(entry["logprob"]), token_bytes, top)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ProtocolError(f"malformed 'logprobs' entry: {exc}", "logprobs") from None
 
 
@@ -349,7 +359,7 @@ class Error:
     message: str
 
     def to_fields(self) -> dict[str, Any]:
-        return {"code": self.code.value, "message": self.message}
+        return {"code": self.code.value, "message": self.message[:MAX_ERROR_MESSAGE]}
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> Error:

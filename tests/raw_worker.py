@@ -13,18 +13,24 @@ from broker.protocol import Command, Message
 
 
 class RawWorker:
-    """Announces `model` with `capacity`, heartbeats, and hands the test every message it receives."""
+    """Announces `model` (a name, or several) with `capacity`, heartbeats, and hands the test every
+    message it receives."""
 
-    def __init__(self, address: str, model: str, capacity: int = 1) -> None:
+    def __init__(self, address: str, model: str | tuple[str, ...], capacity: int = 1) -> None:
         self.received: queue.Queue[Message] = queue.Queue()
         self._outbox: queue.Queue[list[bytes]] = queue.Queue()
-        self._ready = protocol.Ready(f"raw-{model}", (model,), capacity)
+        models = (model,) if isinstance(model, str) else model
+        self._ready = protocol.Ready(f"raw-{models[0]}", models, capacity)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(address,), daemon=True)
         self._thread.start()
 
     def send(self, command: Command, request_id: bytes, body: dict | None = None) -> None:
         self._outbox.put(protocol.encode(command, request_id, body))
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Send frames as they are, malformed ones included."""
+        self._outbox.put(frames)
 
     def next(self, command: Command, timeout: float = 30.0) -> Message:
         """The next message of this kind from the broker (others before it are skipped)."""

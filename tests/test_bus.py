@@ -89,10 +89,45 @@ async def test_cancel_reaches_the_worker_and_frees_the_slot(bus):
             assert (await anext(stream)).text == "Hi"
             await stream.cancel()
             assert (await asyncio.to_thread(worker.next, protocol.Command.CANCEL)).request_id == request.request_id
+            assert await in_flight(client) == 1  # the slot is the worker's until it confirms
             worker.send(protocol.Command.DONE, request.request_id,
                         protocol.Done(protocol.FinishReason.CANCELLED, 3, 1).to_fields())
             await wait_until(lambda: _idle(client))
-            assert stream.finished
+    finally:
+        worker.close()
+
+
+async def test_a_malformed_reply_from_a_worker_fails_its_request_and_frees_the_slot(bus):
+    worker = RawWorker(bus.address, "raw-garbled")
+    try:
+        await wait_for_models(bus.address, {"raw-garbled"})
+        async with BusClient(bus.address) as client:
+            stream = await client.chat("raw-garbled", HELLO)
+            request = await asyncio.to_thread(worker.next, protocol.Command.REQUEST)
+            # A DONE over the size limit: the broker cannot forward it, so the ending would be lost.
+            oversized = msgpack.packb({"finish_reason": "stop", "pad": "x" * protocol.MAX_MESSAGE_SIZE})
+            worker.send_frames([protocol.PROTOCOL_SIGNATURE, b"DONE", request.request_id, oversized])
+            with pytest.raises(BusError, match="malformed reply"):
+                await stream.collect()
+            assert (await asyncio.to_thread(worker.next, protocol.Command.CANCEL)).request_id == request.request_id
+            await wait_until(lambda: _idle(client))
+    finally:
+        worker.close()
+
+
+async def test_a_freed_slot_serves_the_longest_waiting_request_whichever_alias_it_named(bus):
+    worker = RawWorker(bus.address, ("alias-a", "alias-b"), capacity=1)
+    try:
+        await wait_for_models(bus.address, {"alias-a", "alias-b"})
+        async with BusClient(bus.address) as client:
+            first = await client.chat("alias-a", HELLO)
+            running = await asyncio.to_thread(worker.next, protocol.Command.REQUEST)
+            waiting_longest = await client.chat("alias-b", HELLO)
+            await client.chat("alias-a", HELLO)
+            await wait_until(lambda: _queued(client, 2))
+            worker.send(protocol.Command.DONE, running.request_id, protocol.Done(protocol.FinishReason.STOP, 3, 1).to_fields())
+            await first.collect()
+            assert (await asyncio.to_thread(worker.next, protocol.Command.REQUEST)).request_id == waiting_longest.request_id
     finally:
         worker.close()
 
@@ -113,6 +148,10 @@ async def test_a_worker_stops_a_cancelled_request_at_its_next_step(tiny_model_di
 
 async def _idle(client: BusClient) -> bool:
     return await in_flight(client) == 0
+
+
+async def _queued(client: BusClient, count: int) -> bool:
+    return sum(m.queued for m in await client.models()) == count
 
 
 async def test_full_queue_answers_overloaded_and_waiting_times_out(stack):
@@ -221,6 +260,16 @@ async def test_garbage_frames_do_not_hurt_the_broker(bus):
             if "prompt" in error.message:
                 break
     assert error.code is protocol.ErrorCode.BAD_REQUEST
+    # Bodies that quote a caller's huge value back would outgrow the bus: the answer quotes a little.
+    for body in ({"model": bus.model, "messages": [{"role": "\x00" * 300_000, "content": "x"}]},
+                 {"k" * (protocol.MAX_MESSAGE_SIZE - 20): 1}):
+        huge_id = os.urandom(16)
+        await raw.send_multipart(protocol.encode(protocol.Command.REQUEST, huge_id, body))
+        message = protocol.decode(await asyncio.wait_for(raw.recv_multipart(), 30))
+        while message.request_id != huge_id:  # answers to the junk above may still be on their way
+            message = protocol.decode(await asyncio.wait_for(raw.recv_multipart(), 30))
+        assert protocol.Error.from_fields(message.fields()).code is protocol.ErrorCode.BAD_REQUEST
+        assert len(message.body) < 1000
     raw.close()
     async with BusClient(bus.address) as client:
         result = await (await client.chat(bus.model, HELLO, max_tokens=4)).collect()
