@@ -129,7 +129,7 @@ def test_each_row_keeps_its_own_sampling_in_a_batch(engine):
     alone = {rid: run_engine(engine, {rid: text}, {}, 20, params)[rid] for rid, text in prompts.items()}
     together = run_engine(engine, prompts, {b"p" * 16: 4}, 20, params)
     assert together == alone
-    reseeded = run_engine(engine, {b"s" * 16: prompts[b"s" * 16]}, {}, 20, {b"s" * 16: {"temperature": 1.0, "seed": 6}})
+    reseeded = run_engine(engine, {b"s" * 16: prompts[b"s" * 16]}, {}, 20, {b"s" * 16: {**params[b"s" * 16], "seed": 6}})
     assert reseeded[b"s" * 16] != alone[b"s" * 16]
 
 

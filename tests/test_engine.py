@@ -36,6 +36,7 @@ class ScriptedRunner:
         self.released: list = []
         self.fail_next_decode = False
         self.fail_next_prefill = False
+        self.fail_next_release = False
         self.chunks: list[tuple[str, int, int]] = []
 
     def prefill(self, sequences):
@@ -57,6 +58,9 @@ class ScriptedRunner:
         return [self._next(s) for s in self.rows]
 
     def release(self, sequences):
+        if self.fail_next_release:
+            self.fail_next_release = False
+            raise RuntimeError("out of memory")
         self.released.extend(sequences)
         self.rows = [s for s in self.rows if s not in sequences]
 
@@ -168,6 +172,27 @@ def test_a_failing_decode_keeps_the_events_its_step_already_made():
                                        "prompt_tokens": 1, "completion_tokens": 1})
     assert results[b"b" * 16][0] == "b" and results[b"b" * 16][1]["code"] == "internal_error"
     assert results[b"a" * 16][1]["code"] == "internal_error"
+
+
+def test_a_request_that_finished_before_its_step_failed_gets_no_error_after_its_done():
+    engine, runner = make_engine({"a": "a", "b": "b" * 6})
+    add(engine, b"a" * 16, "a")
+    add(engine, b"b" * 16, "b")
+    runner.fail_next_release = True  # "a" ends at the first decode, and letting its row go fails
+    results = run(engine)  # asserts exactly one final message per request
+    assert results[b"a" * 16] == ("a", {"command": Command.DONE, "finish_reason": "stop",
+                                       "prompt_tokens": 1, "completion_tokens": 2})
+    assert results[b"b" * 16][1]["code"] == "internal_error"
+
+
+def test_a_token_frame_counts_the_tokens_held_back_before_it():
+    engine, _ = make_engine({"a": "abxyq"})
+    add(engine, b"a" * 16, "a", stop=["xyz"])  # "x" and "y" wait: they might start the stop string
+    events = []
+    while engine.has_work:
+        events += engine.step()
+    tokens = [(e.fields["text"], e.fields["num_tokens"]) for e in events if e.command is Command.TOKEN]
+    assert tokens == [("a", 1), ("b", 1), ("xyq", 3)]
 
 
 def test_a_failing_prefill_ends_only_the_joining_requests():

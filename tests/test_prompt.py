@@ -40,3 +40,12 @@ def test_messages_the_template_refuses_are_the_callers_error(tokenizer):
     with pytest.raises(ProtocolError, match="roles must alternate") as error:
         encoder.encode(chat("a", "b"))
     assert error.value.field == "messages"
+
+
+@pytest.mark.parametrize("content", ["message['content']", "message['content'] | trim"])
+def test_the_end_of_turn_token_comes_from_the_template_when_eos_is_another(tokenizer, content):
+    other = copy.deepcopy(tokenizer)
+    other.eos_token = "<|endoftext|>"  # as some fine-tunes ship it: EOS is not the end of a turn
+    other.chat_template = tokenizer.chat_template.replace("message['content']", content)
+    encoder = PromptEncoder(other, other.eos_token_id)
+    assert encoder.stop_token_ids == {other.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}

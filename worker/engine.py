@@ -88,9 +88,9 @@ class Engine:
             self._step(events)
         except Exception as exc:
             log.exception("engine step failed; failing the requests in the batch")
-            failed = list(self.scheduler.running)
-            self._retire(failed)
-            events += [_error(s.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}") for s in failed]
+            running = list(self.scheduler.running)
+            self._retire(running)
+            events += _failed(running, exc, events)
         return events
 
     def _step(self, events: list[Event]) -> None:
@@ -107,7 +107,7 @@ class Engine:
             # New prompts have their own cache until they join: only they fail, the batch runs on.
             log.exception("prefill failed; failing the %d requests that were joining", len(joining))
             self._retire(joining)
-            events += [_error(s.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}") for s in joining]
+            events += _failed(joining, exc, events)
         if self.runner.rows:
             rows = list(self.runner.rows)
             self._accept(rows, self.runner.decode(), events)
@@ -117,12 +117,14 @@ class Engine:
             delta = self._extend(sequence, choice)
             if delta.text or delta.logprobs:
                 events.append(Event(sequence.request_id, Command.TOKEN, delta.to_fields()))
+                sequence.unsent_tokens = 0
             if sequence.finished:
                 events.append(self._done(sequence))
         self._retire([s for s in sequences if s.finished])
 
     def _extend(self, sequence: Sequence, choice: TokenChoice) -> protocol.TokenDelta:
         sequence.output_ids.append(choice.token_id)
+        sequence.unsent_tokens += 1
         if choice.token_id in self.prompts.stop_token_ids:
             sequence.finish_reason = FinishReason.STOP
             text = sequence.stop_matcher.flush()
@@ -138,7 +140,7 @@ class Engine:
             logprob = self.prompts.token_logprob
             logprobs = (logprob(choice.token_id, choice.logprob or 0.0,
                                 tuple(logprob(t, lp) for t, lp in choice.top)),)
-        return protocol.TokenDelta(text, 1, logprobs)
+        return protocol.TokenDelta(text, sequence.unsent_tokens, logprobs)
 
     def _done(self, sequence: Sequence) -> Event:
         assert sequence.finish_reason is not None
@@ -150,3 +152,10 @@ class Engine:
             self.runner.release(sequences)
             for sequence in sequences:
                 self.scheduler.remove(sequence)
+
+
+def _failed(sequences: list[Sequence], exc: Exception, events: list[Event]) -> list[Event]:
+    """ERRORs for the sequences a failure stopped, but none for one whose DONE is already among `events`."""
+    done = {event.request_id for event in events if event.command is Command.DONE}
+    return [_error(s.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}")
+            for s in sequences if s.request_id not in done]

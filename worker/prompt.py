@@ -63,13 +63,15 @@ class PromptEncoder:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         if self.tokenizer.chat_template:
-            marker = "\x1fmarker\x1f"
+            marker = "tokenbus-end-of-turn-probe"  # no whitespace: templates that `trim` content keep it
             conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
             try:
                 text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
             except Exception:  # templates may refuse such a short conversation; the EOS ids stand
                 return ids
-            after = text.split(marker, 1)[-1]
+            if marker not in text:  # a template that rewrites content: nothing to learn from it
+                return ids
+            after = text.split(marker, 1)[1]
             following = self.tokenizer(after, add_special_tokens=False).input_ids[:1]
             if following and following[0] in self.tokenizer.all_special_ids:
                 ids.add(following[0])

@@ -20,6 +20,7 @@ class Sequence:
     stop_matcher: StopMatcher
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    unsent_tokens: int = 0  # generated since the last TOKEN frame (held back: part of a character or a stop string)
 
     @property
     def num_reserved_tokens(self) -> int:

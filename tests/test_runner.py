@@ -1,0 +1,54 @@
+"""The real runner on the tiny model: rows that leave give back their cache, padding and generators."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from broker.settings import load_settings
+from worker.__main__ import build_engine
+from worker.config import WorkerSettings
+
+PROMPTS = {b"s" * 16: ("Hi", 3), b"m" * 16: ("Tell me about the sea and its shores.", 40),
+           b"l" * 16: ("A much longer request, one that goes on and on about many things at once, " * 3, 12)}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    engine, _ = build_engine(load_settings(WorkerSettings, ["--model", str(tiny_model_dir), "--device", "cpu",
+                                                            "--dtype", "float32", "--max-prefill-tokens", "16"]))
+    return engine
+
+
+def check_tight(runner) -> None:
+    """One cache row per running sequence, as wide as the longest one needs and no wider."""
+    assert runner._mask.shape[0] == len(runner.rows) == runner._positions.shape[0]
+    assert set(runner._generators) == set(runner.rows)
+    if runner.rows:
+        assert runner._mask.shape[1] == int(runner._mask.sum(-1).max())
+        for layer in runner._cache.layers:
+            assert tuple(layer.keys.shape[:3:2]) == tuple(runner._mask.shape)
+    else:
+        assert runner._cache is None
+
+
+def test_rows_that_finish_or_are_cancelled_free_their_place(engine):
+    runner = engine.runner
+    for rid, (prompt, max_tokens) in PROMPTS.items():
+        body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.7, "seed": 1}
+        assert engine.add(rid, msgpack.packb(body)) == []
+    seen_widths = []
+    cancelled = chunked = False
+    while engine.has_work:
+        engine.step()
+        check_tight(runner)
+        chunked |= bool(runner._partial)  # the long prompt is prefilled 16 tokens at a time
+        seen_widths.append(runner._mask.shape[1] if runner.rows else 0)
+        if not cancelled and b"l" * 16 in {s.request_id for s in runner.rows}:
+            engine.cancel(b"l" * 16)  # the longest row leaves: its columns go with it
+            cancelled = True
+            check_tight(runner)
+            assert b"m" * 16 in {s.request_id for s in runner.rows}
+            assert runner._mask.shape[1] < seen_widths[-1]
+    assert cancelled and chunked
+    assert runner.rows == [] and runner._generators == {} and runner._partial == {}
