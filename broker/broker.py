@@ -59,6 +59,9 @@ class Broker:
         self._unreachable_clients: set[bytes] = set()  # forgotten in `_purge`, never in the middle of a send
         self._reannounced: dict[bytes, float] = {}  # unknown workers asked to announce, and when
         self._models_seen: set[str] = set()
+        # Until then, workers that served this broker's predecessor may still be re-announcing: a
+        # request for a model none has announced waits for them instead of failing at once.
+        self._announcing_until: float | None = None
         self._next_heartbeat = 0.0
         self._num_malformed = 0
         self._last_malformed_log = 0.0
@@ -70,6 +73,7 @@ class Broker:
 
     def bind(self) -> None:
         self._socket.bind(self.settings.bind)
+        self._announcing_until = time.monotonic() + self._timeout
         log.info("broker listening on %s", self.settings.bind)
 
     def run(self) -> None:
@@ -270,10 +274,8 @@ class Broker:
             self._send_error(identity, request_id, ErrorCode.DUPLICATE_REQUEST, "request id already in use")
             return
         model = protocol.GenerationRequest.from_fields(message.fields()).model
-        if not self.workers.serving(model):
-            served = ", ".join(sorted(self.workers.models())) or "none"
-            code = ErrorCode.NO_WORKER if model in self._models_seen else ErrorCode.UNKNOWN_MODEL
-            self._send_error(identity, request_id, code, f"model '{model}' is not served; models served: {served}")
+        if not self.workers.serving(model) and self._announcing_until is None:
+            self._send_error(identity, request_id, *self._not_served(model))
             return
         queue = self._queues.setdefault(model, deque())
         worker = choose_worker(self.workers, model) if not queue else None
@@ -287,6 +289,11 @@ class Broker:
             self._assign(self._requests[request_id], worker, now)
         else:
             queue.append(request_id)
+
+    def _not_served(self, model: str) -> tuple[ErrorCode, str]:
+        served = ", ".join(sorted(self.workers.models())) or "none"
+        code = ErrorCode.NO_WORKER if model in self._models_seen else ErrorCode.UNKNOWN_MODEL
+        return code, f"model '{model}' is not served; models served: {served}"
 
     def _on_cancel(self, identity: bytes, request_id: bytes) -> None:
         request = self._requests.get(request_id)
@@ -380,6 +387,12 @@ class Broker:
         for identity, client in list(self._clients.items()):
             if client.heartbeats and client.last_seen < now - protocol.CLIENT_TIMEOUT:
                 self._forget_client(identity)
+        if self._announcing_until is not None and now >= self._announcing_until:
+            self._announcing_until = None
+            for model in [m for m in self._queues if not self.workers.serving(m)]:
+                queue = self._queues.pop(model)
+                while queue:  # nobody announced this model in time
+                    self._fail(self._requests[queue.popleft()], *self._not_served(model))
         deadline = now - self.settings.queue_timeout
         for model, queue in list(self._queues.items()):
             # Re-queued requests restart their wait, so the oldest may be anywhere in the queue.

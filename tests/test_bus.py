@@ -346,6 +346,30 @@ async def test_broker_restart_heals_without_touching_workers_or_clients(stack):
         assert result.completion_tokens == 4
 
 
+async def test_a_new_broker_holds_requests_while_workers_announce_then_names_the_unknown(stack):
+    stack.broker("--heartbeat-interval", "1")  # workers have 3 s to announce themselves
+    async with BusClient(stack.address) as client:
+        await wait_until(lambda: _reachable(client))
+        early = await client.chat("raw-late", HELLO)
+        unknown = await client.chat("never-served", HELLO)
+        worker = RawWorker(stack.address, "raw-late")  # a worker finding the new broker a moment later
+        try:
+            request = await asyncio.to_thread(worker.next, protocol.Command.REQUEST)
+            assert request.request_id == early.request_id
+            with pytest.raises(UnknownModel, match="models served: raw-late"):
+                await unknown.collect()
+        finally:
+            worker.close()
+
+
+async def _reachable(client: BusClient) -> bool:
+    try:
+        await client.models()
+        return True
+    except BrokerUnreachable:
+        return False
+
+
 async def test_frozen_workers_are_dropped_and_come_back_by_themselves(stack):
     stack.broker()
     workers = [stack.worker("--max-batch", "1"), stack.worker("--max-batch", "1")]
