@@ -12,7 +12,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from broker.settings import DEFAULT_BROKER_ADDRESS, cli_config, load_settings
-from frontends.client import BusError, SyncBusClient
+from frontends.client import BusError, SyncBusClient, SyncStream
 
 HELP = "commands: /models, /model NAME, /system TEXT, /reset, /quit"
 
@@ -65,20 +65,21 @@ class Chat:
         self.history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         parts: list[str] = []
+        stream: SyncStream | None = None
         try:
             stream = self.client.chat(self.ensure_model(), messages, temperature=self.settings.temperature,
                                       max_tokens=self.settings.max_tokens)
             print(f"{self.model}> ", end="", flush=True)
-            try:
-                for delta in stream:
-                    parts.append(delta.text)
-                    print(delta.text, end="", flush=True)
-            except KeyboardInterrupt:
-                stream.cancel()
-                print(" [cancelled]")
-                self.history.pop()
-                return
+            for delta in stream:
+                parts.append(delta.text)
+                print(delta.text, end="", flush=True)
             print()
+        except KeyboardInterrupt:  # while streaming, or still waiting for the model list or the send
+            if stream is not None:
+                stream.cancel()
+            print(" [cancelled]")
+            self.history.pop()
+            return
         except BusError as exc:
             print(f"\n[error: {exc.message}]")
             self.history.pop()

@@ -106,6 +106,7 @@ class Stream:
         self.request_id = request_id
         self._queue: asyncio.Queue[Message | BusError] = asyncio.Queue()
         self.done: protocol.Done | None = None
+        self.sent = False  # the REQUEST went out: only then may a heartbeat name it
         self.finished = False
         self.cancelled = False
         self.started_at = time.monotonic()
@@ -238,9 +239,10 @@ class BusClient:
         self._streams[request_id] = stream
         try:
             await self._send_frames(frames)
-        except BrokerUnreachable:
+        except BaseException:  # unreachable, or the caller cancelled while it waited to send
             stream._finish()
             raise
+        stream.sent = True
         return stream
 
     async def chat(self, model: str, messages: list[dict[str, str]], **params: Any) -> Stream:
@@ -323,7 +325,9 @@ class BusClient:
                     stream._deliver(error)
                 self._streams.clear()
                 continue
-            heartbeat = protocol.ClientHeartbeat(tuple(self._streams))
+            # A stream still waiting to send is unknown to the broker, which would fail it.
+            sent = tuple(request_id for request_id, stream in self._streams.items() if stream.sent)
+            heartbeat = protocol.ClientHeartbeat(sent)
             try:
                 await self._send(Command.HEARTBEAT, b"", heartbeat.to_fields(), wait=False)
             except (zmq.ZMQError, BusError) as exc:  # the silence check above still ends the streams in time
@@ -333,15 +337,27 @@ class BusClient:
 class SyncBusClient:
     """A blocking wrapper: the asyncio client runs on a private event loop thread."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bus-client", daemon=True)
         self._thread.start()
-        self._client = BusClient(address)
+        self._closed = False
+        self._client = BusClient(address, heartbeat_interval=heartbeat_interval)
         self._call(self._client.start())
 
+    def _submit(self, coroutine: Any) -> concurrent.futures.Future:
+        if self._closed:  # the loop is stopped: the coroutine would never run
+            coroutine.close()
+            raise BrokerUnreachable("the bus client is closed")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
     def _call(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        future = self._submit(coroutine)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()  # stop it on the loop too, or a request sent after the Ctrl-C runs for nobody
+            raise
 
     def models(self) -> list[protocol.ModelInfo]:
         return self._call(self._client.models())
@@ -356,9 +372,15 @@ class SyncBusClient:
         return SyncStream(self, self._call(self._client.complete(model, prompt, **params)))
 
     def close(self) -> None:
-        self._call(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        """Cancel open streams and stop the loop thread; closing again does nothing, other calls raise."""
+        if self._closed:
+            return
+        try:
+            self._call(self._client.close())
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
 
     def __enter__(self) -> SyncBusClient:
         return self
@@ -377,7 +399,7 @@ class SyncStream:
 
     def __iter__(self) -> Iterator[protocol.TokenDelta]:
         while True:
-            self._waiting = asyncio.run_coroutine_threadsafe(self.stream.__anext__(), self._owner._loop)
+            self._waiting = self._owner._submit(self.stream.__anext__())
             while True:
                 try:
                     # Short waits, so a KeyboardInterrupt is raised here promptly whatever the platform.

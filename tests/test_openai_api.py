@@ -14,7 +14,9 @@ import openai
 import pytest
 from langchain_openai import ChatOpenAI
 
+from broker.protocol import SEED_RANGE
 from frontends.client import BusClient
+from frontends.openai_api.requests import parse_chat
 from tests.conftest import TINY_MODEL, serving
 from tests.openai_schema import validate
 from tests.processes import free_address, free_port, spawn, stop
@@ -252,6 +254,7 @@ def test_text_completions(api):
     ({"model": TINY_MODEL, "messages": HELLO, "max_tokens": 2**70}, "max_tokens"),
     ({"model": TINY_MODEL, "messages": HELLO, "temperature": 10**400}, "temperature"),
     (b'{"model": "tiny", "messages": [], "seed": 1' + b"1" * 5000 + b"}", None),
+    (b"[" * 100_000, None),  # nested deeper than the JSON parser recurses
 ])
 def test_bad_requests_get_400_naming_the_param(api, body, param):
     status, error = post(api.url + "/v1/chat/completions", body)
@@ -275,6 +278,24 @@ def test_bad_text_completions_get_400(api, body, param):
     assert error["error"]["param"] == param
 
 
+def test_the_body_is_read_as_utf8_whatever_charset_the_header_names(api):
+    # RFC 8259 defines no charset parameter for application/json: JSON between systems is UTF-8.
+    status, body = post(api.url + "/v1/chat/completions", {"model": TINY_MODEL, "messages": HELLO, "max_tokens": 1},
+                        headers={"Content-Type": "application/json; charset=bogus"})
+    assert status == 200, body
+    status, error = post(api.url + "/v1/chat/completions", b'{"model": "\xff"}')  # not UTF-8
+    assert status == 400 and error["error"]["code"] == "invalid_json"
+
+
+def test_n_choices_near_the_largest_seed_wrap_around_inside_the_range(api):
+    low, high = SEED_RANGE
+    call = parse_chat({"model": TINY_MODEL, "messages": HELLO, "n": 3, "seed": high - 1}, max_n=8)
+    assert [r.seed for r in call.requests] == [high - 1, high, low]
+    status, body = post(api.url + "/v1/chat/completions", {"model": TINY_MODEL, "messages": HELLO, "max_tokens": 1,
+                                                           "n": 2, "seed": high})
+    assert status == 200 and len(body["choices"]) == 2, body
+
+
 def test_harmless_values_of_unsupported_fields_are_accepted(api):
     status, body = post(api.url + "/v1/completions", {"model": TINY_MODEL, "prompt": "One", "max_tokens": 2,
                                                       "echo": False, "best_of": 1, "suffix": None})
@@ -284,10 +305,16 @@ def test_harmless_values_of_unsupported_fields_are_accepted(api):
     assert status == 200
 
 
-def test_prompt_over_the_context_is_400(api):
+def test_prompt_over_the_context_is_400_naming_the_input(api):
+    client = api.client()
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "user", "content": "hi " * 600}],
+                                           stream=stream)
+        assert (error.value.code, error.value.param) == ("context_length_exceeded", "messages")
     with pytest.raises(openai.BadRequestError) as error:
-        api.client().chat.completions.create(model=TINY_MODEL, messages=[{"role": "user", "content": "hi " * 600}])
-    assert error.value.code == "context_length_exceeded"
+        client.completions.create(model=TINY_MODEL, prompt="hi " * 600)
+    assert (error.value.code, error.value.param) == ("context_length_exceeded", "prompt")
 
 
 def test_unknown_model_is_404_listing_models(api):
@@ -313,6 +340,10 @@ def test_api_keys_and_cors(bus):
             server.client("wrong").models.list()
         assert server.client("k2").models.list().data[0].id == TINY_MODEL
         status, error = post(server.url + "/v1/chat/completions", {"model": TINY_MODEL, "messages": HELLO})
+        assert status == 401 and error["error"]["code"] == "invalid_api_key"
+        # A key that is not UTF-8 (urllib sends the header as Latin-1) is just a wrong key.
+        status, error = post(server.url + "/v1/chat/completions", {"model": TINY_MODEL, "messages": HELLO},
+                             headers={"Authorization": "Bearer k\xff"})
         assert status == 401 and error["error"]["code"] == "invalid_api_key"
         preflight = urllib.request.Request(server.url + "/v1/chat/completions", method="OPTIONS", headers={
             "Origin": "http://app.example", "Access-Control-Request-Method": "POST"})

@@ -128,7 +128,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if keys and request.path not in _OPEN_PATHS and request.method != "OPTIONS":
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # compare with every key, so the time taken says nothing about which one nearly matched
-        matches = [hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys]
+        # (surrogateescape: aiohttp keeps a header's non-UTF-8 bytes as surrogates; such a key is just wrong)
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        matches = [hmac.compare_digest(given_bytes, key.encode()) for key in keys]
         if scheme.lower() != "bearer" or not any(matches):
             raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
@@ -200,11 +202,11 @@ async def _generate(request: web.Request, kind: str, parse: Callable[[Any, int],
             for generation in call.requests:
                 streams.append(await bus.generate(generation))
         except BusError as error:  # not sent at all: no broker, or a message too large for the bus
-            raise ApiError.from_bus(error) from None
+            raise ApiError.from_bus(error, call.input_param) from None
         ids = ResponseIds(call.model, kind, include_usage=call.include_usage)
         if call.stream:
             return await _stream(request, call, streams, ids)
-        results = await _collect_all(streams)
+        results = await _collect_all(streams, call.input_param)
         request[MODEL] = call.model  # a worker answered: a served model, fit to be a metrics label
         _count_tokens(app_metrics, call.model, results, call.n)
         return web.json_response(ids.response(results, call.n, [r.prompt for r in call.requests]))
@@ -223,17 +225,20 @@ async def _generate(request: web.Request, kind: str, parse: Callable[[Any, int],
 
 
 async def _json_body(request: web.Request) -> Any:
+    # JSON between systems is UTF-8 and application/json has no charset parameter (RFC 8259), so a
+    # charset in the header is not looked up: an unknown one would be a LookupError.
+    body = await request.read()
     try:
-        return await request.json()
-    except ValueError as exc:  # not JSON, not UTF-8, or a number too long to read
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, a number too long, or nested too deep
         raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
 
 
-async def _collect_all(streams: list[Stream]) -> list[Completion]:
+async def _collect_all(streams: list[Stream], input_param: str) -> list[Completion]:
     try:
         return list(await asyncio.gather(*(s.collect() for s in streams)))
     except BusError as error:
-        raise ApiError.from_bus(error) from None
+        raise ApiError.from_bus(error, input_param) from None
 
 
 def _count_tokens(app_metrics: ApiMetrics, model: str, results: list[Completion], n: int) -> None:
@@ -249,7 +254,7 @@ async def _stream(request: web.Request, call: ApiCall, streams: list[Stream], id
     try:
         index, item = await events.get()
         if isinstance(item, BusError):
-            raise ApiError.from_bus(item)
+            raise ApiError.from_bus(item, call.input_param)
         request[MODEL] = call.model  # a worker answered: a served model, fit to be a metrics label
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                **_cors_headers(request)})
@@ -284,7 +289,7 @@ async def _send_events(request: web.Request, response: web.StreamResponse, call:
         if isinstance(item, BusError):
             if item.code.value in ("overloaded", "queue_timeout"):
                 request.app[METRICS].overloaded.labels(call.model).inc()
-            raise ApiError.from_bus(item)
+            raise ApiError.from_bus(item, call.input_param)
         if isinstance(item, Done):
             done.append(item)
             await _send_event(response, ids.finish_chunk(index, item))

@@ -29,9 +29,15 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     @classmethod
-    def from_bus(cls, error: BusError) -> ApiError:
+    def from_bus(cls, error: BusError, input_param: str | None = None) -> ApiError:
+        """`input_param`: the body field with the input ("messages" or "prompt"), named when it is too long."""
         status, kind, code = _BUS_ERRORS.get(error.code, (500, "server_error", None))
-        param = "model" if error.code in (ErrorCode.UNKNOWN_MODEL, ErrorCode.NO_WORKER) else error.field
+        if error.code in (ErrorCode.UNKNOWN_MODEL, ErrorCode.NO_WORKER):
+            param = "model"
+        elif error.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED:
+            param = input_param
+        else:
+            param = error.field
         return cls(status, error.message, type=kind, param=param, code=code)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from broker.protocol import GenerationRequest, ProtocolError
+from broker.protocol import SEED_RANGE, GenerationRequest, ProtocolError
 from frontends.openai_api.errors import bad_request
 
 _COMMON_FIELDS = {
@@ -26,6 +26,7 @@ class ApiCall:
     """A parsed request: the bus requests to send (one per choice), and how to answer."""
 
     model: str
+    input_param: str  # "messages" or "prompt": the field an error about the input names
     requests: list[GenerationRequest]  # n per prompt, prompt after prompt
     n: int
     stream: bool
@@ -46,7 +47,7 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
         "top_logprobs": body.get("top_logprobs"),
     }
     max_tokens_param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return _call(body, [fields], max_n, max_tokens_param)
+    return _call(body, "messages", [fields], max_n, max_tokens_param)
 
 
 def parse_completion(body: Any, max_n: int) -> ApiCall:
@@ -64,10 +65,11 @@ def parse_completion(body: Any, max_n: int) -> ApiCall:
         raise bad_request(f"'logprobs' must be an integer from 0 to {MAX_LEGACY_LOGPROBS}", "logprobs")
     per_prompt = [{"prompt": p, "max_tokens": body.get("max_tokens", 16), "logprobs": top is not None,
                    "top_logprobs": top or 0} for p in prompts]
-    return _call(body, per_prompt, max_n)
+    return _call(body, "prompt", per_prompt, max_n)
 
 
-def _call(body: dict, per_input: list[dict], max_n: int, max_tokens_param: str = "max_tokens") -> ApiCall:
+def _call(body: dict, input_param: str, per_input: list[dict], max_n: int,
+          max_tokens_param: str = "max_tokens") -> ApiCall:
     model = _required(body, "model", str)
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
@@ -89,14 +91,23 @@ def _call(body: dict, per_input: list[dict], max_n: int, max_tokens_param: str =
     stop = body.get("stop")
     sampling = {k: body[k] for k in _SAMPLING_FIELDS if k in body}
     sampling["stop"] = [stop] if isinstance(stop, str) else stop
+    seed = sampling.get("seed")
+    has_seed = isinstance(seed, int) and not isinstance(seed, bool)
     requests = []
     for fields in per_input:
         for choice in range(n):
-            seed = sampling.get("seed")
             # n choices with one seed must still differ, and stay reproducible
-            seeded = {"seed": seed + choice} if isinstance(seed, int) and not isinstance(seed, bool) else {}
+            seeded = {"seed": _choice_seed(seed, choice)} if has_seed else {}
             requests.append(_generation_request({"model": model, **sampling, **fields, **seeded}, max_tokens_param))
-    return ApiCall(model, requests, n, stream, bool(options.get("include_usage")), requests[0].logprobs)
+    return ApiCall(model, input_param, requests, n, stream, bool(options.get("include_usage")), requests[0].logprobs)
+
+
+def _choice_seed(seed: int, choice: int) -> int:
+    """The seeds after `seed`, wrapping around inside SEED_RANGE, so any valid seed works with any n."""
+    if choice == 0:
+        return seed  # as given: a seed out of range is refused, not wrapped
+    low, high = SEED_RANGE
+    return (seed + choice - low) % (high - low + 1) + low
 
 
 def _generation_request(fields: dict, max_tokens_param: str) -> GenerationRequest:
