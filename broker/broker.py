@@ -292,8 +292,9 @@ class Broker:
 
     def _not_served(self, model: str) -> tuple[ErrorCode, str]:
         served = ", ".join(sorted(self.workers.models())) or "none"
-        code = ErrorCode.NO_WORKER if model in self._models_seen else ErrorCode.UNKNOWN_MODEL
-        return code, f"model '{model}' is not served; models served: {served}"
+        if model in self._models_seen:
+            return ErrorCode.NO_WORKER, f"no live worker serves model '{model}' now; models served: {served}"
+        return ErrorCode.UNKNOWN_MODEL, f"model '{model}' is not served; models served: {served}"
 
     def _on_cancel(self, identity: bytes, request_id: bytes) -> None:
         request = self._requests.get(request_id)

@@ -19,7 +19,7 @@ import msgpack
 
 PROTOCOL_SIGNATURE = b"TBUS1"
 REQUEST_ID_SIZE = 16
-MAX_MESSAGE_SIZE = 1 << 20  # bytes, per frame; larger messages drop the connection
+MAX_MESSAGE_SIZE = 1 << 20  # bytes of a body; sockets drop peers that send a frame over twice this
 HEARTBEAT_INTERVAL = 1.0  # seconds
 HEARTBEAT_LIVENESS = 3  # intervals of silence after which a peer is dead
 CLIENT_TIMEOUT = 10.0  # seconds of silence after which a heartbeating client is gone (lenient: a busy
