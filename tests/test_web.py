@@ -18,9 +18,13 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client
+from pydantic import ValidationError
 
 from broker.protocol import Command, Done, FinishReason
+from broker.settings import load_settings
 from frontends.client import SyncBusClient
+from frontends.web.chat import NOT_LOGGED_IN
+from frontends.web.config import WebSettings
 from tests.conftest import TINY_MODEL, wait_for_models
 from tests.processes import free_address, running_web, start_broker, start_worker, stop
 from tests.raw_worker import RawWorker
@@ -103,7 +107,7 @@ def test_every_endpoint_refuses_until_the_token_is_given(stack):
                              api_name="/regenerate")[-1:]
     assert title(reply) == "Not logged in"
     assert client.predict("Hi", TINY_MODEL, TINY_MODEL, 1.0, 1.0, 32, api_name="/compare") == (
-        "⚠️ Log in with the access token first.",) * 2
+        f"⚠️ {NOT_LOGGED_IN}",) * 2
     assert "Log in" in client.predict(api_name="/vote_tie")
     *dropdowns, status = client.predict("", "", "", api_name="/models")
     assert status == "" and all("choices" not in d for d in dropdowns), "the model list is shown only after login"
@@ -240,7 +244,19 @@ def test_side_by_side_answers_and_votes_go_to_the_file(stack):
     broken = client.predict("Name a color.", TINY_MODEL, "no-such-model", 1.0, 1.0, 24, api_name="/compare")
     assert broken[0].strip() and not broken[0].startswith("⚠️") and broken[1].startswith("⚠️ Model not available")
 
-    [vote] = [json.loads(line) for line in votes.read_text().splitlines()]
+    blank = client.predict("  ", TINY_MODEL, TINY_MODEL, 1.0, 1.0, 24, api_name="/compare")
+    assert blank == ("⚠️ Type a prompt first.",) * 2
+    assert "Nothing to vote on" in client.predict(api_name="/vote_left")
+
+    # Votes arriving together still count once per comparison.
+    again = client.predict("Name a color.", TINY_MODEL, BUSY_MODEL, 1.0, 0.5, 24, api_name="/compare")
+    assert "⚠️" not in again[0] + again[1]
+    ballots = [client.submit(api_name="/vote_tie") for _ in range(16)]
+    assert sum("Recorded" in ballot.result(timeout=60) for ballot in ballots) == 1
+
+    first, tie = [json.loads(line) for line in votes.read_text().splitlines()]
+    assert tie["vote"] == "tie"
+    vote = first
     assert vote["vote"] == "right" and vote["prompt"] == "Name a color."
     assert vote["a"] == {"model": TINY_MODEL, "temperature": 1.0, "answer": answer_a}
     assert vote["b"] == {"model": BUSY_MODEL, "temperature": 0.5, "answer": answer_b}
@@ -253,3 +269,8 @@ def test_without_a_broker_the_page_says_so():
         assert status.startswith("⚠️ Broker unreachable")
         reply = chat(client, "Hi", model=TINY_MODEL)[-1]
         assert title(reply) == "Broker unreachable"
+
+
+def test_an_empty_access_token_is_refused_at_start():
+    with pytest.raises(ValidationError, match="auth_token"):
+        load_settings(WebSettings, ["--auth-token", ""])

@@ -50,7 +50,7 @@ def watch(read: Callable[[], str], until: Callable[[], bool], timeout: float = 6
 
 
 def test_chat_in_a_real_browser(page_url, default_bus):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
@@ -89,7 +89,10 @@ def test_chat_in_a_real_browser(page_url, default_bus):
             page.locator("#message textarea").fill("Tell me a very long story about a dragon and a knight.")
             page.locator("#message textarea").press("Enter")
             watch(reply, until=lambda: len(reply()) > 40 and "Paris" not in reply())
+            assert page.locator("#send").is_disabled() and page.locator("#regenerate").is_disabled(), \
+                "one reply at a time: a second would race the first"
             page.locator("#stop").click()
+            expect(page.locator("#regenerate")).to_be_enabled()
             watch(reply, until=lambda: in_flight(default_bus.address) == 0, timeout=10)
             stopped = reply()
             page.wait_for_timeout(1500)

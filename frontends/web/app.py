@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from functools import partial
 
 import gradio as gr
@@ -12,28 +11,26 @@ from frontends.web.bus import LoopLocalBus
 from frontends.web.chat import ChatHandlers
 from frontends.web.config import WebSettings
 from frontends.web.models import ModelList
+from frontends.web.sessions import Sessions
 
 # System fonts only: the default theme would fetch web fonts from the internet.
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 # Every event that streams from the bus shares one limit, so it bounds replies across all users.
 REPLIES = "replies"
-
-
-def check_token(expected: str | None, given: str) -> bool:
-    return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
+# Votes are recorded one at a time, so two votes can never both claim one comparison.
+VOTING = {"concurrency_limit": 1, "concurrency_id": "votes"}
 
 
 def build_app(settings: WebSettings) -> gr.Blocks:
     """The whole page; every handler refuses to talk to the bus until the session has logged in."""
     bus = LoopLocalBus(settings.broker)
-    chat = ChatHandlers(bus)
-    arena = Arena(bus, settings.votes_file)
-    models = ModelList(bus)
+    sessions = Sessions(settings.auth_token)
+    chat = ChatHandlers(bus, sessions)
+    arena = Arena(bus, sessions, settings.votes_file)
+    models = ModelList(bus, sessions)
     streaming = {"concurrency_limit": settings.concurrency_limit, "concurrency_id": REPLIES}
     with gr.Blocks(title="tokenbus chat", analytics_enabled=False) as app:
-        # Per browser session and kept on the server: a client cannot send its own value.
-        logged_in = gr.State(settings.auth_token is None)
         with gr.Column(visible=settings.auth_token is not None, elem_id="login") as login_box:
             gr.Markdown("## tokenbus chat\nEnter the access token to start chatting.")
             token = gr.Textbox(label="Access token", type="password", elem_id="token")
@@ -81,14 +78,14 @@ def build_app(settings: WebSettings) -> gr.Blocks:
 
         # Login: the token is checked on the server and remembered in this browser session only.
         dropdowns = [model, model_a, model_b]
-        list_models = (models.refresh, [logged_in, *dropdowns], [*dropdowns, model_status])
+        list_models = (models.refresh, dropdowns, [*dropdowns, model_status])
 
-        def log_in(given: str):
-            if not check_token(settings.auth_token, given):
-                return False, "❌ Token incorrect. Try again.", gr.update(), gr.update()
-            return True, "", gr.update(visible=False), gr.update(visible=True)
+        def log_in(given: str, request: gr.Request):
+            if not sessions.log_in(given, request):
+                return "❌ Token incorrect. Try again.", gr.update(), gr.update()
+            return "", gr.update(visible=False), gr.update(visible=True)
 
-        login_outputs = [logged_in, login_message, login_box, main_box]
+        login_outputs = [login_message, login_box, main_box]
         for trigger, name in ((login_button.click, "login"), (token.submit, False)):
             trigger(log_in, token, login_outputs, api_name=name).success(*list_models, api_name=False)
 
@@ -99,21 +96,31 @@ def build_app(settings: WebSettings) -> gr.Blocks:
             dropdown.change(models.limit_max_tokens, [compare_max_tokens, model_a, model_b], compare_max_tokens,
                             api_name=False)
 
-        params = [model, system, temperature, top_p, max_tokens, logged_in]
-        reply_events = [
-            trigger(chat.respond, [message, chatbot, *params], [chatbot, message], api_name=name, **streaming)
-            for trigger, name in ((send.click, "chat"), (message.submit, False))
-        ]
-        reply_events.append(regenerate.click(chat.regenerate, [chatbot, *params], chatbot, api_name="regenerate",
-                                             **streaming))
-        stop.click(None, cancels=reply_events)  # cancelling the handler cancels its bus request
-        clear.click(lambda: ([], ""), None, [chatbot, message], cancels=reply_events, api_name="clear")
+        # One reply at a time per page: Send, Enter and Regenerate are locked while one streams.
+        starters = [send, message, regenerate]
 
-        compare_inputs = [prompt, model_a, model_b, temperature_a, temperature_b, compare_max_tokens, logged_in]
+        def locked(locking: bool) -> list[dict]:
+            return [gr.update(interactive=not locking) for _ in starters]
+
+        params = [model, system, temperature, top_p, max_tokens]
+        replies = ((send.click, chat.respond, [message, chatbot, *params], [chatbot, message], "chat"),
+                   (message.submit, chat.respond, [message, chatbot, *params], [chatbot, message], False),
+                   (regenerate.click, chat.regenerate, [chatbot, *params], chatbot, "regenerate"))
+        reply_events = []
+        for trigger, handler, inputs, outputs, name in replies:
+            reply = trigger(partial(locked, True), None, starters, api_name=False, queue=False).then(
+                handler, inputs, outputs, api_name=name, **streaming)
+            reply.then(partial(locked, False), None, starters, api_name=False, queue=False)
+            reply_events.append(reply)
+        # Cancelling a handler cancels its bus request.
+        stop.click(partial(locked, False), None, starters, cancels=reply_events, api_name=False, queue=False)
+        clear.click(lambda: ([], ""), None, [chatbot, message], cancels=reply_events, api_name="clear")
+        clear.click(partial(locked, False), None, starters, api_name=False, queue=False)
+
+        compare_inputs = [prompt, model_a, model_b, temperature_a, temperature_b, compare_max_tokens]
         compare_event = compare.click(arena.compare, compare_inputs, [answer_a, answer_b, comparison],
                                       api_name="compare", **streaming)
         compare_stop.click(None, cancels=[compare_event])
         for key, button in vote_buttons.items():
-            button.click(partial(arena.vote, key), [comparison, logged_in], [vote_message, comparison],
-                         api_name=f"vote_{key}")
+            button.click(arena.voter(key), comparison, [vote_message, comparison], api_name=f"vote_{key}", **VOTING)
     return app

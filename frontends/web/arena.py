@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+
+import gradio as gr
 
 from frontends.client import BusError
 from frontends.web.bus import LoopLocalBus
 from frontends.web.chat import EMPTY_REPLY, NOT_LOGGED_IN, explain, stream_reply
+from frontends.web.sessions import Sessions
 
 VOTES = {"left": "A is better", "right": "B is better", "tie": "Tie", "bad": "Both are bad"}
 NOTHING_TO_VOTE_ON = "Nothing to vote on: compare two answers first (one vote per comparison)."
+NO_PROMPT = "Type a prompt first."
 
 # What the page shows for one comparison, and the record a vote needs (None: no vote possible).
 Comparison = tuple[str, str, dict[str, Any] | None]
@@ -23,15 +27,19 @@ Comparison = tuple[str, str, dict[str, Any] | None]
 class Arena:
     """Runs comparisons and appends votes to a JSON-lines file."""
 
-    def __init__(self, bus: LoopLocalBus, votes_file: Path) -> None:
+    def __init__(self, bus: LoopLocalBus, sessions: Sessions, votes_file: Path) -> None:
         self.bus = bus
+        self.sessions = sessions
         self.votes_file = votes_file
 
     async def compare(self, prompt: str, model_a: str, model_b: str, temperature_a: float, temperature_b: float,
-                      max_tokens: int, logged_in: bool) -> AsyncIterator[Comparison]:
+                      max_tokens: int, request: gr.Request) -> AsyncIterator[Comparison]:
         """Both answers as they grow; once both are complete, the record a vote will store."""
-        if not logged_in:
+        if not self.sessions.allows(request):
             yield f"⚠️ {NOT_LOGGED_IN}", f"⚠️ {NOT_LOGGED_IN}", None
+            return
+        if not prompt.strip():
+            yield f"⚠️ {NO_PROMPT}", f"⚠️ {NO_PROMPT}", None
             return
         sides = [(model_a, float(temperature_a)), (model_b, float(temperature_b))]
         answers = ["", ""]
@@ -74,9 +82,15 @@ class Arena:
         }
         yield answers[0], answers[1], record
 
-    def vote(self, choice: str, record: dict[str, Any] | None, logged_in: bool) -> tuple[str, None]:
+    def voter(self, choice: str) -> Callable[[dict[str, Any] | None, gr.Request], tuple[str, None]]:
+        """The handler of one vote button."""
+        def vote(record: dict[str, Any] | None, request: gr.Request) -> tuple[str, None]:
+            return self.vote(choice, record, request)
+        return vote
+
+    def vote(self, choice: str, record: dict[str, Any] | None, request: gr.Request) -> tuple[str, None]:
         """Append one vote to the JSON-lines file; returns a line for the page and clears the record."""
-        if not logged_in:
+        if not self.sessions.allows(request):
             return NOT_LOGGED_IN, None
         if record is None:
             return NOTHING_TO_VOTE_ON, None

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import gradio as gr
+
 from frontends.client import (BadRequest, BrokerUnreachable, BusError, ContextLengthExceeded, NoWorker, Overloaded,
                               Stream, UnknownModel, WorkerLost)
 from frontends.web.bus import LoopLocalBus
+from frontends.web.sessions import Sessions
 
 History = list[dict[str, Any]]
-NOT_LOGGED_IN = "Log in with the access token first."
+NOT_LOGGED_IN = "Log in with the access token first (reload the page to see the login form)."
 EMPTY_REPLY = "The model finished without writing anything visible."
 
 # A title and a hint for each kind of bus error; the bus's own message says the details.
@@ -81,13 +84,14 @@ async def stream_reply(bus: LoopLocalBus, model: str, messages: list[dict[str, s
 class ChatHandlers:
     """The single-model chat tab."""
 
-    def __init__(self, bus: LoopLocalBus) -> None:
+    def __init__(self, bus: LoopLocalBus, sessions: Sessions) -> None:
         self.bus = bus
+        self.sessions = sessions
 
     async def respond(self, message: str, history: History, model: str, system: str, temperature: float,
-                      top_p: float, max_tokens: int, logged_in: bool) -> AsyncIterator[tuple[History, str]]:
+                      top_p: float, max_tokens: int, request: gr.Request) -> AsyncIterator[tuple[History, str]]:
         history = list(history or [])
-        if not logged_in:
+        if not self.sessions.allows(request):
             yield history + [error_message(NOT_LOGGED_IN, "Not logged in")], message
             return
         if not message.strip():
@@ -98,11 +102,11 @@ class ChatHandlers:
             yield update, ""
 
     async def regenerate(self, history: History, model: str, system: str, temperature: float, top_p: float,
-                         max_tokens: int, logged_in: bool) -> AsyncIterator[History]:
+                         max_tokens: int, request: gr.Request) -> AsyncIterator[History]:
         history = list(history or [])
         while history and history[-1]["role"] == "assistant":
             history.pop()
-        if not logged_in:
+        if not self.sessions.allows(request):
             yield history + [error_message(NOT_LOGGED_IN, "Not logged in")]
             return
         if not history:

@@ -8,6 +8,7 @@ import gradio as gr
 
 from frontends.client import BusError
 from frontends.web.bus import LoopLocalBus
+from frontends.web.sessions import Sessions
 
 
 def describe(info: Any) -> str:
@@ -19,13 +20,14 @@ def describe(info: Any) -> str:
 class ModelList:
     """Fills the dropdowns from the broker and keeps each model's context length for the sliders."""
 
-    def __init__(self, bus: LoopLocalBus) -> None:
+    def __init__(self, bus: LoopLocalBus, sessions: Sessions) -> None:
         self.bus = bus
+        self.sessions = sessions
         self.context_lengths: dict[str, int] = {}
 
-    async def refresh(self, logged_in: bool, *current: str) -> list:
+    async def refresh(self, request: gr.Request, *current: str) -> list:
         """One update per dropdown in `current` (the choice kept when still served), then a status line."""
-        if not logged_in:
+        if not self.sessions.allows(request):
             return [*(gr.update() for _ in current), ""]
         try:
             infos = await (await self.bus.get()).models()
