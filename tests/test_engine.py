@@ -27,6 +27,16 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids if i != EOS)
 
 
+class SplitCharTokenizer(CharTokenizer):
+    """CharTokenizer, except that one token holds a space and the first half of an emoji."""
+
+    SPLIT = 0x3000
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        pieces = (b" \xf0\x9f" if i == self.SPLIT else chr(i).encode() for i in ids if i != EOS)
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+
 class ScriptedRunner:
     """Plays back a script of characters per prompt; records what it was asked to do."""
 
@@ -70,12 +80,12 @@ class ScriptedRunner:
         return TokenChoice(ord(script[position]) if position < len(script) else EOS)
 
 
-def make_engine(scripts: dict[str, str], max_batch: int = 4,
-                max_prefill_tokens: int = 10_000) -> tuple[Engine, ScriptedRunner]:
+def make_engine(scripts: dict[str, str], max_batch: int = 4, max_prefill_tokens: int = 10_000,
+                tokenizer: CharTokenizer | None = None) -> tuple[Engine, ScriptedRunner]:
     runner = ScriptedRunner(scripts)
     scheduler = Scheduler(SchedulerLimits(max_batch=max_batch, max_batch_tokens=10_000,
                                           max_prefill_tokens=max_prefill_tokens))
-    return Engine(runner, PromptEncoder(CharTokenizer(), EOS), scheduler, context_length=64), runner
+    return Engine(runner, PromptEncoder(tokenizer or CharTokenizer(), EOS), scheduler, context_length=64), runner
 
 
 def add(engine: Engine, rid: bytes, prompt: str, **params) -> list:
@@ -193,6 +203,12 @@ def test_a_token_frame_counts_the_tokens_held_back_before_it():
         events += engine.step()
     tokens = [(e.fields["text"], e.fields["num_tokens"]) for e in events if e.command is Command.TOKEN]
     assert tokens == [("a", 1), ("b", 1), ("xyq", 3)]
+
+
+def test_an_end_of_turn_after_half_a_character_keeps_the_text_before_it():
+    engine, _ = make_engine({"a": "hi" + chr(SplitCharTokenizer.SPLIT)}, tokenizer=SplitCharTokenizer())
+    add(engine, b"a" * 16, "a", stop=["zz"])
+    assert run(engine)[b"a" * 16][0] == "hi "
 
 
 def test_a_failing_prefill_ends_only_the_joining_requests():

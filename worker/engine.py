@@ -127,7 +127,9 @@ class Engine:
         sequence.unsent_tokens += 1
         if choice.token_id in self.prompts.stop_token_ids:
             sequence.finish_reason = FinishReason.STOP
-            text = sequence.stop_matcher.flush()
+            # Text held back with a character the model never finished: keep what came before it.
+            held = sequence.detokenizer.flush().rstrip("\ufffd")
+            text = sequence.stop_matcher.push(held)[0] + sequence.stop_matcher.flush()
         else:
             text, stopped = sequence.stop_matcher.push(sequence.detokenizer.push(choice.token_id))
             if stopped:
