@@ -241,13 +241,9 @@ class Broker:
         for request in held:
             if request not in retry:
                 self._fail(request, ErrorCode.WORKER_LOST, f"worker {worker.ready.worker_id} serving the request was lost")
-        for model, served in model_served.items():
-            if served:
-                self._dispatch_queued(model, now)
-            else:
-                queue = self._queues.pop(model, deque())
-                while queue:
-                    self._fail(self._requests[queue.popleft()], ErrorCode.NO_WORKER, f"no worker serves '{model}' any more")
+        for model in [m for m, served in model_served.items() if not served]:
+            self._fail_queued(model)
+        self._dispatch_models(tuple(m for m, served in model_served.items() if served), now)
 
     def _on_heartbeat(self, identity: bytes, worker: WorkerRecord | None, fields: dict, now: float) -> None:
         if "worker_id" in fields:
@@ -296,6 +292,13 @@ class Broker:
             return ErrorCode.NO_WORKER, f"no live worker serves model '{model}' now; models served: {served}"
         return ErrorCode.UNKNOWN_MODEL, f"model '{model}' is not served; models served: {served}"
 
+    def _fail_queued(self, model: str) -> None:
+        """No worker serves `model`: its waiting requests end now, saying so."""
+        queue = self._queues.pop(model, deque())
+        code, message = self._not_served(model)
+        while queue:
+            self._fail(self._requests[queue.popleft()], code, message)
+
     def _on_cancel(self, identity: bytes, request_id: bytes) -> None:
         request = self._requests.get(request_id)
         if request is not None and request.client == identity:
@@ -338,14 +341,6 @@ class Broker:
         worker.last_dispatch = now
         worker.num_served += 1
         self._send(worker.identity, Command.REQUEST, request.request_id, request.body)
-
-    def _dispatch_queued(self, model: str, now: float) -> None:
-        queue = self._queues.get(model)
-        while queue:
-            worker = choose_worker(self.workers, model)
-            if worker is None:
-                return
-            self._assign(self._requests[queue.popleft()], worker, now)
 
     def _dispatch_models(self, models: tuple[str, ...], now: float) -> None:
         """Serve the queues of these models (one worker's aliases share its slots), the request that
@@ -391,9 +386,7 @@ class Broker:
         if self._announcing_until is not None and now >= self._announcing_until:
             self._announcing_until = None
             for model in [m for m in self._queues if not self.workers.serving(m)]:
-                queue = self._queues.pop(model)
-                while queue:  # nobody announced this model in time
-                    self._fail(self._requests[queue.popleft()], *self._not_served(model))
+                self._fail_queued(model)  # nobody announced it in time
         deadline = now - self.settings.queue_timeout
         for model, queue in list(self._queues.items()):
             # Re-queued requests restart their wait, so the oldest may be anywhere in the queue.

@@ -363,11 +363,7 @@ async def test_a_new_broker_holds_requests_while_workers_announce_then_names_the
 
 
 async def _reachable(client: BusClient) -> bool:
-    try:
-        await client.models()
-        return True
-    except BrokerUnreachable:
-        return False
+    return await _served(client) is not None
 
 
 async def test_frozen_workers_are_dropped_and_come_back_by_themselves(stack):
@@ -516,8 +512,13 @@ async def _replies_until_workers(socket: zmq.asyncio.Socket) -> list[protocol.Co
         replies.append(message.command)
 
 
-async def _serves(client: BusClient, model: str) -> bool:
+async def _served(client: BusClient) -> set[str] | None:
+    """The models the broker lists, or None while it cannot be reached."""
     try:
-        return model in {m.name for m in await client.models()}
+        return {m.name for m in await client.models()}
     except BrokerUnreachable:
-        return False
+        return None
+
+
+async def _serves(client: BusClient, model: str) -> bool:
+    return model in (await _served(client) or set())
