@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from broker import protocol
+from broker import protocol, sockets
 from broker.config import BrokerSettings
 from broker.protocol import Command, ErrorCode, Message
 from broker.registry import WorkerRecord, WorkerRegistry, choose_worker
@@ -46,12 +46,7 @@ class Broker:
     def __init__(self, settings: BrokerSettings, context: zmq.Context | None = None) -> None:
         self.settings = settings
         self._context = context or zmq.Context.instance()
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sends to vanished peers raise instead of vanishing
-        self._socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_SIZE * 2)
-        self._socket.setsockopt(zmq.SNDHWM, 100_000)
-        self._socket.setsockopt(zmq.RCVHWM, 100_000)
+        self._socket = sockets.router(self._context)
         self.workers = WorkerRegistry()
         self._requests: dict[bytes, PendingRequest] = {}
         self._queues: dict[str, deque[bytes]] = {}

@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from broker import protocol
+from broker import protocol, sockets
 from broker.protocol import Command, ErrorCode, GenerationRequest, Message
 
 log = logging.getLogger(__name__)
@@ -203,15 +203,7 @@ class BusClient:
         await self.close()
 
     async def start(self) -> None:
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_SIZE * 2)
-        socket.setsockopt(zmq.RECONNECT_IVL, 100)
-        # Queue nothing while the broker is away: a request it never got must fail now, not run
-        # later for a caller who has been told it failed.
-        socket.setsockopt(zmq.IMMEDIATE, 1)
-        socket.connect(self.address)
-        self._socket = socket
+        self._socket = sockets.dealer(self._context, self.address, immediate=True)
         self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop())]
 
     async def close(self) -> None:

@@ -1,15 +1,20 @@
-"""Validation of responses against the official OpenAI OpenAPI spec (../shared/openai/openapi.yaml)."""
+"""Validation of responses against the official OpenAI OpenAPI spec.
+
+The schemas used here, with all they reference, are kept in `openai_spec/schemas.json`
+(regenerated from the full spec by `openai_spec/extract.py`; the spec's version and licence are
+recorded in the file and in `openai_spec/README.md`).
+"""
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 from jsonschema import Draft202012Validator
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "openai" / "openapi.yaml"
+SCHEMAS = Path(__file__).resolve().parent / "openai_spec" / "schemas.json"
 
 
 def _allow_null(node: Any) -> Any:
@@ -26,8 +31,7 @@ def _allow_null(node: Any) -> Any:
 
 @cache
 def _components() -> dict:
-    spec = yaml.safe_load(SPEC.read_text())
-    return _allow_null(spec["components"])
+    return {"schemas": _allow_null(json.loads(SCHEMAS.read_text())["schemas"])}
 
 
 def validate(schema_name: str, instance: Any) -> None:

@@ -17,7 +17,7 @@ from broker import protocol
 from broker.protocol import Message
 from frontends.client import (BadRequest, BrokerUnreachable, BusClient, BusError, ContextLengthExceeded, NoWorker, Overloaded,
                               QueueTimeout, UnknownModel, WorkerLost)
-from tests.conftest import TINY_MODEL, wait_for_models
+from tests.helpers import TINY_MODEL, wait_for_models
 from tests.processes import free_address, start_broker, start_worker, stop
 from tests.raw_worker import RawWorker
 

@@ -5,7 +5,7 @@ import sys
 import pexpect
 import pytest
 
-from tests.conftest import TINY_MODEL, serving
+from tests.helpers import TINY_MODEL, serving
 from tests.processes import ROOT, stop
 
 

@@ -14,7 +14,7 @@ import pytest
 from broker import protocol
 from frontends.cli import Chat, CliSettings
 from frontends.client import BrokerUnreachable, BusClient, SyncBusClient
-from tests.conftest import wait_for_models
+from tests.helpers import wait_for_models
 from tests.processes import free_address, start_broker, stop
 from tests.raw_worker import RawWorker
 

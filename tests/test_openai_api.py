@@ -17,7 +17,7 @@ from langchain_openai import ChatOpenAI
 from broker.protocol import SEED_RANGE
 from frontends.client import BusClient
 from frontends.openai_api.requests import parse_chat
-from tests.conftest import TINY_MODEL, serving
+from tests.helpers import TINY_MODEL, serving
 from tests.openai_schema import validate
 from tests.processes import free_address, free_port, spawn, stop
 

@@ -25,7 +25,7 @@ from broker.settings import load_settings
 from frontends.client import SyncBusClient
 from frontends.web.chat import NOT_LOGGED_IN
 from frontends.web.config import WebSettings
-from tests.conftest import TINY_MODEL, wait_for_models
+from tests.helpers import TINY_MODEL, wait_for_models
 from tests.processes import free_address, running_web, start_broker, start_worker, stop
 from tests.raw_worker import RawWorker
 

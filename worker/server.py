@@ -15,7 +15,7 @@ import uuid
 
 import zmq
 
-from broker import protocol
+from broker import protocol, sockets
 from broker.protocol import Command, Message
 from worker.engine import Engine, Event
 
@@ -91,13 +91,7 @@ class WorkerServer:
             log.debug("dropped a message for an unreachable broker")
 
     def _connect(self) -> zmq.Socket:
-        dealer = self._context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_SIZE * 2)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.SNDHWM, 100_000)  # a busy broker is never a reason to drop a DONE
-        dealer.connect(self.broker)
-        return dealer
+        return sockets.dealer(self._context, self.broker)
 
     def _drop_all(self, pipe: zmq.Socket) -> None:
         """Start afresh: the engine drops every request, then (in `_from_engine`) the worker announces."""

@@ -1,0 +1,39 @@
+"""The socket options every peer of the bus sets, in one place: broker, workers and clients."""
+
+from __future__ import annotations
+
+import zmq
+
+from broker import protocol
+
+RECONNECT_INTERVAL_MS = 100  # a restarted broker is found again this quickly
+HIGH_WATER_MARK = 100_000  # messages queued per peer: a busy peer is never a reason to drop a DONE
+
+
+def _configure(socket: zmq.Socket) -> zmq.Socket:
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_SIZE * 2)
+    socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+    socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    return socket
+
+
+def router(context: zmq.Context) -> zmq.Socket:
+    """The broker's socket, not yet bound. Sends to vanished peers raise instead of vanishing."""
+    socket = _configure(context.socket(zmq.ROUTER))
+    socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    return socket
+
+
+def dealer(context: zmq.Context, address: str, *, immediate: bool = False) -> zmq.Socket:
+    """A worker's or client's socket, connected to the broker at `address`.
+
+    `immediate`: queue nothing while the broker is away, so a send to an absent broker fails now
+    instead of running later for a caller who was told it failed.
+    """
+    socket = _configure(context.socket(zmq.DEALER))
+    socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL_MS)
+    if immediate:
+        socket.setsockopt(zmq.IMMEDIATE, 1)
+    socket.connect(address)
+    return socket
