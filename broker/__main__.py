@@ -3,19 +3,19 @@
 import logging
 import signal
 
-from broker.broker import Broker
 from broker.config import BrokerSettings
+from broker.server import BrokerServer
 from broker.settings import load_settings
 
 
 def main() -> None:
     settings = load_settings(BrokerSettings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s broker %(levelname)s %(message)s")
-    broker = Broker(settings)
-    broker.bind()
+    server = BrokerServer(settings)
+    server.bind()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: broker.stopping.set())
-    broker.run()
+        signal.signal(sig, lambda *_: server.stopping.set())
+    server.run()
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ class GenerationRequest:
             raise ProtocolError(f"unknown field {_quote(unknown[0])}", unknown[0][:64])
         messages = _get(fields, "messages", list)
         if messages is not None:
-            messages = tuple(_chat_message(m) for m in messages)
+            messages = tuple(_chat_message(index, m) for index, m in enumerate(messages))
         stop = _get(fields, "stop", list, [])
         if not all(isinstance(s, str) for s in stop):
             raise ProtocolError("'stop' must be an array of strings", "stop")
@@ -267,14 +267,15 @@ class GenerationRequest:
         return {k: v for k, v in fields.items() if v is not None}
 
 
-def _chat_message(value: Any) -> ChatMessage:
+def _chat_message(index: int, value: Any) -> ChatMessage:
+    name = f"messages[{index}]"
     if not isinstance(value, dict):
-        raise ProtocolError("each message must be a map with 'role' and 'content'", "messages")
+        raise ProtocolError(f"'{name}' must be a map with 'role' and 'content'", name)
     role, content = value.get("role"), value.get("content")
     if role not in ("system", "user", "assistant"):
-        raise ProtocolError(f"message role must be system, user or assistant, got {_quote(role)}", "messages")
+        raise ProtocolError(f"'{name}.role' must be system, user or assistant, got {_quote(role)}", f"{name}.role")
     if not isinstance(content, str):
-        raise ProtocolError("message content must be a string", "messages")
+        raise ProtocolError(f"'{name}.content' must be a string", f"{name}.content")
     return ChatMessage(role, content)
 
 

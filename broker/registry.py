@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from broker.protocol import Ready
 
@@ -17,11 +17,6 @@ class WorkerRecord:
     last_seen: float
     last_dispatch: float = 0.0
     num_served: int = 0
-    requests: set[bytes] = field(default_factory=set)
-
-    @property
-    def free(self) -> int:
-        return self.ready.capacity - len(self.requests)
 
 
 class WorkerRegistry:
@@ -61,9 +56,11 @@ class WorkerRegistry:
         return [w for w in self._workers.values() if w.last_seen < deadline]
 
 
-def choose_worker(registry: WorkerRegistry, model: str) -> WorkerRecord | None:
-    """Shortest queue first: the worker with the most free slots; ties go to the least recently used."""
-    candidates = [w for w in registry.serving(model) if w.free > 0]
+def choose_worker(registry: WorkerRegistry, model: str, num_busy: Callable[[bytes], int]) -> WorkerRecord | None:
+    """Shortest queue first: the worker with the most free slots (capacity minus `num_busy` of its
+    identity); ties go to the least recently used."""
+    free = {w.identity: w.ready.capacity - num_busy(w.identity) for w in registry.serving(model)}
+    candidates = [w for w in registry.serving(model) if free[w.identity] > 0]
     if not candidates:
         return None
-    return max(candidates, key=lambda w: (w.free, -w.last_dispatch))
+    return max(candidates, key=lambda w: (free[w.identity], -w.last_dispatch))

@@ -22,16 +22,20 @@ def router(context: zmq.Context) -> zmq.Socket:
     """The broker's socket, not yet bound. Sends to vanished peers raise instead of vanishing."""
     socket = _configure(context.socket(zmq.ROUTER))
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its identity takes it over at once
     return socket
 
 
-def dealer(context: zmq.Context, address: str, *, immediate: bool = False) -> zmq.Socket:
+def dealer(context: zmq.Context, address: str, *, immediate: bool = False, identity: bytes | None = None) -> zmq.Socket:
     """A worker's or client's socket, connected to the broker at `address`.
 
     `immediate`: queue nothing while the broker is away, so a send to an absent broker fails now
-    instead of running later for a caller who was told it failed.
+    instead of running later for a caller who was told it failed. `identity`: the routing id the
+    broker knows this peer by (default: one ZeroMQ picks per connection).
     """
     socket = _configure(context.socket(zmq.DEALER))
+    if identity is not None:
+        socket.setsockopt(zmq.ROUTING_ID, identity)
     socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL_MS)
     if immediate:
         socket.setsockopt(zmq.IMMEDIATE, 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import TINY_MODEL, Bus, build_tiny_model, serving
+from tests.processes import free_address, start_broker, start_worker, stop
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +30,25 @@ def default_bus() -> Iterator[Bus]:
 
     with serving(None, DEFAULT_MODEL_NAME) as running:
         yield running
+
+
+@pytest.fixture
+def stack(tiny_model_dir):
+    """Start brokers and workers on demand; everything is stopped at the end of the test."""
+    processes = []
+
+    class Stack:
+        address = free_address()
+
+        def broker(self, *args):
+            processes.append(start_broker(self.address, "--heartbeat-interval", "0.5", *args))
+            return processes[-1]
+
+        def worker(self, *args, name=TINY_MODEL):
+            processes.append(start_worker(self.address, tiny_model_dir, "--model-names", name,
+                                          "--heartbeat-interval", "0.5", *args))
+            return processes[-1]
+
+    yield Stack()
+    for process in reversed(processes):
+        stop(process)

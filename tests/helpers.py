@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
 
-from frontends.client import BusClient, BusError
+import zmq
+import zmq.asyncio
+
+from broker import protocol
+from broker.protocol import Message
+from frontends.client import BrokerUnreachable, BusClient, BusError
 from tests.processes import free_address, start_broker, start_worker, stop
 
 TINY_MODEL = "tiny"
@@ -70,3 +75,79 @@ def serving(model_dir: Path | None, name: str, *worker_args: str) -> Iterator[Bu
         # A test may have replaced the broker or added workers: stop what is there now.
         for process in [*running.workers, running.broker]:
             stop(process)
+
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+async def wait_until(predicate, timeout=30.0):
+    for _ in range(int(timeout / 0.1)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("condition not reached")
+
+
+async def in_flight(client: BusClient) -> int:
+    return sum(w.in_flight for w in await client.workers())
+
+
+async def num_workers(client: BusClient, count: int) -> bool:
+    return len(await client.workers()) == count
+
+
+async def idle(client: BusClient) -> bool:
+    return await in_flight(client) == 0
+
+
+async def num_queued_is(client: BusClient, count: int) -> bool:
+    return sum(m.queued for m in await client.models()) == count
+
+
+async def reachable(client: BusClient) -> bool:
+    return await served_models(client) is not None
+
+
+async def served_models(client: BusClient) -> set[str] | None:
+    """The models the broker lists, or None while it cannot be reached."""
+    try:
+        return {m.name for m in await client.models()}
+    except BrokerUnreachable:
+        return None
+
+
+async def serves(client: BusClient, model: str) -> bool:
+    return model in (await served_models(client) or set())
+
+
+@asynccontextmanager
+async def worker_behind_raw_broker(model_dir, interval: float = 60.0):
+    """A real worker process whose broker is the test: yields `send(command, id, body)` to the
+    worker and `receive()` of its next message, once it has announced itself."""
+    address = free_address()
+    broker = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+    broker.setsockopt(zmq.LINGER, 0)
+    broker.bind(address)
+    process = start_worker(address, model_dir, "--model-names", TINY_MODEL, "--heartbeat-interval", str(interval))
+    try:
+        identity, *frames = await asyncio.wait_for(broker.recv_multipart(), 120)
+        assert protocol.decode(frames).command is protocol.Command.READY
+
+        async def send(command, request_id: bytes = b"", body=None) -> None:
+            await broker.send_multipart([identity, *protocol.encode(command, request_id, body)])
+
+        async def receive() -> Message:
+            _, *frames = await asyncio.wait_for(broker.recv_multipart(), 60)
+            return protocol.decode(frames)
+
+        yield send, receive
+    finally:
+        stop(process)
+        broker.close()
+
+
+def raw_dealer(address: str) -> zmq.asyncio.Socket:
+    socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(address)
+    return socket

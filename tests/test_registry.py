@@ -11,11 +11,15 @@ def registry_with(*capacities: int) -> WorkerRegistry:
     return registry
 
 
+def idle(identity: bytes) -> int:
+    return 0
+
+
 def test_most_free_slots_wins():
     registry = registry_with(2, 4)
-    assert choose_worker(registry, "m").identity == b"w1"
-    registry.get(b"w1").requests.update({b"a", b"b", b"c"})
-    assert choose_worker(registry, "m").identity == b"w0"
+    assert choose_worker(registry, "m", idle).identity == b"w1"
+    busy = {b"w1": 3}
+    assert choose_worker(registry, "m", lambda w: busy.get(w, 0)).identity == b"w0"
 
 
 def test_ties_go_to_least_recently_used():
@@ -23,16 +27,15 @@ def test_ties_go_to_least_recently_used():
     registry.get(b"w0").last_dispatch = 5.0
     registry.get(b"w1").last_dispatch = 3.0
     registry.get(b"w2").last_dispatch = 4.0
-    assert choose_worker(registry, "m").identity == b"w1"
+    assert choose_worker(registry, "m", idle).identity == b"w1"
 
 
 def test_full_workers_and_other_models_are_skipped():
     registry = registry_with(1)
     registry.add(b"other", Ready("other", ("x",), 8), now=0.0)
-    assert choose_worker(registry, "m").identity == b"w0"
-    registry.get(b"w0").requests.add(b"r")
-    assert choose_worker(registry, "m") is None
-    assert choose_worker(registry, "unknown") is None
+    assert choose_worker(registry, "m", idle).identity == b"w0"
+    assert choose_worker(registry, "m", lambda w: 1 if w == b"w0" else 0) is None
+    assert choose_worker(registry, "unknown", idle) is None
 
 
 def test_add_and_remove_are_the_only_ways_in_and_out():

@@ -1,0 +1,403 @@
+"""The broker's logic as a state machine without a socket.
+
+Inputs are what a peer sent (`receive`), that a peer could not be reached (`unreachable`) and the
+passing of time (`tick`), each with the current time; each returns the messages to send. The
+server (`broker/server.py`) does the I/O. Workers live in the `WorkerRegistry`, requests in the
+`RequestTable`, the dispatch rule is `choose_worker`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from broker import protocol
+from broker.config import BrokerSettings
+from broker.protocol import Command, ErrorCode, Message
+from broker.registry import WorkerRecord, WorkerRegistry, choose_worker
+from broker.requests import Request, RequestTable, State
+
+log = logging.getLogger(__name__)
+
+_WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.ERROR)
+_MALFORMED_LOG_INTERVAL = 5.0  # seconds between warnings about malformed messages
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message for the server to send to a peer."""
+
+    identity: bytes
+    command: Command
+    request_id: bytes = b""
+    body: dict[str, Any] | bytes | None = None
+
+
+@dataclass(slots=True)
+class ClientWatch:
+    """When a client was last heard from; only a client that heartbeats is judged by its silence."""
+
+    last_seen: float
+    heartbeats: bool = False
+
+
+class BrokerCore:
+    """Routes requests from clients to workers and their token streams back."""
+
+    def __init__(self, settings: BrokerSettings, now: float) -> None:
+        self.settings = settings
+        self.workers = WorkerRegistry()
+        self.requests = RequestTable()
+        self._clients: dict[bytes, ClientWatch] = {}
+        self._reannounced: dict[bytes, float] = {}  # unknown workers asked to announce, and when
+        self._models_seen: set[str] = set()
+        # Until then, workers that served this broker's predecessor may still be re-announcing: a
+        # request for a model none has announced waits for them instead of failing at once.
+        self._announcing_until: float | None = now + self._timeout
+        self._next_heartbeat = now
+        self.num_malformed = 0
+        self._last_malformed_log = -float("inf")
+        self._out: list[Outgoing] = []
+
+    @property
+    def _timeout(self) -> float:
+        return self.settings.heartbeat_interval * protocol.HEARTBEAT_LIVENESS
+
+    @property
+    def next_tick(self) -> float:
+        """When `tick` next has something to do on its own (heartbeats); time-outs are checked then too."""
+        return self._next_heartbeat
+
+    # -- inputs
+
+    def receive(self, identity: bytes, frames: list[bytes], now: float) -> list[Outgoing]:
+        """A message from a peer, as the frames after its routing identity."""
+        try:
+            message = protocol.decode(frames)
+        except protocol.ProtocolError as exc:
+            # Answered only where the sender speaks the protocol enough to read an answer.
+            answerable = len(frames) == 4 and frames[0] == protocol.PROTOCOL_SIGNATURE
+            request_id = frames[2] if answerable and len(frames[2]) == protocol.REQUEST_ID_SIZE else b""
+            self._reject(identity, request_id, exc, now, answer=answerable)
+            return self._flush()
+        return self.handle(identity, message, now)
+
+    def handle(self, identity: bytes, message: Message, now: float) -> list[Outgoing]:
+        """A decoded message from a peer."""
+        try:
+            self._handle(identity, message, now)
+        except protocol.ProtocolError as exc:
+            self._reject(identity, message.request_id, exc, now, answer=True)
+        except Exception as exc:  # a bug must cost one message, never the broker
+            log.exception("failed to handle a message from %s", identity.hex())
+            if message.command is Command.REQUEST:
+                self._abort(identity, message.request_id, exc)
+        return self._flush()
+
+    def unreachable(self, identity: bytes, now: float) -> list[Outgoing]:
+        """A send to this peer failed: it is gone (or stopped reading)."""
+        worker = self.workers.get(identity)
+        if worker is not None:
+            log.info("worker %s unreachable: removed", worker.ready.worker_id)
+            self._remove_worker(worker, now)
+        elif identity in self._clients:
+            self._forget_client(identity, now)
+        return self._flush()
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Time passes: dead peers, waits that ran out, heartbeats that are due."""
+        for identity, asked_at in list(self._reannounced.items()):
+            if asked_at < now - self._timeout:
+                del self._reannounced[identity]
+        for worker in self.workers.expired(now - self._timeout):
+            log.warning("worker %s silent for %.1fs: removed", worker.ready.worker_id, now - worker.last_seen)
+            self._remove_worker(worker, now)
+        for identity, client in list(self._clients.items()):
+            if not self.requests.of_client(identity):
+                del self._clients[identity]  # watched only while it has requests
+            elif client.heartbeats and client.last_seen < now - protocol.CLIENT_TIMEOUT:
+                self._forget_client(identity, now)
+        if self._announcing_until is not None and now >= self._announcing_until:
+            self._announcing_until = None
+            for model in self.requests.queued_models():
+                if not self.workers.serving(model):
+                    self._fail_queued(model)  # nobody announced it in time
+        self._expire_waits(now)
+        if now >= self._next_heartbeat:
+            for worker in self.workers:
+                self._send(worker.identity, Command.HEARTBEAT)
+            self._next_heartbeat = now + self.settings.heartbeat_interval
+        return self._flush()
+
+    # -- routing
+
+    def _handle(self, identity: bytes, message: Message, now: float) -> None:
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.last_seen = now
+        elif identity in self._clients:
+            self._clients[identity].last_seen = now
+        command = message.command
+        if command is Command.READY:
+            self._on_ready(identity, protocol.Ready.from_fields(message.fields()), now)
+        elif command in _WORKER_REPLIES:
+            self._on_worker_reply(identity, worker, message, now)
+        elif command is Command.DISCONNECT:
+            if worker is not None:
+                log.info("worker %s disconnected", worker.ready.worker_id)
+                self._remove_worker(worker, now)
+        elif command is Command.HEARTBEAT:
+            self._on_heartbeat(identity, worker, message.fields(), now)
+        elif command is Command.REQUEST:
+            self._on_request(identity, message, now)
+        elif command is Command.CANCEL:
+            self._on_cancel(identity, message.request_id, now)
+        elif command is Command.LIST_MODELS:
+            self._send(identity, Command.MODELS, message.request_id, protocol.model_list_fields(self._model_infos()))
+        elif command is Command.LIST_WORKERS:
+            self._send(identity, Command.WORKERS, message.request_id,
+                       protocol.worker_list_fields(self._worker_infos(now)))
+        else:
+            raise protocol.ProtocolError(f"{command.value} is not a command the broker accepts")
+
+    def _reject(self, identity: bytes, request_id: bytes, exc: protocol.ProtocolError, now: float, *,
+                answer: bool) -> None:
+        self.num_malformed += 1
+        if now - self._last_malformed_log > _MALFORMED_LOG_INTERVAL:
+            log.warning("dropped malformed message (%d so far): %s", self.num_malformed, exc)
+            self._last_malformed_log = now
+        if answer:
+            self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, str(exc))
+        request = self.requests.get(request_id) if request_id else None
+        worker = self.workers.get(identity)
+        if worker is not None and request is not None and request.worker == identity:
+            # A lost token or ending must not go unnoticed: the request fails, the worker is told to
+            # stop it, and its slot is free at once.
+            log.warning("worker %s sent a malformed reply to request %s: %s", worker.ready.worker_id,
+                        request_id.hex(), exc)
+            self._send(identity, Command.CANCEL, request_id)
+            self._end(request, ErrorCode.INTERNAL, f"worker {worker.ready.worker_id} sent a malformed reply: {exc}")
+            self._dispatch(worker.ready.models, now)
+
+    def _abort(self, identity: bytes, request_id: bytes, exc: Exception) -> None:
+        """A request the broker failed on: its client still gets an ending."""
+        request = self.requests.get(request_id)
+        message = f"the broker failed on this request: {exc}"
+        if request is None:
+            self._send_error(identity, request_id, ErrorCode.INTERNAL, message)
+        elif request.client == identity and request.listening:
+            if request.worker is not None:
+                self._send(request.worker, Command.CANCEL, request_id)
+            self._end(request, ErrorCode.INTERNAL, message)
+
+    # -- workers
+
+    def _on_ready(self, identity: bytes, ready: protocol.Ready, now: float) -> None:
+        # A worker announces again only after losing the broker, and then it has dropped its work:
+        # its new self starts empty, and what the old one held is settled as if it had died.
+        previous = self.workers.remove(identity)
+        self.workers.add(identity, ready, now)
+        self._reannounced.pop(identity, None)
+        self._models_seen.update(ready.models)
+        log.info("worker %s ready: models %s, capacity %d", ready.worker_id, list(ready.models), ready.capacity)
+        if previous is not None:
+            self._settle(previous, now)
+        self._dispatch(ready.models, now)
+
+    def _on_worker_reply(self, identity: bytes, worker: WorkerRecord | None, message: Message, now: float) -> None:
+        request = self.requests.get(message.request_id)
+        if worker is None or request is None or request.worker != identity:
+            # A stream the broker does not know (it restarted, or the request ended): stop it.
+            if message.command is Command.TOKEN:
+                self._send(identity, Command.CANCEL, message.request_id)
+            if worker is None:
+                self._ask_to_announce(identity, now)
+            return
+        if request.listening:
+            self._send(request.client, message.command, message.request_id, message.body)
+        if message.command is Command.TOKEN:
+            request.started = True
+            return
+        self.requests.end(request)
+        # The freed slot may serve any of the worker's models (aliases share it).
+        self._dispatch(worker.ready.models, now)
+
+    def _ask_to_announce(self, identity: bytes, now: float) -> None:
+        """An unknown worker (this broker restarted, or declared it dead) gets one REANNOUNCE per
+        heartbeat interval, however many of its messages arrive before its READY does."""
+        if now - self._reannounced.get(identity, -float("inf")) >= self.settings.heartbeat_interval:
+            self._reannounced[identity] = now
+            self._send(identity, Command.REANNOUNCE)
+
+    def _remove_worker(self, worker: WorkerRecord, now: float) -> None:
+        if self.workers.remove(worker.identity) is not None:
+            self._settle(worker, now)
+
+    def _settle(self, worker: WorkerRecord, now: float) -> None:
+        """A worker's requests after it is gone: those that produced no token go back to the front
+        of their queue while some worker still serves their model; the rest end."""
+        model_served = {m: bool(self.workers.serving(m)) for m in worker.ready.models}
+        held = self.requests.on_worker(worker.identity)
+        for request in reversed(held):  # the oldest ends up first
+            if request.state is State.RUNNING and not request.started and model_served.get(request.model):
+                self.requests.requeue(request, now)  # its wait for a worker starts again
+                log.info("re-queued request %s from lost worker %s", request.request_id.hex(), worker.ready.worker_id)
+        for request in held:
+            if request.state is not State.QUEUED:
+                self._end(request, ErrorCode.WORKER_LOST, f"worker {worker.ready.worker_id} serving the request was lost")
+        for model, served in model_served.items():
+            if not served:
+                self._fail_queued(model)
+        self._dispatch(tuple(m for m, served in model_served.items() if served), now)
+
+    # -- clients
+
+    def _on_heartbeat(self, identity: bytes, worker: WorkerRecord | None, fields: dict, now: float) -> None:
+        if "worker_id" in fields:
+            if worker is None:
+                self._ask_to_announce(identity, now)
+            return
+        client = self._clients.get(identity)
+        if client is not None:
+            client.heartbeats = True
+        for request_id in protocol.ClientHeartbeat.from_fields(fields).request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.client != identity or not request.listening:
+                self._send_error(identity, request_id, ErrorCode.UNKNOWN_REQUEST,
+                                 "the broker does not know this request (it may have restarted)")
+        self._send(identity, Command.HEARTBEAT)
+
+    def _on_request(self, identity: bytes, message: Message, now: float) -> None:
+        request_id = message.request_id
+        if len(request_id) != protocol.REQUEST_ID_SIZE:
+            raise protocol.ProtocolError("REQUEST needs a 16-byte request id")
+        if request_id in self.requests:
+            self._on_duplicate(identity, request_id, now)
+            return
+        model = protocol.GenerationRequest.from_fields(message.fields()).model
+        if not self.workers.serving(model) and self._announcing_until is None:
+            self._send_error(identity, request_id, *self._not_served(model))
+            return
+        num_waiting = self.requests.num_queued(model)
+        if num_waiting >= self.settings.max_queue and self._choose(model) is None:
+            self._send_error(identity, request_id, ErrorCode.OVERLOADED,
+                             f"every worker for '{model}' is busy and {num_waiting} requests are waiting")
+            return
+        self.requests.enqueue(Request(request_id, identity, model, message.body, now))
+        self._clients.setdefault(identity, ClientWatch(now))
+        self._dispatch((model,), now)
+
+    def _on_duplicate(self, identity: bytes, request_id: bytes, now: float) -> None:
+        """A REQUEST on an id in use. Its sender gets exactly one ending on that id, this ERROR: a
+        request of its own under that id is cancelled, so no frame of it follows. Another client's
+        request under the id is left alone."""
+        request = self.requests.get(request_id)
+        assert request is not None
+        if request.client == identity and request.listening:
+            self._cancel(request, now)
+        self._send_error(identity, request_id, ErrorCode.DUPLICATE_REQUEST, "request id already in use")
+
+    def _on_cancel(self, identity: bytes, request_id: bytes, now: float) -> None:
+        request = self.requests.get(request_id)
+        if request is not None and request.client == identity and request.listening:
+            self._cancel(request, now)
+
+    def _cancel(self, request: Request, now: float) -> None:
+        """The client stops listening; a running request's slot is freed when its worker confirms."""
+        if not self.requests.cancel(request):
+            self._send(request.worker, Command.CANCEL, request.request_id)
+
+    def _forget_client(self, identity: bytes, now: float) -> None:
+        requests = self.requests.of_client(identity)
+        self._clients.pop(identity, None)
+        if requests:
+            log.info("client gone; cancelling its %d requests", len(requests))
+        for request in requests:
+            self._cancel(request, now)
+
+    # -- dispatch
+
+    def _choose(self, model: str) -> WorkerRecord | None:
+        return choose_worker(self.workers, model, self.requests.num_on_worker)
+
+    def _dispatch(self, models: tuple[str, ...], now: float) -> None:
+        """Serve the queues of these models (one worker's aliases share its slots), the request that
+        has waited longest first, whichever name it used."""
+        candidates = set(models)
+        while candidates:
+            waiting = [m for m in candidates if self.requests.num_queued(m)]
+            if not waiting:
+                return
+            model = min(waiting, key=lambda m: self.requests.oldest_queued(m).enqueued_at)
+            worker = self._choose(model)
+            if worker is None:
+                candidates.discard(model)
+                continue
+            request = self.requests.oldest_queued(model)
+            self.requests.assign(request, worker.identity)
+            worker.last_dispatch = now
+            worker.num_served += 1
+            self._send(worker.identity, Command.REQUEST, request.request_id, request.body)
+
+    def _not_served(self, model: str) -> tuple[ErrorCode, str]:
+        served = ", ".join(sorted(self.workers.models())) or "none"
+        if model in self._models_seen:
+            return ErrorCode.NO_WORKER, f"no live worker serves model '{model}' now; models served: {served}"
+        return ErrorCode.UNKNOWN_MODEL, f"model '{model}' is not served; models served: {served}"
+
+    def _fail_queued(self, model: str) -> None:
+        """No worker serves `model`: its waiting requests end now, saying so."""
+        code, message = self._not_served(model)
+        for request in self.requests.queue(model):
+            self._end(request, code, message)
+
+    def _expire_waits(self, now: float) -> None:
+        deadline = now - self.settings.queue_timeout
+        for model in self.requests.queued_models():
+            # Re-queued requests restart their wait, so the oldest may be anywhere in the queue.
+            for request in self.requests.queue(model):
+                if request.enqueued_at < deadline:
+                    self._end(request, ErrorCode.QUEUE_TIMEOUT,
+                              f"waited {self.settings.queue_timeout:.0f}s for a free worker for '{model}'")
+
+    def _end(self, request: Request, code: ErrorCode, message: str) -> None:
+        """End a request with an ERROR to its client, if it still listens."""
+        if request.listening:
+            self._send_error(request.client, request.request_id, code, message)
+        self.requests.end(request)
+
+    # -- output
+
+    def _send_error(self, identity: bytes, request_id: bytes, code: ErrorCode, message: str) -> None:
+        self._send(identity, Command.ERROR, request_id, protocol.Error(code, message).to_fields())
+
+    def _send(self, identity: bytes, command: Command, request_id: bytes = b"",
+              body: dict[str, Any] | bytes | None = None) -> None:
+        self._out.append(Outgoing(identity, command, request_id, body))
+
+    def _flush(self) -> list[Outgoing]:
+        out, self._out = self._out, []
+        return out
+
+    # -- status
+
+    def _model_infos(self) -> list[protocol.ModelInfo]:
+        infos = []
+        for model in sorted(self.workers.models()):
+            workers = self.workers.serving(model)
+            infos.append(protocol.ModelInfo(
+                name=model,
+                workers=len(workers),
+                capacity=sum(w.ready.capacity for w in workers),
+                in_flight=sum(self.requests.num_on_worker(w.identity) for w in workers),
+                queued=self.requests.num_queued(model),
+                context_length=max(w.ready.context_length for w in workers),
+            ))
+        return infos
+
+    def _worker_infos(self, now: float) -> list[protocol.WorkerInfo]:
+        return [protocol.WorkerInfo(w.ready.worker_id, w.ready.models, w.ready.capacity,
+                                    self.requests.num_on_worker(w.identity), round(now - w.last_seen, 3),
+                                    w.num_served, w.ready.cache_tokens)
+                for w in self.workers]
