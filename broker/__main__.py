@@ -4,14 +4,17 @@ import logging
 import signal
 
 from broker.config import BrokerSettings
-from broker.server import BrokerServer
+from broker.server import BrokerServer, InsecureBind
 from broker.settings import load_settings
 
 
 def main() -> None:
     settings = load_settings(BrokerSettings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s broker %(levelname)s %(message)s")
-    server = BrokerServer(settings)
+    try:
+        server = BrokerServer(settings)
+    except InsecureBind as exc:
+        raise SystemExit(f"broker: {exc}") from None
     server.bind()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stopping.set())

@@ -9,10 +9,12 @@ server (`broker/server.py`) does the I/O. Workers live in the `WorkerRegistry`, 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker import protocol
+from broker.auth import Role
 from broker.config import BrokerSettings
 from broker.protocol import Command, ErrorCode, Message
 from broker.registry import WorkerRecord, WorkerRegistry, choose_worker
@@ -21,7 +23,9 @@ from broker.requests import Request, RequestTable, State
 log = logging.getLogger(__name__)
 
 _WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.ERROR)
-_MALFORMED_LOG_INTERVAL = 5.0  # seconds between warnings about malformed messages
+_WORKER_COMMANDS = (Command.READY, *_WORKER_REPLIES, Command.DISCONNECT)
+_LOG_INTERVAL = 5.0  # seconds between warnings about malformed or refused messages
+EVERY_ROLE = frozenset(Role)  # a bus without authentication: every peer may do everything
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,21 @@ class Outgoing:
     command: Command
     request_id: bytes = b""
     body: dict[str, Any] | bytes | None = None
+
+
+@dataclass(slots=True)
+class BusStats:
+    """Counts since the broker started, for its metrics; `waits` are queue waits not yet reported."""
+
+    sent: Counter[str] = field(default_factory=Counter)  # messages sent, by command (relayed ones included)
+    num_malformed: int = 0
+    num_refused: int = 0  # messages refused for their sender's role
+    num_workers_lost: int = 0  # removed for silence, unreachability or a fresh READY, not DISCONNECT
+    waits: list[float] = field(default_factory=list)
+
+    def take_waits(self) -> list[float]:
+        waits, self.waits = self.waits, []
+        return waits
 
 
 @dataclass(slots=True)
@@ -56,8 +75,8 @@ class BrokerCore:
         # request for a model none has announced waits for them instead of failing at once.
         self._announcing_until: float | None = now + self._timeout
         self._next_heartbeat = now
-        self.num_malformed = 0
-        self._last_malformed_log = -float("inf")
+        self.stats = BusStats()
+        self._last_warning = {"malformed": -float("inf"), "refused": -float("inf")}
         self._out: list[Outgoing] = []
 
     @property
@@ -71,8 +90,10 @@ class BrokerCore:
 
     # -- inputs
 
-    def receive(self, identity: bytes, frames: list[bytes], now: float) -> list[Outgoing]:
-        """A message from a peer, as the frames after its routing identity."""
+    def receive(self, identity: bytes, frames: list[bytes], now: float,
+                roles: frozenset[Role] = EVERY_ROLE) -> list[Outgoing]:
+        """A message from a peer, as the frames after its routing identity; `roles`: what its key
+        may do (on a bus without keys, everything)."""
         try:
             message = protocol.decode(frames)
         except protocol.ProtocolError as exc:
@@ -81,12 +102,16 @@ class BrokerCore:
             request_id = frames[2] if answerable and len(frames[2]) == protocol.REQUEST_ID_SIZE else b""
             self._reject(identity, request_id, exc, now, answer=answerable)
             return self._flush()
-        return self.handle(identity, message, now)
+        return self.handle(identity, message, now, roles)
 
-    def handle(self, identity: bytes, message: Message, now: float) -> list[Outgoing]:
+    def handle(self, identity: bytes, message: Message, now: float,
+               roles: frozenset[Role] = EVERY_ROLE) -> list[Outgoing]:
         """A decoded message from a peer."""
         try:
-            self._handle(identity, message, now)
+            if self._role_needed(message) in roles:
+                self._handle(identity, message, now)
+            else:
+                self._refuse(identity, message, roles, now)
         except protocol.ProtocolError as exc:
             self._reject(identity, message.request_id, exc, now, answer=True)
         except Exception as exc:  # a bug must cost one message, never the broker
@@ -100,6 +125,7 @@ class BrokerCore:
         worker = self.workers.get(identity)
         if worker is not None:
             log.info("worker %s unreachable: removed", worker.ready.worker_id)
+            self.stats.num_workers_lost += 1
             self._remove_worker(worker, now)
         elif identity in self._clients:
             self._forget_client(identity, now)
@@ -112,6 +138,7 @@ class BrokerCore:
                 del self._reannounced[identity]
         for worker in self.workers.expired(now - self._timeout):
             log.warning("worker %s silent for %.1fs: removed", worker.ready.worker_id, now - worker.last_seen)
+            self.stats.num_workers_lost += 1
             self._remove_worker(worker, now)
         for identity, client in list(self._clients.items()):
             if not self.requests.of_client(identity):
@@ -161,12 +188,30 @@ class BrokerCore:
         else:
             raise protocol.ProtocolError(f"{command.value} is not a command the broker accepts")
 
+    @staticmethod
+    def _role_needed(message: Message) -> Role:
+        command = message.command
+        if command in _WORKER_COMMANDS or (command is Command.HEARTBEAT and "worker_id" in message.fields()):
+            return Role.WORKER
+        return Role.CLIENT
+
+    def _refuse(self, identity: bytes, message: Message, roles: frozenset[Role], now: float) -> None:
+        """A message its sender's key does not allow: answered, counted, never routed."""
+        self.stats.num_refused += 1
+        who = " or ".join(sorted(r.value for r in roles)) or "no longer allowed"
+        text = f"{message.command.value} is not allowed for this key ({who})"
+        self._warn("refused", f"refused a message (%d so far): {text}", self.stats.num_refused, now)
+        self._send_error(identity, message.request_id, ErrorCode.FORBIDDEN, text)
+
+    def _warn(self, kind: str, text: str, count: int, now: float) -> None:
+        if now - self._last_warning[kind] > _LOG_INTERVAL:
+            log.warning(text, count)
+            self._last_warning[kind] = now
+
     def _reject(self, identity: bytes, request_id: bytes, exc: protocol.ProtocolError, now: float, *,
                 answer: bool) -> None:
-        self.num_malformed += 1
-        if now - self._last_malformed_log > _MALFORMED_LOG_INTERVAL:
-            log.warning("dropped malformed message (%d so far): %s", self.num_malformed, exc)
-            self._last_malformed_log = now
+        self.stats.num_malformed += 1
+        self._warn("malformed", f"dropped malformed message (%d so far): {exc}", self.stats.num_malformed, now)
         if answer:
             self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, str(exc))
         request = self.requests.get(request_id) if request_id else None
@@ -202,6 +247,7 @@ class BrokerCore:
         self._models_seen.update(ready.models)
         log.info("worker %s ready: models %s, capacity %d", ready.worker_id, list(ready.models), ready.capacity)
         if previous is not None:
+            self.stats.num_workers_lost += 1
             self._settle(previous, now)
         self._dispatch(ready.models, now)
 
@@ -338,6 +384,7 @@ class BrokerCore:
             self.requests.assign(request, worker.identity)
             worker.last_dispatch = now
             worker.num_served += 1
+            self.stats.waits.append(now - request.enqueued_at)
             self._send(worker.identity, Command.REQUEST, request.request_id, request.body)
 
     def _not_served(self, model: str) -> tuple[ErrorCode, str]:
@@ -374,6 +421,7 @@ class BrokerCore:
 
     def _send(self, identity: bytes, command: Command, request_id: bytes = b"",
               body: dict[str, Any] | bytes | None = None) -> None:
+        self.stats.sent[command.value] += 1
         self._out.append(Outgoing(identity, command, request_id, body))
 
     def _flush(self) -> list[Outgoing]:

@@ -65,6 +65,7 @@ class ErrorCode(str, enum.Enum):
     WORKER_LOST = "worker_lost"
     UNKNOWN_REQUEST = "unknown_request"
     DUPLICATE_REQUEST = "duplicate_request"
+    FORBIDDEN = "forbidden"
     INTERNAL = "internal_error"
 
 

@@ -39,7 +39,9 @@ def spawn(module: str, *args: str, log_name: str | None = None, env: dict | None
 
 
 def start_broker(address: str, *args: str) -> subprocess.Popen:
-    return spawn("broker", "--bind", address, *args, log_name="broker")
+    """A broker on `address`, without a metrics server unless `args` ask for one."""
+    metrics = () if "--metrics-port" in args else ("--metrics-port", "0")
+    return spawn("broker", "--bind", address, *metrics, *args, log_name="broker")
 
 
 def start_worker(address: str, model: str | os.PathLike | None, *args: str) -> subprocess.Popen:
