@@ -1,7 +1,8 @@
 """python -m bench: throughput and latency of the whole stack against plain `model.generate`.
 
 Starts broker, worker and OpenAI API on free local ports (or uses a running API with --api-url),
-sweeps the number of concurrent streams, prints a table and writes JSON and a PNG chart.
+sweeps the number of concurrent streams, then does the same with two workers of the model on this
+host (as when two models share a machine), prints a table and writes JSON and a PNG chart.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class BenchSettings(BaseSettings):
     model: str | None = Field(None, description="worker --model for the local stack (default: the default model)")
     served_name: str | None = Field(None, description="model name to request (default: from --model)")
     concurrency: list[int] = Field([1, 4, 16, 32], description="concurrent streams to sweep")
+    two_worker_concurrency: list[int] = Field(
+        [16, 32], description="concurrent streams for two workers on this host, local stack only; [] skips them")
     requests_per_level: int = Field(2, ge=1, description="requests per level, as a multiple of its concurrency")
     min_requests: int = Field(4, ge=1, description="at least this many requests per level")
     max_tokens: int = Field(64, ge=2, description="new tokens per request (greedy)")
@@ -42,11 +45,11 @@ class BenchSettings(BaseSettings):
     output_dir: Path = Field(Path("bench/results"), description="where bench.json and bench.png go")
 
 
-async def sweep(settings: BenchSettings, base_url: str, model: str) -> list[LevelResult]:
+async def sweep(settings: BenchSettings, base_url: str, model: str, concurrency_levels: list[int]) -> list[LevelResult]:
     client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
     await run_level(client, model, 1, 1, 8, first_index=10_000)  # warm-up
     levels, first_index = [], 0
-    for concurrency in settings.concurrency:
+    for concurrency in concurrency_levels:
         count = max(settings.min_requests, settings.requests_per_level * concurrency)
         level = await run_level(client, model, concurrency, count, settings.max_tokens, first_index)
         first_index += count
@@ -68,8 +71,9 @@ def main() -> None:
         dtype = pick_dtype(settings.dtype, device)
         print(f"plain generate on {source.location}, {device}, {dtype} ...", flush=True)
         generate_tps = generate_tokens_per_second(source.location, settings.max_tokens, device, dtype)
+    two_workers: list[LevelResult] = []
     if settings.api_url:
-        levels = asyncio.run(sweep(settings, settings.api_url, model))
+        levels = asyncio.run(sweep(settings, settings.api_url, model, settings.concurrency))
     else:
         worker_args = ["--max-batch", str(settings.max_batch), "--device", settings.device, "--dtype", settings.dtype,
                        *settings.worker_args]
@@ -77,14 +81,19 @@ def main() -> None:
             worker_args += ["--model", settings.model]
         with LocalStack(worker_args) as stack:
             print(f"stack up at {stack.api_url}; sweeping {settings.concurrency} streams", flush=True)
-            levels = asyncio.run(sweep(settings, stack.api_url, model))
+            levels = asyncio.run(sweep(settings, stack.api_url, model, settings.concurrency))
+        if settings.two_worker_concurrency:
+            with LocalStack(worker_args, num_workers=2) as stack:
+                print(f"two workers up at {stack.api_url}; sweeping {settings.two_worker_concurrency} streams",
+                      flush=True)
+                two_workers = asyncio.run(sweep(settings, stack.api_url, model, settings.two_worker_concurrency))
     print()
-    print(table(levels, generate_tps))
+    print(table(levels, generate_tps, two_workers))
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     recorded = settings.model_dump(mode="json") | {"machine": platform.processor() or platform.machine()}
-    write_json(settings.output_dir / "bench.json", levels, generate_tps, recorded)
+    write_json(settings.output_dir / "bench.json", levels, generate_tps, recorded, two_workers)
     draw_chart(settings.output_dir / "bench.png", levels, generate_tps,
-               f"{model}, {settings.max_tokens} new tokens, greedy")
+               f"{model}, {settings.max_tokens} new tokens, greedy", two_workers)
     print(f"\nwrote {settings.output_dir / 'bench.json'} and {settings.output_dir / 'bench.png'}")
 
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 import time
 import uuid
 
-import msgpack
 import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings
 from transformers import GenerationConfig
 
 from bench.load import prompt
-from broker.protocol import Command
+from broker.protocol import GenerationRequest
 from broker.settings import cli_config, load_settings
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
-from worker.engine import Engine
+from worker.engine import DoneEvent, Engine
 
 
 class MechanismSettings(BaseSettings):
@@ -37,11 +36,11 @@ class MechanismSettings(BaseSettings):
 def engine_tokens_per_second(engine: Engine, prompts: list[str], max_tokens: int) -> float:
     start, tokens = time.perf_counter(), 0
     for text in prompts:
-        body = msgpack.packb({"model": "m", "messages": [{"role": "user", "content": text}],
-                              "max_tokens": max_tokens, "temperature": 0})
-        assert not engine.add(uuid.uuid4().bytes, body)
+        request = GenerationRequest.from_fields({"model": "m", "messages": [{"role": "user", "content": text}],
+                                                 "max_tokens": max_tokens, "temperature": 0})
+        assert not engine.add(uuid.uuid4().bytes, request)
     while engine.has_work:
-        tokens += sum(e.fields["completion_tokens"] for e in engine.step() if e.command is Command.DONE)
+        tokens += sum(e.done.completion_tokens for e in engine.step() if isinstance(e, DoneEvent))
     return tokens / (time.perf_counter() - start)
 
 

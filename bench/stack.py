@@ -1,4 +1,4 @@
-"""A throwaway local stack for the benchmark: broker, one worker and the OpenAI API."""
+"""A throwaway local stack for the benchmark: broker, one or more workers and the OpenAI API."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 import time
 import urllib.request
 
+from frontends.client import SyncBusClient
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -16,14 +18,17 @@ def _free_port() -> int:
 
 
 class LocalStack:
-    def __init__(self, worker_args: list[str]) -> None:
-        bus = f"tcp://127.0.0.1:{_free_port()}"
+    """`num_workers` identical workers on this host, as when two models share one machine."""
+
+    def __init__(self, worker_args: list[str], num_workers: int = 1) -> None:
+        self._bus = f"tcp://127.0.0.1:{_free_port()}"
         port = _free_port()
         self.api_url = f"http://127.0.0.1:{port}/v1"
+        self.num_workers = num_workers
         self._commands = [
-            ["broker", "--bind", bus],
-            ["worker", "--broker", bus, *worker_args],
-            ["frontends.openai_api", "--broker", bus, "--port", str(port)],
+            ["broker", "--bind", self._bus],
+            *[["worker", "--broker", self._bus, *worker_args] for _ in range(num_workers)],
+            ["frontends.openai_api", "--broker", self._bus, "--port", str(port)],
         ]
         self._processes: list[subprocess.Popen] = []
 
@@ -32,6 +37,7 @@ class LocalStack:
             self._processes.append(subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.DEVNULL,
                                                     stderr=subprocess.DEVNULL))
         self._wait_healthy(timeout=300)
+        self._wait_for_workers(timeout=300)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -54,3 +60,15 @@ class LocalStack:
                 pass
             time.sleep(0.5)
         raise TimeoutError("the stack did not become healthy")
+
+    def _wait_for_workers(self, timeout: float) -> None:
+        """Health needs one live worker; a level that starts before the others would measure one."""
+        deadline = time.monotonic() + timeout
+        bus = SyncBusClient(self._bus)
+        try:
+            while len(bus.workers()) < self.num_workers:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in self._processes):
+                    raise TimeoutError(f"fewer than {self.num_workers} workers joined the stack")
+                time.sleep(0.5)
+        finally:
+            bus.close()

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 BROKER_KEY_NAME = "broker"
 ZAP_DOMAIN = "tokenbus"
 _RELOAD_INTERVAL = 0.5  # seconds between looks at the allowlist folders' modification times
+_REFUSAL_LOG_INTERVAL = 60.0  # seconds between warnings about one refused key (peers retry every 100 ms)
 
 
 class Role(str, enum.Enum):
@@ -108,7 +109,7 @@ class BusAuthenticator:
 
     def __init__(self, context: zmq.Context, allowlist: AllowList) -> None:
         self.allowlist = allowlist
-        self.num_refused = 0
+        self._warned: dict[bytes, float] = {}
         self._thread = ThreadAuthenticator(context)
         self._thread.start()
         self._thread.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self)
@@ -116,9 +117,13 @@ class BusAuthenticator:
     def callback(self, domain: str, public_key_z85: bytes) -> bool:
         """Asked by the authenticator at each CURVE handshake."""
         allowed = self.allowlist.role_of(public_key_z85) is not None
-        if not allowed:
-            self.num_refused += 1
-            log.warning("refused a connection with an unknown key %s", public_key_z85.decode(errors="replace"))
+        now = time.monotonic()
+        if not allowed and now - self._warned.get(public_key_z85, -float("inf")) > _REFUSAL_LOG_INTERVAL:
+            if len(self._warned) > 10_000:
+                self._warned.clear()
+            self._warned[public_key_z85] = now
+            log.warning("refused a connection with a key not in the allowlist: %s",
+                        public_key_z85.decode(errors="replace"))
         return allowed
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol, sockets
 from broker.auth import AllowList, BusAuthenticator, Role, broker_keys
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 _MAX_POLL_WAIT = 0.1  # seconds: time-outs are checked at least this often
 _MAX_BATCH = 10_000  # messages read before the core's clock runs again
 _METRICS_REFRESH = 0.5  # seconds between snapshots for the metrics server
+_HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_LOG_INTERVAL = 5.0  # seconds between warnings about refused connections
 _MAX_BOUND_IDENTITIES = 100_000  # identity -> key bindings remembered (the oldest are forgotten first)
 
 
@@ -43,6 +47,10 @@ class BrokerServer:
         self._socket = sockets.router(context, broker_keys(settings.keys_dir) if settings.keys_dir else None)
         # With keys, a routing identity belongs to the key that first used it: nobody takes over another's.
         self._owners: OrderedDict[bytes, str] = OrderedDict()
+        # Handshakes that failed (unknown key, no CURVE, garbage): counted and logged here.
+        self._monitor = self._socket.get_monitor_socket(_HANDSHAKE_FAILURES) if self._auth else None
+        self.num_refused_connections = 0
+        self._last_refusal_log = -float("inf")
         self.metrics = BrokerMetrics()
         self.core: BrokerCore | None = None
         self.stopping = threading.Event()
@@ -65,21 +73,29 @@ class BrokerServer:
         assert self.core is not None, "bind() first"
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         next_refresh = 0.0
         try:
             while not self.stopping.is_set():
                 wait = max(0.0, min(self.core.next_tick - time.monotonic(), _MAX_POLL_WAIT))
-                if poller.poll(wait * 1000):
+                ready = dict(poller.poll(wait * 1000))
+                if self._socket in ready:
                     self._drain()
+                if self._monitor is not None and self._monitor in ready:
+                    self._count_refusals()
                 try:
                     now = time.monotonic()
                     self._send(self.core.tick(now))
                     if now >= next_refresh:
-                        self.metrics.refresh(self.core, self._auth.num_refused if self._auth else 0)
+                        self.metrics.refresh(self.core, self.num_refused_connections)
                         next_refresh = now + _METRICS_REFRESH
                 except Exception:  # a bug must never stop the loop
                     log.exception("housekeeping failed")
         finally:
+            if self._monitor is not None:
+                self._socket.disable_monitor()
+                self._monitor.close(linger=0)
             self._socket.close(linger=0)
             if self._auth is not None:
                 self._auth.stop()
@@ -97,6 +113,16 @@ class BrokerServer:
                 self._send(self.core.receive(identity, frames, time.monotonic(), roles))
             except Exception:  # even answering a bad message went wrong: drop it, keep serving
                 log.exception("failed to answer a message from %s", identity.hex())
+
+    def _count_refusals(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            self.num_refused_connections += 1
+            now = time.monotonic()
+            if now - self._last_refusal_log > _LOG_INTERVAL:
+                log.warning("refused connections: %d so far (the last: event %s, %s)", self.num_refused_connections,
+                            event["event"], event["endpoint"].decode(errors="replace"))
+                self._last_refusal_log = now
 
     def _roles(self, identity: bytes, frame: zmq.Frame) -> frozenset[Role]:
         """What the sender's key allows now (keys may have been removed since it connected)."""

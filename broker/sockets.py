@@ -9,6 +9,10 @@ from broker.auth import ZAP_DOMAIN, CurveKeys
 
 RECONNECT_INTERVAL_MS = 100  # a restarted broker is found again this quickly
 HIGH_WATER_MARK = 100_000  # messages queued per peer: a busy peer is never a reason to drop a DONE
+# ZeroMQ's own connection heartbeats: a connection whose far end vanished without closing it (a cut
+# link) is dropped after this long, which frees its routing identity for the peer's next connection.
+CONNECTION_HEARTBEAT_MS = int(protocol.HEARTBEAT_INTERVAL * 1000)
+CONNECTION_TIMEOUT_MS = CONNECTION_HEARTBEAT_MS * protocol.HEARTBEAT_LIVENESS
 
 
 def _configure(socket: zmq.Socket) -> zmq.Socket:
@@ -16,6 +20,8 @@ def _configure(socket: zmq.Socket) -> zmq.Socket:
     socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_SIZE * 2)
     socket.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
     socket.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    socket.setsockopt(zmq.HEARTBEAT_IVL, CONNECTION_HEARTBEAT_MS)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, CONNECTION_TIMEOUT_MS)
     return socket
 
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 import sys
 
 from pydantic import Field
-from pydantic_settings import BaseSettings
 
-from broker.settings import DEFAULT_BROKER_ADDRESS, cli_config, load_settings
+from broker.settings import (
+    DEFAULT_BROKER_ADDRESS,
+    BusPeerSettings,
+    cli_config,
+    load_settings,
+)
 from frontends.client import BusError, SyncBusClient, SyncStream
 
 HELP = "commands: /models, /model NAME, /system TEXT, /reset, /quit"
 
 
-class CliSettings(BaseSettings):
+class CliSettings(BusPeerSettings):
     model_config = cli_config("cli", "python -m frontends.cli")
 
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
@@ -97,7 +101,7 @@ class Chat:
 
 def main() -> None:
     settings = load_settings(CliSettings)
-    with SyncBusClient(settings.broker) as client:
+    with SyncBusClient(settings.broker, curve=settings.curve()) as client:
         chat = Chat(client, settings)
         try:
             print(f"tokenbus chat with {chat.ensure_model()}; {HELP}")

@@ -17,17 +17,22 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
 
 from broker import protocol, sockets
+from broker.auth import CurveKeys
 from broker.protocol import Command, ErrorCode, GenerationRequest, Message
 
 log = logging.getLogger(__name__)
+
+# Seconds a request that has produced no token keeps being sent (again) while the broker is unreachable:
+# a restarted broker and its workers are back well within it.
+RECONNECT_TIMEOUT = 10.0
 
 
 class BusError(Exception):
@@ -98,19 +103,35 @@ class Completion:
     logprobs: tuple[protocol.TokenLogprob, ...] | None = None
 
 
-class Stream:
-    """The answer to one request: iterate for `TokenDelta`s; `done` is set at the end."""
+class StreamOwner(Protocol):
+    """What a `Stream` needs from the client that carries it."""
 
-    def __init__(self, client: BusClient, request_id: bytes) -> None:
-        self._client = client
+    async def cancel_request(self, request_id: bytes) -> None:
+        """Tell the broker to stop a request; nothing happens when the broker is unreachable."""
+
+    def release(self, stream: Stream) -> None:
+        """The stream ended: its request is no longer waited for (nor named in heartbeats)."""
+
+
+class Stream:
+    """The answer to one request: iterate for `TokenDelta`s; `done` is set at the end.
+
+    `request_id` is the request's id on the bus now: a request sent again (see `BusClient`) gets a
+    fresh one.
+    """
+
+    def __init__(self, owner: StreamOwner, request: GenerationRequest, request_id: bytes) -> None:
+        self._owner = owner
+        self.request = request
         self.request_id = request_id
         self._queue: asyncio.Queue[Message | BusError] = asyncio.Queue()
         self.done: protocol.Done | None = None
-        self.sent = False  # the REQUEST went out: only then may a heartbeat name it
+        self.sent_at: float | None = None  # when the REQUEST last went out: only then may a heartbeat name it
+        self.num_sends = 0
         self.finished = False
         self.cancelled = False
         self.started_at = time.monotonic()
-        self.first_token_at: float | None = None  # when the first TOKEN arrived, for latency metrics
+        self.first_token_at: float | None = None  # when the first TOKEN arrived: from then on it is never resent
 
     def __aiter__(self) -> AsyncIterator[protocol.TokenDelta]:
         return self
@@ -126,8 +147,6 @@ class Stream:
             raise item
         try:
             if item.command is Command.TOKEN:
-                if self.first_token_at is None:
-                    self.first_token_at = time.monotonic()
                 return protocol.TokenDelta.from_fields(item.fields())
             self._finish()
             if item.command is Command.DONE:
@@ -159,19 +178,19 @@ class Stream:
             self._finish()
             self.cancelled = True
             self._queue.put_nowait(Cancelled("the request was cancelled"))
-            try:
-                await self._client._send(Command.CANCEL, self.request_id, wait=False)
-            except BrokerUnreachable:
-                pass  # nothing to stop: a broker that lost this client forgets its requests
+            await self._owner.cancel_request(self.request_id)
 
     aclose = cancel
 
-    def _deliver(self, item: Message | BusError) -> None:
+    def deliver(self, item: Message | BusError) -> None:
+        """An answer from the bus (or the client's own verdict on the request), in arrival order."""
+        if self.first_token_at is None and isinstance(item, Message) and item.command is Command.TOKEN:
+            self.first_token_at = time.monotonic()
         self._queue.put_nowait(item)
 
     def _finish(self) -> None:
         self.finished = True
-        self._client._streams.pop(self.request_id, None)
+        self._owner.release(self)
 
 
 def _request(fields: dict[str, Any]) -> GenerationRequest:
@@ -183,16 +202,31 @@ def _request(fields: dict[str, Any]) -> GenerationRequest:
 
 
 class BusClient:
-    """An asyncio DEALER connection to the broker."""
+    """An asyncio DEALER connection to the broker.
 
-    def __init__(self, address: str, *, heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL) -> None:
+    A request that has produced no token yet is safe to send again, and this client does so rather
+    than fail it, under a fresh request id (cancelling the old one): when its send finds no broker
+    connected, when the broker answers a heartbeat with `unknown_request` (it restarted and forgot
+    the request), and when the broker falls silent for its liveness (3 heartbeat intervals). It
+    keeps trying while the broker has been unreachable for less than `reconnect_timeout` seconds;
+    after that the stream fails with `BrokerUnreachable`. A stream that has produced a token is
+    never sent again: losing the broker then fails it (`BrokerUnreachable`), so an answer is never
+    silently restarted halfway.
+    """
+
+    def __init__(self, address: str, *, heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL,
+                 reconnect_timeout: float = RECONNECT_TIMEOUT, curve: CurveKeys | None = None) -> None:
         self.address = address
+        self.curve = curve  # this client's keys and the broker's, for a broker that requires CURVE
+        self.reconnect_timeout = reconnect_timeout
         self._interval = heartbeat_interval
+        self._liveness = heartbeat_interval * protocol.HEARTBEAT_LIVENESS
         self._context = zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
         self._streams: dict[bytes, Stream] = {}
         self._replies: dict[bytes, asyncio.Future[Message]] = {}
         self._tasks: list[asyncio.Task] = []
+        self._resends: set[asyncio.Task] = set()
         self._last_heard = time.monotonic()
 
     async def __aenter__(self) -> BusClient:
@@ -203,18 +237,23 @@ class BusClient:
         await self.close()
 
     async def start(self) -> None:
-        self._socket = sockets.dealer(self._context, self.address, immediate=True)
+        self._socket = sockets.dealer(self._context, self.address, immediate=True, curve=self.curve)
         self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop())]
 
     async def close(self) -> None:
         for stream in list(self._streams.values()):
             await stream.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._resends]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._resends, return_exceptions=True)
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+
+    @property
+    def open_streams(self) -> tuple[Stream, ...]:
+        """The streams whose requests are still waited for."""
+        return tuple(self._streams.values())
 
     # -- requests
 
@@ -222,19 +261,18 @@ class BusClient:
         """Send one request; the returned stream yields its tokens."""
         request_id = uuid.uuid4().bytes
         try:
-            frames = protocol.encode(Command.REQUEST, request_id, request.to_fields())
+            protocol.encode(Command.REQUEST, request_id, request.to_fields())
         except protocol.ProtocolError as exc:
             raise BadRequest(str(exc)) from None
-        stream = Stream(self, request_id)
+        stream = Stream(self, request, request_id)
         if not self._streams and not self._replies:
             self._last_heard = time.monotonic()
         self._streams[request_id] = stream
         try:
-            await self._send_frames(frames)
+            await self._send_request(stream)
         except BaseException:  # unreachable, or the caller cancelled while it waited to send
-            stream._finish()
+            self._streams.pop(stream.request_id, None)
             raise
-        stream.sent = True
         return stream
 
     async def chat(self, model: str, messages: list[dict[str, str]], **params: Any) -> Stream:
@@ -252,14 +290,27 @@ class BusClient:
         reply = await self._ask(Command.LIST_WORKERS)
         return _parsed(protocol.parse_worker_list, reply)
 
+    # -- what streams ask of their client
+
+    async def cancel_request(self, request_id: bytes) -> None:
+        try:
+            await self._send(Command.CANCEL, request_id, wait=False)
+        except BrokerUnreachable:
+            pass  # nothing to stop: a broker that lost this client forgets its requests
+
+    def release(self, stream: Stream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+
+    # -- sending
+
     async def _ask(self, command: Command) -> Message:
         request_id = uuid.uuid4().bytes
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._replies[request_id] = future
         try:
             await self._send(command, request_id)
-            timeout = self._interval * protocol.HEARTBEAT_LIVENESS
-            return await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(future, self._liveness)
         except TimeoutError:
             raise BrokerUnreachable(f"the broker at {self.address} did not answer") from None
         finally:
@@ -267,21 +318,68 @@ class BusClient:
 
     async def _send(self, command: Command, request_id: bytes = b"", body: dict | None = None, *,
                     wait: bool = True) -> None:
-        await self._send_frames(protocol.encode(command, request_id, body), wait=wait)
+        """Send, waiting at most the broker's liveness for it to be connected (or not at all: `wait` False)."""
+        if not await self._send_frames(protocol.encode(command, request_id, body), self._liveness if wait else 0):
+            raise BrokerUnreachable(f"the broker at {self.address} is not connected")
 
-    async def _send_frames(self, frames: list[bytes], *, wait: bool = True) -> None:
-        """Send, waiting at most the broker's liveness for room (or not at all: `wait` False)."""
+    async def _send_request(self, stream: Stream) -> None:
+        """Send a stream's request, waiting for a broker while one has been heard from within
+        `reconnect_timeout` (and at least the broker's liveness)."""
+        frames = protocol.encode(Command.REQUEST, stream.request_id, stream.request.to_fields())
+        wait = max(self._last_heard + self.reconnect_timeout - time.monotonic(), self._liveness)
+        if not await self._send_frames(frames, wait, unless=lambda: stream.finished):
+            raise BrokerUnreachable(f"the broker at {self.address} is not connected")
+        stream.sent_at = time.monotonic()
+        stream.num_sends += 1
+
+    async def _send_frames(self, frames: list[bytes], wait: float, unless: Callable[[], bool] = lambda: False) -> bool:
+        """Send once the broker is connected, waiting at most `wait` seconds; False if it never was.
+        `unless` is asked just before sending: True skips the send (and counts as sent)."""
         if self._socket is None:
             raise BrokerUnreachable("the bus client is closed")
-        # Never a blocking send: a pending one would hold up every later send, NOBLOCK ones too.
-        timeout_ms = int(self._interval * protocol.HEARTBEAT_LIVENESS * 1000) if wait else 0
+        deadline = time.monotonic() + wait
+        while True:
+            # Never a blocking send: a pending one would hold up every later send, NOBLOCK ones too.
+            # With ZMQ_IMMEDIATE the socket is writable only while a broker is connected.
+            remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            try:
+                if await self._socket.poll(remaining_ms, zmq.POLLOUT):
+                    if not unless():
+                        await self._socket.send_multipart(frames, zmq.NOBLOCK)
+                    return True
+            except zmq.Again:  # the broker went away between the poll and the send
+                pass
+            if time.monotonic() >= deadline:
+                return False
+
+    # -- sending again
+
+    def _retry(self, stream: Stream, cause: BusError) -> None:
+        """Send a request again if it has produced no token; otherwise fail its stream with `cause`."""
+        if stream.finished:
+            return
+        if stream.first_token_at is not None:
+            self._fail(stream, cause)
+            return
+        old_id = stream.request_id
+        self._streams.pop(old_id, None)
+        stream.request_id, stream.sent_at = uuid.uuid4().bytes, None  # unsent: no heartbeat names it
+        self._streams[stream.request_id] = stream
+        task = asyncio.create_task(self._resend(stream, old_id, cause))
+        self._resends.add(task)
+        task.add_done_callback(self._resends.discard)
+
+    async def _resend(self, stream: Stream, old_id: bytes, cause: BusError) -> None:
+        log.info("sending request %s again as %s (%s)", old_id.hex(), stream.request_id.hex(), cause.message)
+        await self.cancel_request(old_id)  # a broker that was only slow must not run it twice
         try:
-            if await self._socket.poll(timeout_ms, zmq.POLLOUT):
-                await self._socket.send_multipart(frames, zmq.NOBLOCK)
-                return
-        except zmq.Again:
-            pass
-        raise BrokerUnreachable(f"the broker at {self.address} is not connected")
+            await self._send_request(stream)
+        except BusError:
+            self._fail(stream, cause)
+
+    def _fail(self, stream: Stream, error: BusError) -> None:
+        self._streams.pop(stream.request_id, None)
+        stream.deliver(error)
 
     # -- background loops
 
@@ -297,8 +395,13 @@ class BusClient:
                 continue
             if message.command in (Command.TOKEN, Command.DONE, Command.ERROR):
                 stream = self._streams.get(message.request_id)
-                if stream is not None:
-                    stream._deliver(message)
+                if stream is None:
+                    continue
+                forgotten = _forgotten(message)
+                if forgotten is not None:
+                    self._retry(stream, forgotten)
+                else:
+                    stream.deliver(message)
             elif message.command in (Command.MODELS, Command.WORKERS):
                 future = self._replies.get(message.request_id)
                 if future is not None and not future.done():
@@ -310,69 +413,105 @@ class BusClient:
             await asyncio.sleep(self._interval)
             if not self._streams:
                 continue
-            silent = time.monotonic() - self._last_heard
-            if silent > self._interval * protocol.HEARTBEAT_LIVENESS:
-                error = BrokerUnreachable(f"the broker at {self.address} stopped answering")
-                for stream in self._streams.values():
-                    stream._deliver(error)
-                self._streams.clear()
-                continue
+            now = time.monotonic()
+            for stream in list(self._streams.values()):
+                # A stream still being sent has its own deadline; a sent one is judged by the broker's
+                # silence since it went out.
+                if stream.sent_at is not None and now - max(self._last_heard, stream.sent_at) > self._liveness:
+                    error = BrokerUnreachable(f"the broker at {self.address} stopped answering")
+                    if now - self._last_heard < self.reconnect_timeout:
+                        self._retry(stream, error)
+                    else:
+                        self._fail(stream, error)
             # A stream still waiting to send is unknown to the broker, which would fail it.
-            sent = tuple(request_id for request_id, stream in self._streams.items() if stream.sent)
+            sent = tuple(request_id for request_id, stream in self._streams.items() if stream.sent_at is not None)
             heartbeat = protocol.ClientHeartbeat(sent)
             try:
                 await self._send(Command.HEARTBEAT, b"", heartbeat.to_fields(), wait=False)
             except (zmq.ZMQError, BusError) as exc:  # the silence check above still ends the streams in time
-                log.warning("heartbeat not sent: %s", exc)
+                log.debug("heartbeat not sent: %s", exc)
 
 
-class SyncBusClient:
-    """A blocking wrapper: the asyncio client runs on a private event loop thread."""
+def _forgotten(message: Message) -> BrokerUnreachable | None:
+    """The broker's `unknown_request` answer (it restarted and lost the request), as an error."""
+    if message.command is not Command.ERROR:
+        return None
+    try:
+        error = protocol.Error.from_fields(message.fields())
+    except protocol.ProtocolError:
+        return None  # the stream reports it
+    if error.code is not ErrorCode.UNKNOWN_REQUEST:
+        return None
+    return BrokerUnreachable(error.message)
 
-    def __init__(self, address: str, *, heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL) -> None:
+
+class LoopThread:
+    """An asyncio event loop on a thread of its own, which other threads hand coroutines to."""
+
+    def __init__(self, name: str) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="bus-client", daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
-        self._closed = False
-        self._client = BusClient(address, heartbeat_interval=heartbeat_interval)
-        self._call(self._client.start())
+        self.stopped = False
 
-    def _submit(self, coroutine: Any) -> concurrent.futures.Future:
-        if self._closed:  # the loop is stopped: the coroutine would never run
+    def submit(self, coroutine: Any) -> concurrent.futures.Future:
+        if self.stopped:  # the loop is stopped: the coroutine would never run
             coroutine.close()
             raise BrokerUnreachable("the bus client is closed")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
-    def _call(self, coroutine: Any) -> Any:
-        future = self._submit(coroutine)
+    def call(self, coroutine: Any) -> Any:
+        """Run a coroutine on the loop and wait for its result."""
+        future = self.submit(coroutine)
         try:
             return future.result()
         except KeyboardInterrupt:
             future.cancel()  # stop it on the loop too, or a request sent after the Ctrl-C runs for nobody
             raise
 
+    def stop(self) -> None:
+        self.stopped = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+class SyncBusClient:
+    """A blocking wrapper: the asyncio client runs on a private event loop thread."""
+
+    def __init__(self, address: str, *, heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL,
+                 reconnect_timeout: float = RECONNECT_TIMEOUT, curve: CurveKeys | None = None) -> None:
+        self._loop = LoopThread("bus-client")
+        self._client = BusClient(address, heartbeat_interval=heartbeat_interval, reconnect_timeout=reconnect_timeout,
+                                 curve=curve)
+        self._loop.call(self._client.start())
+
     def models(self) -> list[protocol.ModelInfo]:
-        return self._call(self._client.models())
+        return self._loop.call(self._client.models())
 
     def workers(self) -> list[protocol.WorkerInfo]:
-        return self._call(self._client.workers())
+        return self._loop.call(self._client.workers())
 
     def chat(self, model: str, messages: list[dict[str, str]], **params: Any) -> SyncStream:
-        return SyncStream(self, self._call(self._client.chat(model, messages, **params)))
+        return SyncStream(self._loop, self._loop.call(self._client.chat(model, messages, **params)))
 
     def complete(self, model: str, prompt: str, **params: Any) -> SyncStream:
-        return SyncStream(self, self._call(self._client.complete(model, prompt, **params)))
+        return SyncStream(self._loop, self._loop.call(self._client.complete(model, prompt, **params)))
+
+    @property
+    def open_streams(self) -> tuple[Stream, ...]:
+        """The streams whose requests are still waited for."""
+        async def read() -> tuple[Stream, ...]:
+            return self._client.open_streams
+        return self._loop.call(read())
 
     def close(self) -> None:
         """Cancel open streams and stop the loop thread; closing again does nothing, other calls raise."""
-        if self._closed:
+        if self._loop.stopped:
             return
         try:
-            self._call(self._client.close())
+            self._loop.call(self._client.close())
         finally:
-            self._closed = True
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
+            self._loop.stop()
 
     def __enter__(self) -> SyncBusClient:
         return self
@@ -384,14 +523,14 @@ class SyncBusClient:
 class SyncStream:
     """Blocking iteration over a `Stream`; `cancel()` may be called from the reading thread."""
 
-    def __init__(self, owner: SyncBusClient, stream: Stream) -> None:
-        self._owner = owner
+    def __init__(self, loop: LoopThread, stream: Stream) -> None:
+        self._loop = loop
         self.stream = stream
         self._waiting: concurrent.futures.Future | None = None
 
     def __iter__(self) -> Iterator[protocol.TokenDelta]:
         while True:
-            self._waiting = self._owner._submit(self.stream.__anext__())
+            self._waiting = self._loop.submit(self.stream.__anext__())
             while True:
                 try:
                     # Short waits, so a KeyboardInterrupt is raised here promptly whatever the platform.
@@ -408,13 +547,13 @@ class SyncStream:
         return self.stream.done
 
     def collect(self) -> Completion:
-        return self._owner._call(self.stream.collect())
+        return self._loop.call(self.stream.collect())
 
     def cancel(self) -> None:
         """Cancel on the bus; safe from a KeyboardInterrupt handler while iterating."""
         if self._waiting is not None:
             self._waiting.cancel()
-        self._owner._call(self.stream.cancel())
+        self._loop.call(self.stream.cancel())
 
 
 def _parsed(parse: Any, reply: Message) -> Any:

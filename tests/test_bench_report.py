@@ -30,3 +30,23 @@ def test_json_and_chart_are_written(tmp_path):
     assert [level["concurrency"] for level in saved["levels"]] == [1, 16]
     draw_chart(tmp_path / "bench.png", LEVELS, 0.0, "title")
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+TWO_WORKERS = [LevelResult(16, 32, 0, 10.0, 1600, 160.0, 0.6, 0.9, 10.0),
+               LevelResult(64, 64, 0, 10.0, 3000, 300.0, 0.8, 1.2, 5.0)]
+
+
+def test_table_gives_two_workers_as_a_share_of_one_at_the_same_concurrency():
+    lines = table(LEVELS, 0.0, TWO_WORKERS).splitlines()
+    start = lines.index("two workers on one host, together:")
+    rows = [line.split() for line in lines[start + 2:]]
+    assert rows[0][:5] == ["16", "32", "0", "160.0", "0.80"]  # 160 / 200 tok/s of one worker at 16 streams
+    assert rows[1][:5] == ["64", "64", "0", "300.0", "-"]  # no one-worker level at 64 to compare with
+
+
+def test_two_workers_go_into_the_json_and_the_chart(tmp_path):
+    write_json(tmp_path / "bench.json", LEVELS, 0.0, {}, TWO_WORKERS)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert [level["tokens_per_second"] for level in saved["two_workers"]] == [160.0, 300.0]
+    draw_chart(tmp_path / "bench.png", LEVELS, 0.0, "title", TWO_WORKERS)
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")

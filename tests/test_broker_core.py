@@ -207,7 +207,7 @@ def test_malformed_request_fields_are_bad_requests_naming_the_field(bus):
     [error] = bus.core.receive(CLIENT, [protocol.PROTOCOL_SIGNATURE, b"REQUEST", rid(2), b"\xc1"], 0.0)
     assert (error.command, error.request_id, error.body["code"]) == (Command.ERROR, rid(2), "bad_request")
     assert bus.core.receive(CLIENT, [b"garbage"], 0.0) == []  # no way to answer it
-    assert bus.core.num_malformed == 3
+    assert bus.core.stats.num_malformed == 3
 
 
 def test_a_malformed_reply_fails_the_request_and_frees_the_slot(bus):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -56,6 +57,9 @@ class Peer:
         return protocol.decode(self.socket.recv_multipart())
 
     def ask(self, command: Command, fields: dict | None = None) -> protocol.Message | None:
+        """Send and wait for the answer; None when nothing could be sent or nothing came."""
+        if not self.socket.poll(REPLY_WAIT_MS, zmq.POLLOUT):  # a refused connection may leave no way out
+            return None
         self.send(command, os.urandom(16), fields)
         return self.receive()
 
@@ -81,6 +85,14 @@ def served(peer: Peer) -> list[str]:
     return [m.name for m in protocol.parse_model_list(reply.fields())]
 
 
+def wait_served(peer: Peer, models: list[str]) -> None:
+    """Until the broker lists `models` (another peer's READY may still be on its way)."""
+    deadline = time.monotonic() + 20
+    while served(peer) != models:
+        assert time.monotonic() < deadline, f"the broker never listed {models}"
+        time.sleep(0.05)
+
+
 def test_keys_command_makes_pairs_and_allowlists(keys_dir):
     assert (keys_dir / "broker.key_secret").exists() and (keys_dir / "broker.key").exists()
     assert (keys_dir / "workers" / "worker-host.key").exists() and (keys_dir / "clients" / "api-host.key").exists()
@@ -102,7 +114,7 @@ def test_roles_are_enforced(secure_broker, keys_dir):
         client.send(Command.HEARTBEAT, b"", {"worker_id": "impostor"})
         assert client.receive().fields()["code"] == "forbidden"
         worker.send(Command.READY, b"", ready_fields("worker-host"))
-        assert served(client) == ["m"]
+        wait_served(client, ["m"])
         request_id = os.urandom(16)
         worker.send(Command.REQUEST, request_id, {"model": "m", "prompt": "hi"})
         refusal = worker.receive()
@@ -182,7 +194,7 @@ def test_the_broker_serves_its_metrics(keys_dir):
     client = Peer(address, peer_keys(keys_dir, "api-host"))
     try:
         worker.send(Command.READY, b"", ready_fields("worker-host"))
-        assert served(client) == ["m"]
+        wait_served(client, ["m"])
         client.send(Command.READY, b"", ready_fields("impostor"))
         client.receive()
         client.send(Command.REQUEST, os.urandom(16), {"model": "m", "prompt": "hi"})
@@ -217,3 +229,44 @@ def test_a_malformed_key_file_is_a_clear_error(tmp_path):
     bad.write_text("not a key\n")
     with pytest.raises((ValueError, OSError)):
         CurveKeys.load(bad, bad)
+
+
+def test_the_raw_curve_client_from_the_protocol_page_works(secure_broker, keys_dir, tmp_path):
+    """The page's CURVE example, run as written (only paths and address changed): pyzmq and msgpack."""
+    worker = Peer(secure_broker, peer_keys(keys_dir, "worker-host"))
+    client = Peer(secure_broker, peer_keys(keys_dir, "api-host"))
+    try:
+        worker.send(Command.READY, b"", ready_fields("worker-host"))
+        wait_served(client, ["m"])
+        page = (ROOT / "docs" / "protocol.md").read_text()
+        example = page.split("## Security", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+        example = (example.replace('"api-host.key_secret"', repr(str(keys_dir / "issued" / "api-host.key_secret")))
+                   .replace('"broker.key"', repr(str(keys_dir / "broker.key")))
+                   .replace("tcp://broker.example:5555", secure_broker))
+        output = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert output.returncode == 0, output.stderr
+        assert "'name': 'm'" in output.stdout
+    finally:
+        worker.close()
+        client.close()
+
+
+async def test_a_real_worker_and_client_with_keys_serve_over_curve(secure_broker, keys_dir, tiny_model_dir):
+    from frontends.client import BusClient
+    from tests.helpers import TINY_MODEL
+    from tests.processes import start_worker
+
+    worker = start_worker(secure_broker, tiny_model_dir, "--model-names", TINY_MODEL,
+                          "--curve-key", str(keys_dir / "issued" / "worker-host.key_secret"),
+                          "--broker-key", str(keys_dir / "broker.key"))
+    try:
+        async with BusClient(secure_broker, curve=peer_keys(keys_dir, "api-host")) as client:
+            deadline = time.monotonic() + 120
+            while TINY_MODEL not in {m.name for m in await client.models()}:
+                assert time.monotonic() < deadline and worker.poll() is None, "the worker never joined"
+                await asyncio.sleep(0.2)
+            stream = await client.chat(TINY_MODEL, [{"role": "user", "content": "Hello"}], max_tokens=5)
+            completion = await stream.collect()
+            assert completion.completion_tokens == 5 and completion.finish_reason.value == "length"
+    finally:
+        stop(worker)

@@ -19,6 +19,7 @@ from tests.processes import free_address, start_broker, stop
 from tests.raw_worker import RawWorker
 
 HELLO = [{"role": "user", "content": "Hello there"}]
+DONE = protocol.Done(protocol.FinishReason.STOP, 3, 1).to_fields()
 
 
 @pytest.fixture
@@ -39,10 +40,9 @@ async def test_a_heartbeat_never_names_a_request_before_it_is_sent(broker_addres
         # Heartbeats this often are due at nearly every send, where a request may not be out yet.
         async with BusClient(broker_address, heartbeat_interval=0.02) as client:
             streams = [await client.chat("raw-many", HELLO) for _ in range(num_requests)]
-            done = protocol.Done(protocol.FinishReason.STOP, 3, 1).to_fields()
             for _ in range(num_requests):
                 request = await asyncio.to_thread(worker.next, protocol.Command.REQUEST)
-                worker.send(protocol.Command.DONE, request.request_id, done)
+                worker.send(protocol.Command.DONE, request.request_id, DONE)
             results = await asyncio.wait_for(
                 asyncio.gather(*(s.collect() for s in streams), return_exceptions=True), 60)
         unknown = [r for r in results if isinstance(r, BrokerUnreachable) and "does not know" in r.message]
@@ -56,14 +56,14 @@ async def test_a_request_cancelled_while_sending_leaves_no_open_stream():
     async with BusClient(free_address(), heartbeat_interval=60) as client:
         sending = asyncio.create_task(client.chat("any", HELLO))
         for _ in range(300):
-            if client._streams:
+            if client.open_streams:
                 break
             await asyncio.sleep(0.01)
-        assert client._streams and not sending.done(), "the request should be waiting to be sent"
+        assert client.open_streams and not sending.done(), "the request should be waiting to be sent"
         sending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await sending
-        assert client._streams == {}
+        assert client.open_streams == ()
 
 
 @pytest.mark.timeout(60)
@@ -94,7 +94,61 @@ def test_ctrl_c_before_a_reply_starts_cancels_it_and_forgets_the_turn(capsys):
         assert "[cancelled]" in capsys.readouterr().out
         assert chat.history == []
         for _ in range(3000):  # the interrupted call is cancelled on the client's loop thread
-            if not client._client._streams:
+            if not client.open_streams:
                 break
             time.sleep(0.01)
-        assert client._client._streams == {}
+        assert client.open_streams == ()
+
+
+async def test_a_request_sent_while_no_broker_is_up_goes_out_when_one_starts():
+    address = free_address()
+    worker = RawWorker(address, "raw-early")  # its announcement waits for the broker too
+    broker = None
+    try:
+        async with BusClient(address, reconnect_timeout=120) as client:
+            sending = asyncio.create_task(client.chat("raw-early", HELLO))
+            for _ in range(300):
+                if client.open_streams:
+                    break
+                await asyncio.sleep(0.01)
+            assert client.open_streams and not sending.done(), "the request should be waiting for a broker"
+            broker = start_broker(address)
+            request = await asyncio.to_thread(worker.next, protocol.Command.REQUEST)
+            stream = await asyncio.wait_for(sending, 30)
+            assert request.request_id == stream.request_id
+            worker.send(protocol.Command.DONE, request.request_id, DONE)
+            assert (await asyncio.wait_for(stream.collect(), 30)).finish_reason is protocol.FinishReason.STOP
+    finally:
+        worker.close()
+        if broker is not None:
+            stop(broker)
+
+
+async def test_a_broker_restart_resends_requests_without_tokens_and_fails_those_with_some():
+    address = free_address()
+    broker = start_broker(address)
+    worker = RawWorker(address, "raw-restart", capacity=2)
+    try:
+        await wait_for_models(address, {"raw-restart"})
+        async with BusClient(address, reconnect_timeout=120) as client:
+            streaming = await client.chat("raw-restart", HELLO)
+            waiting = await client.chat("raw-restart", HELLO)
+            received = {(await asyncio.to_thread(worker.next, protocol.Command.REQUEST)).request_id for _ in range(2)}
+            assert received == {streaming.request_id, waiting.request_id}
+            worker.send(protocol.Command.TOKEN, streaming.request_id, {"text": "Hi", "num_tokens": 1})
+            assert (await asyncio.wait_for(anext(streaming), 30)).text == "Hi"
+            broker.send_signal(signal.SIGKILL)
+            broker.wait()
+            worker.close()  # this worker cannot re-announce itself: a fresh one stands in for it
+            broker = start_broker(address)
+            worker = RawWorker(address, "raw-restart", capacity=2)
+            with pytest.raises(BrokerUnreachable):  # half an answer is never restarted silently
+                await asyncio.wait_for(streaming.collect(), 30)
+            request = await asyncio.to_thread(worker.next, protocol.Command.REQUEST)
+            assert request.request_id == waiting.request_id and waiting.num_sends >= 2
+            worker.send(protocol.Command.TOKEN, request.request_id, {"text": "Hello", "num_tokens": 1})
+            worker.send(protocol.Command.DONE, request.request_id, DONE)
+            assert (await asyncio.wait_for(waiting.collect(), 30)).text == "Hello"
+    finally:
+        worker.close()
+        stop(broker)

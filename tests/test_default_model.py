@@ -8,15 +8,15 @@ from dataclasses import replace
 import subprocess
 import sys
 
-import msgpack
 import pytest
 
-from broker.protocol import Command
+from broker.protocol import GenerationRequest
 from broker.settings import load_settings
 from frontends.client import BusClient
 from tests.processes import ROOT
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
+from worker.engine import TokenEvent
 from worker.model_source import DEFAULT_MODEL_NAME
 
 pytestmark = pytest.mark.slow
@@ -44,12 +44,12 @@ def run_engine(engine, prompts: dict[bytes, str], join_after: dict[bytes, int], 
         for rid in [r for r in pending if join_after.get(r, 0) <= step]:
             body = {"model": "m", "messages": [{"role": "user", "content": pending.pop(rid)}],
                     "temperature": 0, "max_tokens": max_tokens, **(params or {}).get(rid, {})}
-            assert engine.add(rid, msgpack.packb(body)) == []
+            assert engine.add(rid, GenerationRequest.from_fields(body)) == []
         for event in engine.step() if engine.has_work else ():
-            if event.command is Command.TOKEN:
-                texts[event.request_id] += event.fields["text"]
+            if isinstance(event, TokenEvent):
+                texts[event.request_id] += event.delta.text
                 if logprobs is not None:
-                    logprobs.setdefault(event.request_id, []).extend(event.fields.get("logprobs", ()))
+                    logprobs.setdefault(event.request_id, []).extend(lp.to_fields() for lp in event.delta.logprobs or ())
         step += 1
     return texts
 
@@ -142,7 +142,7 @@ def test_quantized_weights_still_answer(flag):
 def test_raw_client_from_the_protocol_page_works(default_bus):
     """The page's example, run as written (only the address changed): pyzmq and msgpack, no tokenbus code."""
     page = (ROOT / "docs" / "protocol.md").read_text()
-    example = page.split("```python\n", 1)[1].split("```", 1)[0]
+    example = page.rsplit("```python\n", 1)[1].split("```", 1)[0]  # the last example: the raw client
     example = example.replace("tcp://127.0.0.1:5555", default_bus.address)
     output = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=120, cwd="/")
     assert output.returncode == 0, output.stderr

@@ -1,14 +1,23 @@
-"""The engine driven by a fake runner: admission, stop tokens, stop strings, lengths, cancel, failures."""
+"""The engine driven by a fake runner: admission, stop tokens, stop strings, lengths, cancel, failures;
+token counts with the tiny real model, in the engine and over the bus; the server's parsing of REQUEST
+bodies."""
 
 from __future__ import annotations
 
-import msgpack
+import pytest
 
-from broker.protocol import Command
-from worker.engine import Engine
+from broker import protocol
+from broker.protocol import Command, GenerationRequest, Message
+from broker.settings import load_settings
+from frontends.client import BusClient
+from tests.helpers import HELLO, TINY_MODEL
+from worker.__main__ import build_engine
+from worker.config import WorkerSettings
+from worker.engine import DoneEvent, Engine, ErrorEvent, TokenEvent
 from worker.prompt import PromptEncoder
-from worker.runner import TokenChoice
+from worker.sampling import TokenChoice
 from worker.scheduler import Scheduler, SchedulerLimits
+from worker.server import WorkerServer, event_frames
 
 EOS = 0
 
@@ -26,6 +35,9 @@ class CharTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(i) for i in ids if i != EOS)
 
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return chr(token_id)
+
 
 class SplitCharTokenizer(CharTokenizer):
     """CharTokenizer, except that one token holds a space and the first half of an emoji."""
@@ -38,7 +50,8 @@ class SplitCharTokenizer(CharTokenizer):
 
 
 class ScriptedRunner:
-    """Plays back a script of characters per prompt; records what it was asked to do."""
+    """Plays back a script of characters per prompt; records what it was asked to do. Like the real
+    runner, it keeps rows only for the sequences it prefilled, and decodes exactly those."""
 
     def __init__(self, scripts: dict[str, str]) -> None:
         self.scripts = scripts
@@ -62,10 +75,11 @@ class ScriptedRunner:
             return None
         return self.prefill([sequence])[0]
 
-    def decode(self):
+    def decode(self, sequences):
+        assert sorted(map(id, sequences)) == sorted(map(id, self.rows)), "decode exactly the cached rows"
         if self.fail_next_decode:
             raise RuntimeError("device lost")
-        return [self._next(s) for s in self.rows]
+        return [self._next(s) for s in sequences]
 
     def release(self, sequences):
         if self.fail_next_release:
@@ -89,23 +103,46 @@ def make_engine(scripts: dict[str, str], max_batch: int = 4, max_prefill_tokens:
 
 
 def add(engine: Engine, rid: bytes, prompt: str, **params) -> list:
-    return engine.add(rid, msgpack.packb({"model": "m", "prompt": prompt, **params}))
+    return engine.add(rid, GenerationRequest(model="m", prompt=prompt, **params))
+
+
+def final(event) -> dict:
+    """A DONE or ERROR event as its command and body fields."""
+    if isinstance(event, DoneEvent):
+        return {"command": Command.DONE, **event.done.to_fields()}
+    return {"command": Command.ERROR, **event.error.to_fields()}
 
 
 def run(engine: Engine, events: list | None = None) -> dict[bytes, tuple[str, dict | None]]:
-    """Step until idle; `events` are those of steps already taken."""
+    """Step until idle; `events` are those of steps already taken. Checks on the way that each
+    request's TOKEN frames count exactly the tokens its DONE reports."""
     texts: dict[bytes, str] = {}
+    counted: dict[bytes, int] = {}
     done: dict[bytes, dict] = {}
     events = list(events or [])
     while events or engine.has_work:
         for event in events or engine.step():
-            if event.command is Command.TOKEN:
-                texts[event.request_id] = texts.get(event.request_id, "") + event.fields["text"]
+            assert event.request_id not in done, "nothing after the final message"
+            if isinstance(event, TokenEvent):
+                texts[event.request_id] = texts.get(event.request_id, "") + event.delta.text
+                counted[event.request_id] = counted.get(event.request_id, 0) + event.delta.num_tokens
             else:
-                assert event.request_id not in done, "exactly one final message per request"
-                done[event.request_id] = {"command": event.command, **event.fields}
+                done[event.request_id] = final(event)
+                if isinstance(event, DoneEvent) and event.done.finish_reason.value != "cancelled":
+                    assert counted.get(event.request_id, 0) == event.done.completion_tokens
         events = []
     return {rid: (texts.get(rid, ""), done.get(rid)) for rid in done}
+
+
+def frames(engine: Engine, rid: bytes) -> list[tuple[str, int]]:
+    """Step until idle; the (text, num_tokens) of each TOKEN frame for `rid`, then its finish reason."""
+    out = []
+    while engine.has_work:
+        for event in engine.step():
+            if event.request_id == rid:
+                out.append((event.delta.text, event.delta.num_tokens) if isinstance(event, TokenEvent)
+                           else event.done.finish_reason.value)
+    return out
 
 
 def test_end_of_turn_stop_string_and_length_in_one_batch():
@@ -137,24 +174,55 @@ def test_cancel_frees_the_row_before_the_next_step():
     add(engine, b"a" * 16, "a")
     engine.step()
     [event] = engine.cancel(b"a" * 16)
-    assert event.fields["finish_reason"] == "cancelled"
+    assert event.done.finish_reason.value == "cancelled"
     assert runner.rows == [] and not engine.has_work
     assert engine.cancel(b"a" * 16) == []  # cancelling twice does nothing
 
 
-def test_bad_requests_and_oversized_prompts_are_answered_at_once():
+def test_a_cancel_that_crosses_the_done_does_nothing():
+    engine, runner = make_engine({"a": "ab", "b": "b" * 10})
+    add(engine, b"a" * 16, "a")
+    add(engine, b"b" * 16, "b")
+    events = []
+    while not any(isinstance(e, DoneEvent) and e.request_id == b"a" * 16 for e in events):
+        events += engine.step()
+    released = list(runner.released)
+    assert engine.cancel(b"a" * 16) == []  # its DONE is on the way: the broker frees the slot on it
+    assert runner.released == released and [s.request_id for s in engine.scheduler.running] == [b"b" * 16]
+    assert run(engine, events)[b"b" * 16] == ("b" * 10, {"command": Command.DONE, "finish_reason": "stop",
+                                                  "prompt_tokens": 1, "completion_tokens": 11})
+
+
+def test_requests_that_cannot_run_are_answered_at_once():
     engine, _ = make_engine({})
-    [error] = engine.add(b"x" * 16, b"\xc1")
-    assert error.command is Command.ERROR and error.fields["code"] == "bad_request"
     [error] = add(engine, b"y" * 16, "p" * 70)
-    assert error.fields["code"] == "context_length_exceeded"
+    assert error.error.code.value == "context_length_exceeded"
     [error] = add(engine, b"z" * 16, "p", max_tokens=64)
-    assert error.fields["code"] == "context_length_exceeded"
-    [error] = engine.add(b"w" * 16, msgpack.packb({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
-    assert error.fields["code"] == "bad_request" and "chat template" in error.fields["message"]
+    assert error.error.code.value == "context_length_exceeded"
+    [error] = engine.add(b"w" * 16, GenerationRequest(model="m", messages=(protocol.ChatMessage("user", "hi"),)))
+    assert error.error.code.value == "bad_request" and "chat template" in error.error.message
     [error] = add(engine, b"v" * 16, "")
-    assert error.fields["code"] == "bad_request" and "empty" in error.fields["message"]
+    assert error.error.code.value == "bad_request" and "empty" in error.error.message
     assert not engine.has_work
+
+
+def test_the_server_answers_a_body_it_cannot_parse_and_frames_the_engine_events():
+    engine, _ = make_engine({"a": "hi"})
+    server = WorkerServer(engine, protocol.Ready("w", ("m",), 1), "tcp://127.0.0.1:1")
+    for body in (b"\xc1", protocol.encode(Command.REQUEST, b"", {"model": "m"})[3],
+                 protocol.encode(Command.REQUEST, b"", {"model": "m", "prompt": "a", "temperature": 9})[3]):
+        [error] = server._on_command(Message(Command.REQUEST, b"x" * 16, body))
+        assert isinstance(error, ErrorEvent) and error.error.code.value == "bad_request"
+        assert protocol.decode(event_frames(error)).command is Command.ERROR
+    assert not engine.has_work
+    body = protocol.encode(Command.REQUEST, b"", {"model": "m", "prompt": "a"})[3]
+    assert server._on_command(Message(Command.REQUEST, b"a" * 16, body)) == []
+    messages = [protocol.decode(event_frames(e)) for e in engine.step() + engine.step() + engine.step()]
+    assert [m.command for m in messages] == [Command.TOKEN] * 3 + [Command.DONE]
+    assert {m.request_id for m in messages} == {b"a" * 16}
+    assert [m.fields() for m in messages[:3]] == [{"text": "h", "num_tokens": 1}, {"text": "i", "num_tokens": 1},
+                                                   {"text": "", "num_tokens": 1}]
+    assert messages[3].fields() == {"finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 3}
 
 
 def test_a_failing_step_ends_every_request_in_it_with_an_error():
@@ -164,8 +232,8 @@ def test_a_failing_step_ends_every_request_in_it_with_an_error():
     engine.step()
     runner.fail_next_decode = True
     events = engine.step()
-    assert {(e.request_id, e.fields["code"]) for e in events} == {(b"a" * 16, "internal_error"),
-                                                                   (b"b" * 16, "internal_error")}
+    assert {(e.request_id, e.error.code.value) for e in events} == {(b"a" * 16, "internal_error"),
+                                                                     (b"b" * 16, "internal_error")}
     assert not engine.has_work and runner.rows == []
 
 
@@ -198,11 +266,22 @@ def test_a_request_that_finished_before_its_step_failed_gets_no_error_after_its_
 def test_a_token_frame_counts_the_tokens_held_back_before_it():
     engine, _ = make_engine({"a": "abxyq"})
     add(engine, b"a" * 16, "a", stop=["xyz"])  # "x" and "y" wait: they might start the stop string
-    events = []
-    while engine.has_work:
-        events += engine.step()
-    tokens = [(e.fields["text"], e.fields["num_tokens"]) for e in events if e.command is Command.TOKEN]
-    assert tokens == [("a", 1), ("b", 1), ("xyq", 3)]
+    # the end of turn brings no text: a last frame counts it
+    assert frames(engine, b"a" * 16) == [("a", 1), ("b", 1), ("xyq", 3), ("", 1), "stop"]
+
+
+def test_tokens_still_uncounted_at_the_end_get_a_last_frame_before_done():
+    engine, _ = make_engine({"a": "abxyz", "b": "abxy", "c": "ab", "d": ""})
+    add(engine, b"a" * 16, "a", stop=["xyz"])  # the stop string swallows three tokens
+    assert frames(engine, b"a" * 16) == [("a", 1), ("b", 1), ("", 3), "stop"]
+    add(engine, b"b" * 16, "b", stop=["xyz"], max_tokens=4)  # held back "xy" comes out at the length limit
+    assert frames(engine, b"b" * 16) == [("a", 1), ("b", 1), ("xy", 2), "length"]
+    add(engine, b"c" * 16, "c", stop=["bq"])  # "b" held back, then the end of turn: it was plain text
+    assert frames(engine, b"c" * 16) == [("a", 1), ("b", 2), "stop"]
+    add(engine, b"d" * 16, "d")  # an end of turn at once
+    assert frames(engine, b"d" * 16) == [("", 1), "stop"]
+    add(engine, b"e" * 16, "a", stop=["xyz"], logprobs=True)  # with logprobs every token has its frame
+    assert frames(engine, b"e" * 16) == [("a", 1), ("b", 1), ("", 1), ("", 1), ("", 1), "stop"]
 
 
 def test_an_end_of_turn_after_half_a_character_keeps_the_text_before_it():
@@ -218,7 +297,7 @@ def test_a_failing_prefill_ends_only_the_joining_requests():
     add(engine, b"b" * 16, "b")
     runner.fail_next_prefill = True
     failed = engine.step()
-    assert [(e.request_id, e.command) for e in failed if e.command is Command.ERROR] == [(b"b" * 16, Command.ERROR)]
+    assert [e.request_id for e in failed if isinstance(e, ErrorEvent)] == [b"b" * 16]
     results = run(engine, first + failed)
     assert results[b"a" * 16][0] == "aaaaaa" and results[b"a" * 16][1]["finish_reason"] == "stop"
 
@@ -253,3 +332,56 @@ def test_a_long_prompt_joins_chunk_by_chunk_while_others_stream():
     assert all(any(e.request_id == b"a" * 16 for e in events) for events in steps), "a streams on every step"
     results = run(engine, first + [e for events in steps for e in events])
     assert results[b"l" * 16][0] == "long answer" and results[b"a" * 16][0] == "a" * 8
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    engine, _ = build_engine(load_settings(WorkerSettings, ["--model", str(tiny_model_dir), "--device", "cpu",
+                                                            "--dtype", "float32"]))
+    return engine
+
+
+def test_token_frames_add_up_to_the_completion_tokens_with_the_tiny_model(tiny_engine):
+    """`run` checks the sum of each stream's `num_tokens` against its DONE, for every way to end."""
+    engine = tiny_engine
+    chat = (protocol.ChatMessage("user", "What is the capital of France?"),)
+
+    def ask(rid: bytes, **params):  # seeded draws: greedy, the random model repeats one token
+        assert engine.add(rid, GenerationRequest(model="m", messages=chat, seed=3, **params)) == []
+        sequence = engine.scheduler.find(rid)
+        text, done = run(engine)[rid]
+        return text, done, sequence.output_ids
+
+    for logprobs in (False, True):
+        text, done, ids = ask(b"l" * 16, max_tokens=12, logprobs=logprobs)
+        assert done["finish_reason"] == "length" and done["completion_tokens"] == 12 and text
+
+        stop = text[len(text) // 3:len(text) // 3 + 2]
+        stopped, done, _ = ask(b"s" * 16, max_tokens=12, stop=[stop], logprobs=logprobs)
+        assert done["finish_reason"] == "stop" and stopped == text[:text.index(stop)]
+
+        # The model's end of turn, played by a token it writes: its last token brings no text.
+        k = next(i for i in range(4, 12) if ids[i] not in ids[:i])
+        end_of_turn = engine.prompts.stop_token_ids
+        engine.prompts.stop_token_ids = end_of_turn | {ids[k]}
+        try:
+            ended, done, _ = ask(b"e" * 16, max_tokens=12, logprobs=logprobs)
+        finally:
+            engine.prompts.stop_token_ids = end_of_turn
+        assert done["finish_reason"] == "stop" and done["completion_tokens"] == k + 1 and text.startswith(ended)
+
+
+async def test_token_frames_add_up_to_the_completion_tokens_over_the_bus(bus):
+    async def ask(client: BusClient, **params) -> tuple[str, int, protocol.Done]:
+        stream = await client.chat(TINY_MODEL, HELLO, seed=3, max_tokens=12, **params)
+        deltas = [delta async for delta in stream]
+        return "".join(d.text for d in deltas), sum(d.num_tokens for d in deltas), stream.done
+
+    async with BusClient(bus.address) as client:
+        for logprobs in (False, True):
+            text, counted, done = await ask(client, logprobs=logprobs)
+            assert done.finish_reason.value == "length" and counted == done.completion_tokens == 12
+            stop = text[len(text) // 3:len(text) // 3 + 2]
+            stopped, counted, done = await ask(client, stop=[stop], logprobs=logprobs)
+            assert done.finish_reason.value == "stop" and stopped == text[:text.index(stop)]
+            assert counted == done.completion_tokens

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import msgpack
 import pytest
 
+from broker.protocol import GenerationRequest
 from broker.settings import load_settings
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
@@ -22,9 +22,9 @@ def engine(tiny_model_dir):
 
 def check_tight(runner) -> None:
     """One cache row per running sequence, as wide as the longest one needs and no wider."""
-    assert runner._mask.shape[0] == len(runner.rows) == runner._positions.shape[0]
-    assert set(runner._generators) == set(runner.rows)
-    if runner.rows:
+    assert runner._mask.shape[0] == len(runner._rows) == runner._positions.shape[0]
+    assert set(runner.sampler.generators) == set(runner._rows)
+    if runner._rows:
         assert runner._mask.shape[1] == int(runner._mask.sum(-1).max())
         for layer in runner._cache.layers:
             assert tuple(layer.keys.shape[:3:2]) == tuple(runner._mask.shape)
@@ -35,20 +35,34 @@ def check_tight(runner) -> None:
 def test_rows_that_finish_or_are_cancelled_free_their_place(engine):
     runner = engine.runner
     for rid, (prompt, max_tokens) in PROMPTS.items():
-        body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.7, "seed": 1}
-        assert engine.add(rid, msgpack.packb(body)) == []
+        request = GenerationRequest(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0.7, seed=1)
+        assert engine.add(rid, request) == []
     seen_widths = []
     cancelled = chunked = False
     while engine.has_work:
         engine.step()
         check_tight(runner)
+        assert runner._rows == engine.scheduler.running  # the scheduler's running sequences, in row order
         chunked |= bool(runner._partial)  # the long prompt is prefilled 16 tokens at a time
-        seen_widths.append(runner._mask.shape[1] if runner.rows else 0)
-        if not cancelled and b"l" * 16 in {s.request_id for s in runner.rows}:
+        seen_widths.append(runner._mask.shape[1] if runner._rows else 0)
+        if not cancelled and b"l" * 16 in {s.request_id for s in runner._rows}:
             engine.cancel(b"l" * 16)  # the longest row leaves: its columns go with it
             cancelled = True
             check_tight(runner)
-            assert b"m" * 16 in {s.request_id for s in runner.rows}
+            assert b"m" * 16 in {s.request_id for s in runner._rows}
             assert runner._mask.shape[1] < seen_widths[-1]
     assert cancelled and chunked
-    assert runner.rows == [] and runner._generators == {} and runner._partial == {}
+    assert runner._rows == [] and runner.sampler.generators == {} and runner._partial == {}
+
+
+def test_decode_takes_exactly_the_cached_rows_in_any_order(engine):
+    runner = engine.runner
+    for rid, logprobs in ((b"x" * 16, True), (b"y" * 16, False)):
+        engine.add(rid, GenerationRequest(model="m", prompt="Hello there", max_tokens=8, logprobs=logprobs))
+    engine.step()
+    x, y = engine.scheduler.running
+    assert [c.logprob is None for c in runner.decode([y, x])] == [True, False]  # in the order asked
+    with pytest.raises(RuntimeError, match="cache holds"):
+        runner.decode([x])
+    engine.drop_all()
+    assert runner.num_rows == 0

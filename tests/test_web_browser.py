@@ -1,7 +1,8 @@
-"""The browser chat in a real Chromium over the real bus with the default model."""
+"""The browser chat in a real Chromium over the real bus, with the default model and the tiny one."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from frontends.client import SyncBusClient
+from tests.helpers import TINY_MODEL
 from tests.processes import ROOT, running_web
 
 TOKEN = "open-sesame"
@@ -27,6 +29,44 @@ def page_url(default_bus):
     """The page on a free port, with an access token, for the default model."""
     with running_web(default_bus.address, "--auth-token", TOKEN) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def tiny_page_urls(bus):
+    """(open page, page behind the access token) for the tiny model, each in a fresh web process."""
+    with running_web(bus.address) as open_url, running_web(bus.address, "--auth-token", TOKEN) as token_url:
+        yield open_url, token_url
+
+
+class HeldModelLists:
+    """Holds a page's requests for the model list until released, as a slow link would; they are the
+    queued calls that carry the three model dropdowns' values, still empty on a fresh page."""
+
+    PATTERN = "**/gradio_api/queue/join*"
+
+    def __init__(self, page) -> None:
+        self.page = page
+        self.held: list = []
+        page.route(self.PATTERN, self._route)
+
+    def _route(self, route) -> None:
+        if json.loads(route.request.post_data or "{}").get("data") == [None, None, None]:
+            self.held.append(route)
+        else:
+            route.continue_()
+
+    def wait(self, timeout_ms: float = 60_000) -> None:
+        """Until the page has asked for the model list."""
+        waited = 0
+        while not self.held:
+            assert waited < timeout_ms, "the page never asked for the model list"
+            self.page.wait_for_timeout(30)  # lets Playwright run the route handler
+            waited += 30
+
+    def release(self) -> None:
+        for route in self.held:
+            route.continue_()
+        self.page.unroute(self.PATTERN)
 
 
 def in_flight(address: str) -> int:
@@ -102,4 +142,49 @@ def test_chat_in_a_real_browser(page_url, default_bus):
             watch(reply, until=lambda: page.locator('#chatbot [data-testid="bot"]').count() == 0, timeout=10)
         finally:
             page.screenshot(path=str(artifacts / "web-ui-last.png"))
+            browser.close()
+
+
+def test_a_message_sent_at_once_goes_to_the_model_the_dropdown_shows(tiny_page_urls, bus):
+    from playwright.sync_api import sync_playwright
+
+    open_url, token_url = tiny_page_urls
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            # (page, log in first, hold the model list): the first page of a fresh web process is the one
+            # whose list comes slowest; the held lists make "sent before the list arrived" certain.
+            for url, logs_in, holds in ((open_url, False, False), (open_url, False, True), (token_url, True, True)):
+                page = browser.new_page()
+                held = HeldModelLists(page) if holds else None
+                page.goto(url)
+                if logs_in:
+                    page.locator("#token input").fill(TOKEN)
+                    page.locator("#login-button").click()
+                    page.locator("#main").wait_for(state="visible")
+                if held:
+                    held.wait()
+                    page.locator("#send").wait_for()
+                    waiting = {name: page.locator(name).is_disabled()
+                               for name in ("#message textarea", "#send", "#regenerate")}
+                    assert all(waiting.values()), f"usable before the model list arrived: {waiting}"
+                    held.release()
+
+                # Typed and sent at once, the dropdown untouched: Playwright waits only while Send is disabled.
+                page.locator("#message textarea").fill("Hello there")
+                page.locator("#send").click()
+                bot = page.locator('#chatbot [data-testid="bot"]')
+
+                def reply() -> str:
+                    texts = bot.all_inner_texts()
+                    return texts[-1] if texts else ""
+
+                watch(reply, until=lambda: reply().strip() != "" and in_flight(bus.address) == 0)
+                answer = reply()
+                # Every note the chat shows (no model selected, context too long, ...) starts with ⚠️.
+                assert "⚠️" not in answer, f"{url} (logs in: {logs_in}, list held: {holds}) answered {answer!r}"
+                shown = page.locator("#model input").input_value()
+                assert shown.startswith(f"{TINY_MODEL} — 1 worker"), shown
+                page.close()
+        finally:
             browser.close()

@@ -1,9 +1,11 @@
 """python -m worker: serve a model on the tokenbus."""
 
+from worker.threads import prepare_openmp_environment, set_torch_threads
+
+prepare_openmp_environment()  # OpenMP reads it once, when torch loads: before the imports below
+
 import logging
 import signal
-
-import torch
 
 from broker import protocol
 from broker.settings import load_settings
@@ -38,10 +40,9 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
 def main() -> None:
     settings = load_settings(WorkerSettings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    set_torch_threads(settings.threads)
     engine, ready = build_engine(settings)
-    server = WorkerServer(engine, ready, settings.broker, settings.heartbeat_interval)
+    server = WorkerServer(engine, ready, settings.broker, settings.heartbeat_interval, curve=settings.curve())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stopping.set())
     server.run()

@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings
 
 from broker import protocol
-from broker.settings import DEFAULT_BROKER_ADDRESS, cli_config
+from broker.settings import DEFAULT_BROKER_ADDRESS, BusPeerSettings, cli_config
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(BusPeerSettings):
     model_config = cli_config("worker", "python -m worker")
 
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
@@ -26,6 +25,7 @@ class WorkerSettings(BaseSettings):
     max_batch_tokens: int = Field(0, ge=0, description="KV cache budget in tokens: rows x the longest prompt + max_tokens; 0 = max-batch x context")
     max_prefill_tokens: int = Field(0, ge=0, description="prompt tokens prefilled per step, longer prompts in chunks; 0 = 512 on a CPU, 4096 on a GPU")
     cache_dir: Path | None = Field(None, description="where converted GGUF models are kept (default: ~/.cache/tokenbus)")
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = one per physical core (torch's default); "
+                                               "1 when several workers share a small host")
     heartbeat_interval: float = Field(protocol.HEARTBEAT_INTERVAL, gt=0, description="seconds between heartbeats")
     log_level: str = Field("INFO", description="logging level")

@@ -1,15 +1,15 @@
-"""The engine: requests in, protocol events out. Glue between scheduler, runner and text assembly."""
+"""The engine: typed requests in, typed events out. Glue between scheduler, runner and text assembly."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from broker import protocol
-from broker.protocol import Command, ErrorCode, FinishReason, GenerationRequest, ProtocolError
+from broker.protocol import ErrorCode, FinishReason, GenerationRequest, ProtocolError
 from worker.prompt import PromptEncoder
-from worker.runner import ModelRunner, TokenChoice
+from worker.runner import ModelRunner
+from worker.sampling import TokenChoice
 from worker.scheduler import Scheduler
 from worker.sequence import Sequence
 from worker.text import Detokenizer, StopMatcher
@@ -18,20 +18,39 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
-    """One message for the broker about one request."""
+class TokenEvent:
+    """New text (or only logprobs, or only a token count) for one request."""
 
     request_id: bytes
-    command: Command
-    fields: dict[str, Any]
+    delta: protocol.TokenDelta
 
 
-def _error(request_id: bytes, code: ErrorCode, message: str) -> Event:
-    return Event(request_id, Command.ERROR, protocol.Error(code, message).to_fields())
+@dataclass(frozen=True, slots=True)
+class DoneEvent:
+    """A request ended normally: its last event."""
+
+    request_id: bytes
+    done: protocol.Done
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """A request failed or could not start: its last event."""
+
+    request_id: bytes
+    error: protocol.Error
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
+def _error(request_id: bytes, code: ErrorCode, message: str) -> ErrorEvent:
+    return ErrorEvent(request_id, protocol.Error(code, message))
 
 
 class Engine:
-    """Admits requests, runs batched steps and turns sampled tokens into TOKEN/DONE events."""
+    """Admits requests, runs the scheduler's plan on the runner each step, and turns sampled tokens
+    into events. The scheduler alone decides which sequences run."""
 
     def __init__(self, runner: ModelRunner, prompts: PromptEncoder, scheduler: Scheduler, context_length: int) -> None:
         self.runner = runner
@@ -43,10 +62,9 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def add(self, request_id: bytes, body: bytes) -> list[Event]:
-        """Queue a request (a packed REQUEST body); one that cannot run is answered with an ERROR at once."""
+    def add(self, request_id: bytes, request: GenerationRequest) -> list[Event]:
+        """Queue a request; one that cannot run on this model is answered with an error at once."""
         try:
-            request = GenerationRequest.from_fields(protocol.unpack_body(body))
             prompt_ids = self.prompts.encode(request)
         except ProtocolError as exc:
             return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
@@ -68,7 +86,8 @@ class Engine:
         return []
 
     def cancel(self, request_id: bytes) -> list[Event]:
-        """Stop a request now: its row leaves the batch before the next step."""
+        """Stop a request now: its row leaves the batch before the next step. A request that already
+        ended (its DONE crossed the CANCEL) is unknown here, and nothing happens."""
         sequence = self.scheduler.find(request_id)
         if sequence is None:
             return []
@@ -95,59 +114,66 @@ class Engine:
 
     def _step(self, events: list[Event]) -> None:
         plan = self.scheduler.schedule()
-        joining = plan.prefill or ([plan.chunk.sequence] if plan.chunk else [])
-        try:
-            if plan.chunk is not None:
-                choice = self.runner.prefill_chunk(plan.chunk.sequence, plan.chunk.start, plan.chunk.end)
-                if choice is not None:
-                    self._accept(joining, [choice], events)
-            elif plan.prefill:
-                self._accept(joining, self.runner.prefill(plan.prefill), events)
-        except Exception as exc:
-            # New prompts have their own cache until they join: only they fail, the batch runs on.
-            log.exception("prefill failed; failing the %d requests that were joining", len(joining))
-            self._retire(joining)
-            events += _failed(joining, exc, events)
-        if self.runner.rows:
-            rows = list(self.runner.rows)
-            self._accept(rows, self.runner.decode(), events)
+        if plan.joining:
+            try:
+                if plan.chunk is not None:
+                    choice = self.runner.prefill_chunk(plan.chunk.sequence, plan.chunk.start, plan.chunk.end)
+                    self._accept(plan.joining, [] if choice is None else [choice], events)
+                else:
+                    self._accept(plan.joining, self.runner.prefill(plan.prefill), events)
+            except Exception as exc:
+                # New prompts have their own cache until they join: only they fail, the batch runs on.
+                log.exception("prefill failed; failing the %d requests that were joining", len(plan.joining))
+                self._retire(plan.joining)
+                events += _failed(plan.joining, exc, events)
+        running = set(self.scheduler.running)  # without those that ended or failed as they joined
+        decoding = [s for s in plan.decode if s in running]
+        if decoding:
+            self._accept(decoding, self.runner.decode(decoding), events)
 
     def _accept(self, sequences: list[Sequence], choices: list[TokenChoice], events: list[Event]) -> None:
         for sequence, choice in zip(sequences, choices):
             delta = self._extend(sequence, choice)
-            if delta.text or delta.logprobs:
-                events.append(Event(sequence.request_id, Command.TOKEN, delta.to_fields()))
-                sequence.unsent_tokens = 0
+            if delta is not None:
+                events.append(TokenEvent(sequence.request_id, delta))
             if sequence.finished:
                 events.append(self._done(sequence))
         self._retire([s for s in sequences if s.finished])
 
-    def _extend(self, sequence: Sequence, choice: TokenChoice) -> protocol.TokenDelta:
+    def _extend(self, sequence: Sequence, choice: TokenChoice) -> protocol.TokenDelta | None:
+        """Add one sampled token to `sequence`; returns the TOKEN frame it brings, if any.
+
+        A frame counts every token since the previous one (tokens held back: part of a character,
+        or what may start a stop string), and a sequence that ends sends a last frame for the tokens
+        still uncounted, so a stream's `num_tokens` add up to its DONE's `completion_tokens`.
+        """
         sequence.output_ids.append(choice.token_id)
         sequence.unsent_tokens += 1
-        if choice.token_id in self.prompts.stop_token_ids:
-            sequence.finish_reason = FinishReason.STOP
-            # Text held back with a character the model never finished: keep what came before it.
-            held = sequence.detokenizer.flush().rstrip("\ufffd")
-            text = sequence.stop_matcher.push(held)[0] + sequence.stop_matcher.flush()
-        else:
+        end_of_turn = choice.token_id in self.prompts.stop_token_ids
+        text, stopped = "", False
+        if not end_of_turn:
             text, stopped = sequence.stop_matcher.push(sequence.detokenizer.push(choice.token_id))
-            if stopped:
-                sequence.finish_reason = FinishReason.STOP
-            elif len(sequence.output_ids) >= sequence.max_tokens:
-                sequence.finish_reason = FinishReason.LENGTH
-                text += sequence.stop_matcher.push(sequence.detokenizer.flush())[0] + sequence.stop_matcher.flush()
+        if end_of_turn or stopped:
+            sequence.finish_reason = FinishReason.STOP
+        elif len(sequence.output_ids) >= sequence.max_tokens:
+            sequence.finish_reason = FinishReason.LENGTH
+        if sequence.finished and not stopped:  # a stop string drops what follows it; other ends keep it
+            text += _held_back_text(sequence, end_of_turn)
         logprobs = None
         if sequence.request.logprobs:
             logprob = self.prompts.token_logprob
             logprobs = (logprob(choice.token_id, choice.logprob or 0.0,
                                 tuple(logprob(t, lp) for t, lp in choice.top)),)
-        return protocol.TokenDelta(text, sequence.unsent_tokens, logprobs)
+        if not text and logprobs is None and not sequence.finished:
+            return None  # counted by the next frame
+        delta = protocol.TokenDelta(text, sequence.unsent_tokens, logprobs)
+        sequence.unsent_tokens = 0
+        return delta
 
-    def _done(self, sequence: Sequence) -> Event:
+    def _done(self, sequence: Sequence) -> DoneEvent:
         assert sequence.finish_reason is not None
-        done = protocol.Done(sequence.finish_reason, len(sequence.prompt_ids), len(sequence.output_ids))
-        return Event(sequence.request_id, Command.DONE, done.to_fields())
+        return DoneEvent(sequence.request_id,
+                         protocol.Done(sequence.finish_reason, len(sequence.prompt_ids), len(sequence.output_ids)))
 
     def _retire(self, sequences: list[Sequence]) -> None:
         if sequences:
@@ -156,8 +182,16 @@ class Engine:
                 self.scheduler.remove(sequence)
 
 
+def _held_back_text(sequence: Sequence, end_of_turn: bool) -> str:
+    """At the end of a sequence: the text its detokenizer and stop matcher still hold."""
+    held = sequence.detokenizer.flush()
+    if end_of_turn:  # a character the model never finished: keep what came before it
+        held = held.rstrip("\ufffd")
+    return sequence.stop_matcher.push(held)[0] + sequence.stop_matcher.flush()
+
+
 def _failed(sequences: list[Sequence], exc: Exception, events: list[Event]) -> list[Event]:
-    """ERRORs for the sequences a failure stopped, but none for one whose DONE is already among `events`."""
-    done = {event.request_id for event in events if event.command is Command.DONE}
+    """Errors for the sequences a failure stopped, but none for one whose DONE is already among `events`."""
+    done = {event.request_id for event in events if isinstance(event, DoneEvent)}
     return [_error(s.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}")
             for s in sequences if s.request_id not in done]

@@ -71,7 +71,10 @@ def converted_gguf(gguf: Path, cache_dir: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to %s (only once)", gguf, target)
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when converting
+    from transformers import (  # slow import, only when converting
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     for leftover in target.parent.glob(f".{target.name}-*"):
         if time.time() - leftover.stat().st_mtime > _STALE_STAGING_SECONDS:  # its converter was killed

@@ -1,24 +1,20 @@
-"""The only module that touches torch: a continuously batched forward pass over one KV cache.
+"""The model's side of the worker: a continuously batched forward pass over one KV cache.
 
-The running sequences are the rows of one left-padded batch. A step may first prefill new
-prompts (as their own padded batch), whose cache is then padded to the running cache's length
-and stacked under it; then every row decodes one token. Rows that finish leave at once, and
-columns of padding that no row needs any more are cut off the left.
+The sequences the scheduler runs are the rows of one left-padded batch. A step may first prefill
+new prompts (as their own padded batch), whose cache is then padded to the running cache's length
+and stacked under it; then the rows decode one token each. Rows that finish leave at once, and
+columns of padding that no row needs any more are cut off the left. Which sequences run is the
+scheduler's decision: the runner keeps only what torch needs for the ones it is given.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from worker.sampling import Sampler, TokenChoice
 from worker.sequence import Sequence
-
-# Below this a temperature is greedy: dividing by it would overflow the logits to inf.
-MIN_TEMPERATURE = 1e-5
 
 
 class HeadroomLayer(DynamicLayer):
@@ -65,30 +61,23 @@ def _new_cache() -> DynamicCache:
     return cache
 
 
-@dataclass(frozen=True, slots=True)
-class TokenChoice:
-    """The token sampled for one row, with log-probabilities when the request asked for them."""
-
-    token_id: int
-    logprob: float | None = None
-    top: tuple[tuple[int, float], ...] = ()
-
-
 class ModelRunner:
-    """Owns the model, the batch's KV cache and the per-row sampling state."""
+    """Owns the model and the batch's KV cache; samples through a `Sampler`."""
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, unpenalized_ids: frozenset[int] = frozenset()) -> None:
         self.model = model
-        # Penalising end-of-turn tokens (they are in every chat prompt) would keep answers from ending.
-        self.unpenalized_ids = unpenalized_ids
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
-        self.rows: list[Sequence] = []
+        self.sampler = Sampler(self.device, unpenalized_ids)
+        self._rows: list[Sequence] = []  # the sequence in each cache row, in row order
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, L]: 1 where a token is cached
         self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # [B]: next position id
-        self._generators: dict[Sequence, torch.Generator] = {}  # per row, so a seed fixes its own output
         self._partial: dict[Sequence, DynamicCache] = {}  # caches of long prompts prefilled so far
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._rows)
 
     # -- batch membership
 
@@ -108,7 +97,7 @@ class ModelRunner:
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         _check_filled(cache, length)
         self._append_rows(sequences, cache, mask, mask.sum(-1))
-        return self._sample(logits, sequences)
+        return self.sampler.sample(logits, sequences)
 
     @torch.inference_mode()
     def prefill_chunk(self, sequence: Sequence, start: int, end: int) -> TokenChoice | None:
@@ -125,19 +114,19 @@ class ModelRunner:
             self._partial[sequence] = cache
             return None
         self._append_rows([sequence], cache, mask, torch.tensor([end], device=self.device))
-        return self._sample(logits, [sequence])[0]
+        return self.sampler.sample(logits, [sequence])[0]
 
     def release(self, sequences: list[Sequence]) -> None:
-        """Drop rows (finished or cancelled), and padding columns no row needs any more."""
+        """Forget `sequences` (finished or cancelled): their rows, and padding columns no row needs any more."""
         gone = set(sequences)
+        self.sampler.release(sequences)
         for sequence in sequences:
-            self._generators.pop(sequence, None)
             self._partial.pop(sequence, None)
-        keep = [i for i, s in enumerate(self.rows) if s not in gone]
-        if len(keep) == len(self.rows):
+        keep = [i for i, s in enumerate(self._rows) if s not in gone]
+        if len(keep) == len(self._rows):
             return
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
             self._cache, self._mask, self._positions = None, self._mask[:0, :0], self._positions[:0]
             return
         index = torch.tensor(keep, device=self.device)
@@ -151,24 +140,26 @@ class ModelRunner:
     # -- decoding
 
     @torch.inference_mode()
-    def decode(self) -> list[TokenChoice]:
-        """Feed every row its last token and sample the next one; returns one choice per row."""
-        last = torch.tensor([s.output_ids[-1] for s in self.rows], device=self.device)[:, None]  # [B, 1]
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)
+    def decode(self, sequences: list[Sequence]) -> list[TokenChoice]:
+        """Feed each of `sequences` its last token and sample its next one; one choice per sequence,
+        in their order. They must be exactly the prefilled rows: the cache holds one block for all."""
+        if sequences != self._rows and (len(sequences) != len(self._rows) or set(sequences) != set(self._rows)):
+            raise RuntimeError(f"asked to decode {len(sequences)} sequences, but the cache holds "
+                               f"{len(self._rows)} other rows")
+        rows = self._rows
+        last = torch.tensor([s.output_ids[-1] for s in rows], device=self.device)[:, None]  # [B, 1]
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
         logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=self._positions[:, None],
                             cache=self._cache, use_cache=True).logits[:, -1]
         self._positions = self._positions + 1
-        return self._sample(logits, self.rows)
+        choices = self.sampler.sample(logits, rows)
+        if sequences == rows:
+            return choices
+        by_sequence = dict(zip(rows, choices))
+        return [by_sequence[s] for s in sequences]
 
     def _append_rows(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor,
                      positions: torch.Tensor) -> None:
-        generators = {}
-        for sequence in sequences:
-            generator = generators[sequence] = torch.Generator(device=self.device)
-            if sequence.request.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(sequence.request.seed)
         if self._cache is None:
             self._cache, self._mask, self._positions = cache, mask, positions
         else:
@@ -181,29 +172,8 @@ class ModelRunner:
             self._positions = torch.cat([self._positions, positions])
             for layer, (keys, values) in zip(self._cache.layers, stacked):
                 _replace_tensors(layer, keys, values)
-        self._generators.update(generators)
-        self.rows.extend(sequences)
-
-    # -- sampling
-
-    def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[TokenChoice]:
-        """Each row with its own parameters; greedy rows take the argmax."""
-        logits = logits.float()  # [B, V]
-        raw_logprobs = None
-        if any(s.request.logprobs for s in sequences):
-            raw_logprobs = F.log_softmax(logits, dim=-1)
-        scores = _apply_penalties(logits, sequences, self.unpenalized_ids)
-        greedy = scores.argmax(dim=-1).tolist()  # one call for the whole batch
-        choices = []
-        for row, sequence in enumerate(sequences):
-            request = sequence.request
-            if request.temperature < MIN_TEMPERATURE:
-                token = greedy[row]
-            else:
-                probs = _filtered_probs(scores[row] / request.temperature, request.top_k, request.top_p)
-                token = int(torch.multinomial(probs, 1, generator=self._generators[sequence]))
-            choices.append(_choice(token, raw_logprobs[row] if request.logprobs else None, request.top_logprobs))
-        return choices
+        self.sampler.add(sequences)
+        self._rows.extend(sequences)
 
 
 def _check_filled(cache: DynamicCache, length: int) -> None:
@@ -229,49 +199,3 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _apply_penalties(logits: torch.Tensor, sequences: list[Sequence], unpenalized_ids: frozenset[int]) -> torch.Tensor:
-    """Repetition (prompt and output, as in transformers), presence and frequency (output only);
-    never on `unpenalized_ids`."""
-    scores = logits
-    for row, sequence in enumerate(sequences):
-        request = sequence.request
-        if request.repetition_penalty == 1.0 and not request.presence_penalty and not request.frequency_penalty:
-            continue
-        if scores is logits:
-            scores = logits.clone()
-        if request.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({*sequence.prompt_ids, *sequence.output_ids} - unpenalized_ids),
-                                device=logits.device, dtype=torch.long)
-            values = scores[row, seen]
-            scores[row, seen] = torch.where(values > 0, values / request.repetition_penalty,
-                                            values * request.repetition_penalty)
-        if sequence.output_ids and (request.presence_penalty or request.frequency_penalty):
-            counts = torch.bincount(torch.tensor(sequence.output_ids, device=logits.device), minlength=scores.shape[1])
-            counts[[i for i in unpenalized_ids if i < counts.shape[0]]] = 0
-            scores[row] -= request.frequency_penalty * counts + request.presence_penalty * (counts > 0)
-    return scores
-
-
-def _filtered_probs(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return probs
-
-
-def _choice(token: int, logprobs: torch.Tensor | None, num_top: int) -> TokenChoice:
-    if logprobs is None:
-        return TokenChoice(token)
-    top = ()
-    if num_top:
-        values, ids = torch.topk(logprobs, num_top)
-        top = tuple(zip(ids.tolist(), values.tolist()))
-    return TokenChoice(token, float(logprobs[token]), top)

@@ -1,4 +1,9 @@
-"""The batching policy: which sequences run in the next step. Pure Python, no torch."""
+"""The batching policy: which sequences run in the next step. Pure Python, no torch.
+
+The scheduler alone owns the set of running sequences; each step's `Plan` tells the engine which
+of them to prefill, which prompt chunk to run, and which to decode, and the engine hands exactly
+those to the runner.
+"""
 
 from __future__ import annotations
 
@@ -44,6 +49,11 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.prefill and not self.decode and self.chunk is None
+
+    @property
+    def joining(self) -> list[Sequence]:
+        """The sequences whose prompts run this step (before the decode)."""
+        return [self.chunk.sequence] if self.chunk is not None else self.prefill
 
 
 class Scheduler:

@@ -1,7 +1,8 @@
 """The worker's sockets: a DEALER to the broker, and an inproc pair to the engine thread.
 
 The socket thread never runs the model, so heartbeats keep flowing while a long prefill runs;
-the engine thread never touches the broker's socket (ZeroMQ sockets are not thread-safe).
+the engine thread never touches the broker's socket (ZeroMQ sockets are not thread-safe). This
+module is where REQUEST bodies become typed requests and the engine's events become frames.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ import uuid
 import zmq
 
 from broker import protocol, sockets
-from broker.protocol import Command, Message
-from worker.engine import Engine, Event
+from broker.auth import CurveKeys
+from broker.protocol import (
+    Command,
+    ErrorCode,
+    GenerationRequest,
+    Message,
+    ProtocolError,
+)
+from worker.engine import DoneEvent, Engine, ErrorEvent, Event, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +39,19 @@ class WorkerServer:
     """Announces the engine's models to the broker and shuttles requests and events."""
 
     def __init__(self, engine: Engine, ready: protocol.Ready, broker: str,
-                 heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL, context: zmq.Context | None = None) -> None:
+                 heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL, context: zmq.Context | None = None,
+                 curve: CurveKeys | None = None) -> None:
         self.engine = engine
+        self.curve = curve
         self.ready = ready
         self.broker = broker
         self.interval = heartbeat_interval
         self._context = context or zmq.Context.instance()
         self._pipe_address = f"inproc://engine-{uuid.uuid4().hex}"
+        # One routing identity for every socket this worker opens: after a reconnect the broker sees
+        # the same peer, whose new READY replaces its old entry, so a READY still queued in the old
+        # socket cannot leave a second, stale entry behind.
+        self.identity = b"w" + os.urandom(15)  # ZeroMQ reserves ids that start with a zero byte
         self._dropping = False  # a _DROP_ALL is on its way through the engine
         self._announced_at = -float("inf")
         self.stopping = threading.Event()
@@ -91,7 +105,7 @@ class WorkerServer:
             log.debug("dropped a message for an unreachable broker")
 
     def _connect(self) -> zmq.Socket:
-        return sockets.dealer(self._context, self.broker)
+        return sockets.dealer(self._context, self.broker, identity=self.identity, curve=self.curve)
 
     def _drop_all(self, pipe: zmq.Socket) -> None:
         """Start afresh: the engine drops every request, then (in `_from_engine`) the worker announces."""
@@ -155,15 +169,31 @@ class WorkerServer:
 
     def _on_command(self, message: Message) -> list[Event]:
         if message.command is Command.CANCEL:
-            return self.engine.cancel(message.request_id)
+            return self.engine.cancel(message.request_id)  # nothing, for a request that already ended
         try:
-            return self.engine.add(message.request_id, message.body)
+            request = GenerationRequest.from_fields(message.fields())
+        except ProtocolError as exc:
+            return [ErrorEvent(message.request_id, protocol.Error(ErrorCode.BAD_REQUEST, str(exc)))]
+        try:
+            return self.engine.add(message.request_id, request)
         except Exception as exc:  # e.g. a chat template that raises on these messages
             log.exception("could not admit request %s", message.request_id.hex())
-            return [Event(message.request_id, Command.ERROR,
-                          protocol.Error(protocol.ErrorCode.INTERNAL, f"could not admit the request: {exc}").to_fields())]
+            return [ErrorEvent(message.request_id,
+                               protocol.Error(ErrorCode.INTERNAL, f"could not admit the request: {exc}"))]
 
     @staticmethod
     def _send(pipe: zmq.Socket, events: list[Event]) -> None:
         for event in events:
-            pipe.send_multipart(protocol.encode(event.command, event.request_id, event.fields))
+            pipe.send_multipart(event_frames(event))
+
+
+def event_frames(event: Event) -> list[bytes]:
+    """The message an engine event becomes on the bus."""
+    match event:
+        case TokenEvent(request_id, delta):
+            return protocol.encode(Command.TOKEN, request_id, delta.to_fields())
+        case DoneEvent(request_id, done):
+            return protocol.encode(Command.DONE, request_id, done.to_fields())
+        case ErrorEvent(request_id, error):
+            return protocol.encode(Command.ERROR, request_id, error.to_fields())
+    raise TypeError(f"not an engine event: {event!r}")

@@ -8,18 +8,27 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker.protocol import Done, TokenDelta
+from broker.protocol import Done
 from frontends.client import BusClient, BusError, Completion, Stream
 from frontends.openai_api.config import ApiSettings
 from frontends.openai_api.errors import ApiError, bad_request
-from frontends.openai_api.metrics import ApiMetrics
+from frontends.openai_api.metrics import ApiMetrics, RequestMetrics
 from frontends.openai_api.requests import ApiCall, parse_chat, parse_completion
-from frontends.openai_api.responses import ResponseIds, error_body, model_list, model_object
+from frontends.openai_api.responses import (
+    ChatResponses,
+    CompletionResponses,
+    Responses,
+    error_body,
+    model_list,
+    model_object,
+)
+from frontends.streams import Outcome, merged_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +36,7 @@ SETTINGS = web.AppKey("settings", ApiSettings)
 BUS = web.AppKey("bus", BusClient)
 METRICS = web.AppKey("metrics", ApiMetrics)
 STARTED = web.AppKey("started", int)
-MODEL = web.RequestKey("model", str)  # the served model a request was for, as the metrics label it
+RECORDER = web.RequestKey("recorder", RequestMetrics)
 CLIENT_GONE = "499"  # the status metrics record for a client that left before the answer was complete
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -53,7 +62,7 @@ def create_app(settings: ApiSettings) -> web.Application:
 
 
 async def bus_client(app: web.Application) -> AsyncIterator[None]:
-    async with BusClient(app[SETTINGS].broker) as client:
+    async with BusClient(app[SETTINGS].broker, curve=app[SETTINGS].curve()) as client:
         app[BUS] = client
         yield
 
@@ -64,20 +73,16 @@ async def bus_client(app: web.Application) -> AsyncIterator[None]:
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request counted by endpoint, model and final status, with its latency."""
-    app_metrics = request.app[METRICS]
     resource = request.match_info.route.resource
-    endpoint = resource.canonical if resource is not None else "unmatched"
-    status, start = CLIENT_GONE, time.monotonic()
-    app_metrics.in_flight.labels(endpoint).inc()
+    recorder = request[RECORDER] = request.app[METRICS].track(
+        resource.canonical if resource is not None else "unmatched")
+    status = CLIENT_GONE
     try:
         response = await handler(request)
         status = str(response.status)
         return response
     finally:
-        model = request.get(MODEL, "")
-        app_metrics.in_flight.labels(endpoint).dec()
-        app_metrics.requests.labels(endpoint, model, status).inc()
-        app_metrics.latency.labels(endpoint, model).observe(time.monotonic() - start)
+        recorder.finish(status)
 
 
 @web.middleware
@@ -185,16 +190,18 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "chat", parse_chat)
+    call = parse_chat(await _json_body(request), request.app[SETTINGS].max_n)
+    return await _generate(request, call, ChatResponses(call.model, include_usage=call.include_usage))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, "completion", parse_completion)
+    call = parse_completion(await _json_body(request), request.app[SETTINGS].max_n)
+    prompts = [generation.prompt or "" for generation in call.requests]
+    return await _generate(request, call, CompletionResponses(call.model, prompts, include_usage=call.include_usage))
 
 
-async def _generate(request: web.Request, kind: str, parse: Callable[[Any, int], ApiCall]) -> web.StreamResponse:
-    app_metrics = request.app[METRICS]
-    call = parse(await _json_body(request), request.app[SETTINGS].max_n)
+async def _generate(request: web.Request, call: ApiCall, responses: Responses) -> web.StreamResponse:
+    recorder = request[RECORDER]
     streams: list[Stream] = []
     try:
         bus = request.app[BUS]
@@ -203,25 +210,21 @@ async def _generate(request: web.Request, kind: str, parse: Callable[[Any, int],
                 streams.append(await bus.generate(generation))
         except BusError as error:  # not sent at all: no broker, or a message too large for the bus
             raise ApiError.from_bus(error, call.input_param) from None
-        ids = ResponseIds(call.model, kind, include_usage=call.include_usage)
         if call.stream:
-            return await _stream(request, call, streams, ids)
+            return await _stream(request, call, streams, responses)
         results = await _collect_all(streams, call.input_param)
-        request[MODEL] = call.model  # a worker answered: a served model, fit to be a metrics label
-        _count_tokens(app_metrics, call.model, results, call.n)
-        return web.json_response(ids.response(results, call.n, [r.prompt for r in call.requests]))
+        recorder.served(call.model)  # a worker answered: a served model, fit to be a metrics label
+        recorder.tokens(sum(r.prompt_tokens for r in results[::call.n]), sum(r.completion_tokens for r in results))
+        return web.json_response(responses.response(results, call.n))
     except ApiError as error:
         if error.status == 429:  # only a served model is overloaded
-            request[MODEL] = call.model
-            app_metrics.overloaded.labels(call.model).inc()
+            recorder.overloaded(call.model)
         raise
     finally:
         for stream in streams:
             await stream.cancel()  # a no-op for finished streams; stops the rest (client gone, error)
             if stream.first_token_at is not None:
-                request[MODEL] = call.model
-                app_metrics.time_to_first_token.labels(call.model).observe(
-                    stream.first_token_at - stream.started_at)
+                recorder.first_token(call.model, stream.first_token_at - stream.started_at)
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -241,26 +244,20 @@ async def _collect_all(streams: list[Stream], input_param: str) -> list[Completi
         raise ApiError.from_bus(error, input_param) from None
 
 
-def _count_tokens(app_metrics: ApiMetrics, model: str, results: list[Completion], n: int) -> None:
-    app_metrics.prompt_tokens.labels(model).inc(sum(r.prompt_tokens for r in results[::n]))
-    app_metrics.completion_tokens.labels(model).inc(sum(r.completion_tokens for r in results))
-
-
-async def _stream(request: web.Request, call: ApiCall, streams: list[Stream], ids: ResponseIds) -> web.StreamResponse:
+async def _stream(request: web.Request, call: ApiCall, streams: list[Stream],
+                  responses: Responses) -> web.StreamResponse:
     """Server-sent events: one event per token frame. An error before the first token is an HTTP
     error; after it, an error event that OpenAI clients raise on, and no [DONE]."""
-    events: asyncio.Queue[tuple[int, TokenDelta | Done | BusError]] = asyncio.Queue()
-    pumps = [asyncio.create_task(_pump(index, stream, events)) for index, stream in enumerate(streams)]
-    try:
-        index, item = await events.get()
+    async with aclosing(merged_outcomes(streams)) as events:
+        index, item = await anext(events)
         if isinstance(item, BusError):
             raise ApiError.from_bus(item, call.input_param)
-        request[MODEL] = call.model  # a worker answered: a served model, fit to be a metrics label
+        request[RECORDER].served(call.model)  # a worker answered: a served model, fit to be a metrics label
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                **_cors_headers(request)})
         await response.prepare(request)
         try:
-            await _send_events(request, response, call, ids, index, item, events)
+            await _send_events(request, response, call, responses, index, item, events)
         except (asyncio.CancelledError, ConnectionResetError):
             raise  # the client left: nobody to tell
         except Exception as exc:  # the status line is sent: the error must travel as an event
@@ -271,53 +268,33 @@ async def _stream(request: web.Request, call: ApiCall, streams: list[Stream], id
                 error = ApiError(500, f"internal server error: {exc}", type="server_error")
             await _send_event(response, error_body(error))
         return response
-    finally:
-        for pump in pumps:
-            pump.cancel()
 
 
-async def _send_events(request: web.Request, response: web.StreamResponse, call: ApiCall, ids: ResponseIds,
-                       index: int, item: TokenDelta | Done | BusError, events: asyncio.Queue) -> None:
+async def _send_events(request: web.Request, response: web.StreamResponse, call: ApiCall, responses: Responses,
+                       index: int, item: Outcome, events: AsyncIterator[tuple[int, Outcome]]) -> None:
     """From the first bus event to the end of the stream."""
-    if ids.kind == "chat":
-        for choice in range(len(call.requests)):
-            await _send_event(response, ids.role_chunk(choice))
+    for chunk in responses.opening_chunks(len(call.requests)):
+        await _send_event(response, chunk)
     done: list[Done] = []
-    # Legacy logprobs give each token's offset in the text, counted from the end of the prompt.
-    offsets = [len(r.prompt or "") for r in call.requests]
     while True:
         if isinstance(item, BusError):
             if item.code.value in ("overloaded", "queue_timeout"):
-                request.app[METRICS].overloaded.labels(call.model).inc()
+                request[RECORDER].overloaded(call.model)
             raise ApiError.from_bus(item, call.input_param)
         if isinstance(item, Done):
             done.append(item)
-            await _send_event(response, ids.finish_chunk(index, item))
+            await _send_event(response, responses.finish_chunk(index, item))
             if len(done) == len(call.requests):
                 break
-        else:
-            await _send_event(response, ids.delta_chunk(index, item, offsets[index]))
-            offsets[index] += sum(len(lp.token) for lp in item.logprobs or ())
-        index, item = await events.get()
+        elif item.text or item.logprobs is not None:  # a frame that only counts tokens has nothing to show
+            await _send_event(response, responses.delta_chunk(index, item))
+        index, item = await anext(events)
     prompt_tokens = sum(d.prompt_tokens for d in done) // call.n
     completion_tokens = sum(d.completion_tokens for d in done)
-    request.app[METRICS].prompt_tokens.labels(call.model).inc(prompt_tokens)
-    request.app[METRICS].completion_tokens.labels(call.model).inc(completion_tokens)
+    request[RECORDER].tokens(prompt_tokens, completion_tokens)
     if call.include_usage:
-        await _send_event(response, ids.usage_chunk(prompt_tokens, completion_tokens))
+        await _send_event(response, responses.usage_chunk(prompt_tokens, completion_tokens))
     await response.write(b"data: [DONE]\n\n")
-
-
-async def _pump(index: int, stream: Stream, events: asyncio.Queue) -> None:
-    try:
-        async for delta in stream:
-            events.put_nowait((index, delta))
-        events.put_nowait((index, stream.done))
-    except BusError as error:
-        events.put_nowait((index, error))
-    except Exception as exc:  # never leave the stream waiting for an event that will not come
-        log.exception("reading a bus stream failed")
-        events.put_nowait((index, BusError(f"the stream failed: {exc}")))
 
 
 async def _send_event(response: web.StreamResponse, payload: dict[str, Any]) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings
 
-from broker.settings import DEFAULT_BROKER_ADDRESS, cli_config
+from broker.settings import DEFAULT_BROKER_ADDRESS, BusPeerSettings, cli_config
 
 
-class ApiSettings(BaseSettings):
+class ApiSettings(BusPeerSettings):
     model_config = cli_config("api", "python -m frontends.openai_api")
 
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")

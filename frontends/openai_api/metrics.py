@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ApiMetrics:
+    """The app's collectors; each HTTP request records into them through its `RequestMetrics`."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("tokenbus_api_requests", "Requests answered, by endpoint, model and HTTP status",
@@ -25,3 +29,43 @@ class ApiMetrics:
                                registry=self.registry)
         self.overloaded = Counter("tokenbus_api_rejected_overloaded", "Requests rejected because the bus was full",
                                   ["model"], registry=self.registry)
+
+    def track(self, endpoint: str) -> RequestMetrics:
+        """Start recording one HTTP request; the caller must `finish` it."""
+        return RequestMetrics(self, endpoint)
+
+
+class RequestMetrics:
+    """What one HTTP request adds to the metrics, recorded in one place.
+
+    The model label stays empty until a worker (or the broker's overload check) has answered for the
+    model: a client's model string never becomes a label before it is known to be served.
+    """
+
+    def __init__(self, metrics: ApiMetrics, endpoint: str) -> None:
+        self._metrics = metrics
+        self._endpoint = endpoint
+        self._started = time.monotonic()
+        self.model = ""
+        metrics.in_flight.labels(endpoint).inc()
+
+    def served(self, model: str) -> None:
+        """A worker answered for `model`."""
+        self.model = model
+
+    def overloaded(self, model: str) -> None:
+        self.model = model
+        self._metrics.overloaded.labels(model).inc()
+
+    def tokens(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self._metrics.prompt_tokens.labels(self.model).inc(prompt_tokens)
+        self._metrics.completion_tokens.labels(self.model).inc(completion_tokens)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.model = model
+        self._metrics.time_to_first_token.labels(model).observe(seconds)
+
+    def finish(self, status: str) -> None:
+        self._metrics.in_flight.labels(self._endpoint).dec()
+        self._metrics.requests.labels(self._endpoint, self.model, status).inc()
+        self._metrics.latency.labels(self._endpoint, self.model).observe(time.monotonic() - self._started)

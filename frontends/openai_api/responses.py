@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 from broker.protocol import Done, ModelInfo, TokenDelta, TokenLogprob
@@ -49,67 +48,108 @@ def _legacy_logprobs(entries: tuple[TokenLogprob, ...], text_start: int = 0) -> 
             "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries], "text_offset": offsets}
 
 
-@dataclass(slots=True)
-class ResponseIds:
-    """What every object of one response shares."""
+class Responses:
+    """What every object of one response shares: its id, creation time and model. The chat and the
+    text-completion shapes are the two subclasses."""
 
-    model: str
-    kind: str  # "chat" or "completion"
-    id: str = ""
-    created: int = field(default_factory=lambda: int(time.time()))
-    include_usage: bool = False  # chunks then carry "usage": null, all but the last
+    id_prefix = ""
+    object_name = ""
+    chunk_object_name = ""
 
-    def __post_init__(self) -> None:
-        self.id = self.id or f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    def __init__(self, model: str, *, include_usage: bool = False) -> None:
+        self.model = model
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.include_usage = include_usage  # chunks then carry "usage": null, all but the last
 
-    def _head(self, object_name: str) -> dict[str, Any]:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
-
-    # -- whole responses
-
-    def response(self, completions: list[Completion], n: int, prompts: list[str | None]) -> dict[str, Any]:
-        """`completions` holds n choices per prompt (`prompts`, one per completion); each prompt is
-        counted once in the usage."""
+    def response(self, completions: list[Completion], n: int) -> dict[str, Any]:
+        """The whole answer: `completions` holds n choices per prompt, and each prompt is counted
+        once in the usage."""
         prompt_tokens = sum(c.prompt_tokens for c in completions[::n])
         body_usage = usage(prompt_tokens, sum(c.completion_tokens for c in completions))
-        if self.kind == "chat":
-            choices = [{"index": i, "finish_reason": _finish_reason(c.finish_reason),
-                        "message": {"role": "assistant", "content": c.text, "refusal": None},
-                        "logprobs": _chat_logprobs(c.logprobs) if c.logprobs is not None else None}
-                       for i, c in enumerate(completions)]
-            return {**self._head("chat.completion"), "choices": choices, "usage": body_usage}
-        choices = [{"index": i, "text": c.text, "finish_reason": _finish_reason(c.finish_reason),
-                    "logprobs": _legacy_logprobs(c.logprobs, len(p or "")) if c.logprobs is not None else None}
-                   for i, (c, p) in enumerate(zip(completions, prompts))]
-        return {**self._head("text_completion"), "choices": choices, "usage": body_usage}
+        choices = [self._choice(index, completion) for index, completion in enumerate(completions)]
+        return {**self._head(self.object_name), "choices": choices, "usage": body_usage}
 
-    # -- stream chunks
+    def opening_chunks(self, num_choices: int) -> list[dict[str, Any]]:
+        """Chunks sent before the first token."""
+        return []
 
-    def role_chunk(self, index: int) -> dict[str, Any]:
-        """A chat stream's first chunk for a choice: the role alone."""
-        return self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                            "logprobs": None})
-
-    def delta_chunk(self, index: int, delta: TokenDelta, text_start: int = 0) -> dict[str, Any]:
-        if self.kind == "chat":
-            logprobs = _chat_logprobs(delta.logprobs) if delta.logprobs is not None else None
-            return self._chunk({"index": index, "delta": {"content": delta.text}, "finish_reason": None,
-                                "logprobs": logprobs})
-        logprobs = _legacy_logprobs(delta.logprobs, text_start) if delta.logprobs is not None else None
-        return self._chunk({"index": index, "text": delta.text, "finish_reason": None, "logprobs": logprobs})
+    def delta_chunk(self, index: int, delta: TokenDelta) -> dict[str, Any]:
+        raise NotImplementedError
 
     def finish_chunk(self, index: int, done: Done) -> dict[str, Any]:
-        reason = _finish_reason(done.finish_reason.value)
-        if self.kind == "chat":
-            return self._chunk({"index": index, "delta": {}, "finish_reason": reason, "logprobs": None})
-        return self._chunk({"index": index, "text": "", "finish_reason": reason, "logprobs": None})
+        raise NotImplementedError
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return {**self._chunk(None), "usage": usage(prompt_tokens, completion_tokens)}
 
+    def _choice(self, index: int, completion: Completion) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _head(self, object_name: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
     def _chunk(self, choice: dict[str, Any] | None) -> dict[str, Any]:
-        object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        chunk = {**self._head(object_name), "choices": [choice] if choice is not None else []}
+        chunk = {**self._head(self.chunk_object_name), "choices": [choice] if choice is not None else []}
         if self.include_usage:
             chunk["usage"] = None
         return chunk
+
+
+class ChatResponses(Responses):
+    """`/v1/chat/completions` objects."""
+
+    id_prefix = "chatcmpl"
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def opening_chunks(self, num_choices: int) -> list[dict[str, Any]]:
+        """A chat stream's first chunk for each choice: the role alone."""
+        return [self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                             "logprobs": None}) for index in range(num_choices)]
+
+    def delta_chunk(self, index: int, delta: TokenDelta) -> dict[str, Any]:
+        logprobs = _chat_logprobs(delta.logprobs) if delta.logprobs is not None else None
+        return self._chunk({"index": index, "delta": {"content": delta.text}, "finish_reason": None,
+                            "logprobs": logprobs})
+
+    def finish_chunk(self, index: int, done: Done) -> dict[str, Any]:
+        return self._chunk({"index": index, "delta": {}, "finish_reason": _finish_reason(done.finish_reason.value),
+                            "logprobs": None})
+
+    def _choice(self, index: int, completion: Completion) -> dict[str, Any]:
+        logprobs = _chat_logprobs(completion.logprobs) if completion.logprobs is not None else None
+        return {"index": index, "finish_reason": _finish_reason(completion.finish_reason),
+                "message": {"role": "assistant", "content": completion.text, "refusal": None}, "logprobs": logprobs}
+
+
+class CompletionResponses(Responses):
+    """`/v1/completions` objects. Legacy logprobs give each token's offset in the text, counted from
+    the end of the prompt, so a stream keeps each choice's offset here."""
+
+    id_prefix = "cmpl"
+    object_name = "text_completion"
+    chunk_object_name = "text_completion"
+
+    def __init__(self, model: str, prompts: list[str], *, include_usage: bool = False) -> None:
+        super().__init__(model, include_usage=include_usage)
+        self.prompts = prompts  # one per choice
+        self._offsets = [len(prompt) for prompt in prompts]
+
+    def delta_chunk(self, index: int, delta: TokenDelta) -> dict[str, Any]:
+        logprobs = None
+        if delta.logprobs is not None:
+            logprobs = _legacy_logprobs(delta.logprobs, self._offsets[index])
+            self._offsets[index] += sum(len(entry.token) for entry in delta.logprobs)
+        return self._chunk({"index": index, "text": delta.text, "finish_reason": None, "logprobs": logprobs})
+
+    def finish_chunk(self, index: int, done: Done) -> dict[str, Any]:
+        return self._chunk({"index": index, "text": "", "finish_reason": _finish_reason(done.finish_reason.value),
+                            "logprobs": None})
+
+    def _choice(self, index: int, completion: Completion) -> dict[str, Any]:
+        logprobs = None
+        if completion.logprobs is not None:
+            logprobs = _legacy_logprobs(completion.logprobs, len(self.prompts[index]))
+        return {"index": index, "text": completion.text, "finish_reason": _finish_reason(completion.finish_reason),
+                "logprobs": logprobs}

@@ -24,7 +24,7 @@ VOTING = {"concurrency_limit": 1, "concurrency_id": "votes"}
 
 def build_app(settings: WebSettings) -> gr.Blocks:
     """The whole page; every handler refuses to talk to the bus until the session has logged in."""
-    bus = LoopLocalBus(settings.broker)
+    bus = LoopLocalBus(settings.broker, settings.curve())
     sessions = Sessions(settings.auth_token)
     chat = ChatHandlers(bus, sessions)
     arena = Arena(bus, sessions, settings.votes_file)
@@ -46,12 +46,14 @@ def build_app(settings: WebSettings) -> gr.Blocks:
                 system = gr.Textbox(label="System prompt", placeholder="You are a helpful assistant.", lines=1,
                                     elem_id="system")
                 chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot")
-                message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
+                # Disabled until the model list is in: see `unlock_when_listed`.
+                message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", interactive=False,
+                                     elem_id="message")
                 with gr.Row():
-                    send = gr.Button("Send", variant="primary", elem_id="send")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                    regenerate = gr.Button("Regenerate", elem_id="regenerate")
-                    clear = gr.Button("Clear", elem_id="clear")
+                    send = gr.Button("Send", variant="primary", interactive=False, elem_id="send")
+                    stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+                    regenerate = gr.Button("Regenerate", interactive=False, elem_id="regenerate")
+                    clear = gr.Button("Clear", interactive=False, elem_id="clear")
                 with gr.Accordion("Parameters", open=False):
                     temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", elem_id="temperature")
                     top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top p", elem_id="top-p")
@@ -66,7 +68,7 @@ def build_app(settings: WebSettings) -> gr.Blocks:
                 compare_max_tokens = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
                 prompt = gr.Textbox(label="Prompt", placeholder="One prompt for both", elem_id="prompt")
                 with gr.Row():
-                    compare = gr.Button("Compare", variant="primary", elem_id="compare")
+                    compare = gr.Button("Compare", variant="primary", interactive=False, elem_id="compare")
                     compare_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
                 with gr.Row():
                     answer_a = gr.Textbox(label="Answer A", lines=8, interactive=False, elem_id="answer-a")
@@ -76,10 +78,30 @@ def build_app(settings: WebSettings) -> gr.Blocks:
                     vote_buttons = {key: gr.Button(label, elem_id=f"vote-{key}") for key, label in VOTES.items()}
                 vote_message = gr.Markdown(elem_id="vote-message")
 
-        # Login: the token is checked on the server and remembered in this browser session only.
         dropdowns = [model, model_a, model_b]
         list_models = (models.refresh, dropdowns, [*dropdowns, model_status])
+        # A fresh page's dropdowns are empty until the model list arrives: a message sent sooner would go
+        # out with no model, or with a max-tokens limit not yet fitted to it, while the page shows the
+        # model a moment later. So the controls that send (and Stop and Clear, which unlock Send) start
+        # disabled; the first listing fits the sliders itself (the dropdowns' change events would race
+        # the unlock), then unlocks a session that may chat; one waiting for its token, after the login.
+        waiting = [message, send, stop, regenerate, clear, compare]
+        sliders = [max_tokens, compare_max_tokens]
 
+        def fit_sliders(chat_tokens: float, compare_tokens: float, chosen: str, chosen_a: str,
+                        chosen_b: str) -> list[dict]:
+            return [models.limit_max_tokens(chat_tokens, chosen),
+                    models.limit_max_tokens(compare_tokens, chosen_a, chosen_b)]
+
+        def unlock_when_listed(request: gr.Request) -> list[dict]:
+            allowed = sessions.allows(request)
+            return [gr.update(interactive=True) if allowed else gr.update() for _ in waiting]
+
+        def fit_then_unlock(listing: gr.events.Dependency) -> None:
+            listing.then(fit_sliders, [*sliders, *dropdowns], sliders, api_name=False, queue=False).then(
+                unlock_when_listed, None, waiting, api_name=False, queue=False)
+
+        # Login: the token is checked on the server and remembered in this browser session only.
         def log_in(given: str, request: gr.Request):
             if not sessions.log_in(given, request):
                 return "❌ Token incorrect. Try again.", gr.update(), gr.update()
@@ -87,9 +109,11 @@ def build_app(settings: WebSettings) -> gr.Blocks:
 
         login_outputs = [login_message, login_box, main_box]
         for trigger, name in ((login_button.click, "login"), (token.submit, False)):
-            trigger(log_in, token, login_outputs, api_name=name).success(*list_models, api_name=False)
+            fit_then_unlock(trigger(log_in, token, login_outputs, api_name=name).success(
+                *list_models, api_name=False))
 
-        app.load(*list_models, api_name=False)
+        # `then`, not `success`: a failed listing still unlocks, and the empty dropdown says why Send fails.
+        fit_then_unlock(app.load(*list_models, api_name=False))
         refresh.click(*list_models, api_name="models")
         model.change(models.limit_max_tokens, [max_tokens, model], max_tokens, api_name=False)
         for dropdown in (model_a, model_b):

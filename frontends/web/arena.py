@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from frontends.client import BusError
+from frontends.streams import merged
 from frontends.web.bus import LoopLocalBus
 from frontends.web.chat import EMPTY_REPLY, NOT_LOGGED_IN, explain, stream_reply
 from frontends.web.sessions import Sessions
@@ -44,25 +45,20 @@ class Arena:
         sides = [(model_a, float(temperature_a)), (model_b, float(temperature_b))]
         answers = ["", ""]
         failed = [False, False]
-        updates: asyncio.Queue[tuple[int, str | BusError | None]] = asyncio.Queue()
 
-        async def pump(side: int) -> None:
+        async def updates(side: int) -> AsyncIterator[str | BusError | None]:
+            """One side's reply as it grows, then None at its end."""
             model, temperature = sides[side]
             params = {"temperature": temperature, "max_tokens": int(max_tokens)}
-            try:
-                async for update in stream_reply(self.bus, model, [{"role": "user", "content": prompt}], params):
-                    updates.put_nowait((side, update))
-            finally:
-                updates.put_nowait((side, None))
+            async for update in stream_reply(self.bus, model, [{"role": "user", "content": prompt}], params):
+                yield update
+            yield None
 
         yield "", "", None  # a new comparison: the old record can no longer be voted on
-        tasks = [asyncio.create_task(pump(side)) for side in (0, 1)]
-        try:
-            running = 2
-            while running:
-                side, update = await updates.get()
+        # Stop on the page (or a closed tab) closes this generator: both bus requests are cancelled.
+        async with aclosing(merged([updates(0), updates(1)])) as both:
+            async for side, update in both:
                 if update is None:
-                    running -= 1
                     if not failed[side] and not answers[side].strip():
                         answers[side] = f"⚠️ {EMPTY_REPLY}"
                         failed[side] = True
@@ -71,10 +67,6 @@ class Arena:
                 else:
                     answers[side] = update
                 yield answers[0], answers[1], None
-        finally:
-            # Stop on the page (or a closed tab) lands here: both bus requests are cancelled.
-            for task in tasks:
-                task.cancel()
         record = None if any(failed) else {
             "prompt": prompt,
             "a": {"model": model_a, "temperature": sides[0][1], "answer": answers[0]},

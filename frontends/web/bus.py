@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+from broker.auth import CurveKeys
 from frontends.client import BusClient
 
 
 class LoopLocalBus:
     """Hands each event loop its own started `BusClient`, made on first use in that loop."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, curve: CurveKeys | None = None) -> None:
         self.address = address
+        self.curve = curve
         self._clients: dict[asyncio.AbstractEventLoop, BusClient] = {}
 
     async def get(self) -> BusClient:
@@ -19,6 +21,6 @@ class LoopLocalBus:
         client = self._clients.get(loop)
         if client is None:
             # Registered before starting so concurrent first calls share it; start() connects without waiting.
-            client = self._clients[loop] = BusClient(self.address)
+            client = self._clients[loop] = BusClient(self.address, curve=self.curve)
             await client.start()
         return client

@@ -7,8 +7,17 @@ from typing import Any
 
 import gradio as gr
 
-from frontends.client import (BadRequest, BrokerUnreachable, BusError, ContextLengthExceeded, NoWorker, Overloaded,
-                              Stream, UnknownModel, WorkerLost)
+from frontends.client import (
+    BadRequest,
+    BrokerUnreachable,
+    BusError,
+    ContextLengthExceeded,
+    NoWorker,
+    Overloaded,
+    Stream,
+    UnknownModel,
+    WorkerLost,
+)
 from frontends.web.bus import LoopLocalBus
 from frontends.web.sessions import Sessions
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings
 
-from broker.settings import DEFAULT_BROKER_ADDRESS, cli_config
+from broker.settings import DEFAULT_BROKER_ADDRESS, BusPeerSettings, cli_config
 
 
-class WebSettings(BaseSettings):
+class WebSettings(BusPeerSettings):
     model_config = cli_config("web", "python -m frontends.web")
 
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")

@@ -1,0 +1,36 @@
+"""The worker's OpenMP defaults: set before torch loads, never over the user's own choice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from worker.threads import WAIT_SETTINGS, prepare_openmp_environment
+
+
+def test_defaults_fill_an_environment_without_wait_settings():
+    environ = {"PATH": "/bin"}
+    prepare_openmp_environment(environ)
+    assert environ == {"PATH": "/bin", "GOMP_SPINCOUNT": "1000"}
+
+
+def test_any_wait_setting_of_the_user_keeps_all_defaults_out():
+    for name, value in [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "300000"), ("KMP_BLOCKTIME", "200")]:
+        environ = {name: value}
+        prepare_openmp_environment(environ)
+        assert environ == {name: value}
+
+
+def _run(code: str) -> str:
+    env = {name: value for name, value in os.environ.items() if name not in WAIT_SETTINGS}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          check=True).stdout.strip()
+
+
+def test_the_defaults_can_be_set_before_torch_is_loaded():
+    assert _run("import sys, worker.threads; print('torch' in sys.modules)") == "False"
+
+
+def test_the_worker_entry_point_sets_them():
+    assert _run("import os, worker.__main__; print(os.environ.get('GOMP_SPINCOUNT'))") == "1000"

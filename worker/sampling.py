@@ -1,0 +1,116 @@
+"""Per-row sampling: penalties, temperature, top-k, top-p, seeded generators and logprobs.
+
+Every row of a batch keeps its own request's parameters and its own `torch.Generator`, so what a
+row draws never depends on the other rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker.sequence import Sequence
+
+# Below this a temperature is greedy: dividing by it would overflow the logits to inf.
+MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChoice:
+    """The token sampled for one row, with log-probabilities when the request asked for them."""
+
+    token_id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Sampler:
+    """Draws each row's next token with that row's parameters and generator."""
+
+    def __init__(self, device: torch.device, unpenalized_ids: frozenset[int] = frozenset()) -> None:
+        self.device = device
+        # Penalising end-of-turn tokens (they are in every chat prompt) would keep answers from ending.
+        self.unpenalized_ids = unpenalized_ids
+        self.generators: dict[Sequence, torch.Generator] = {}  # per row, so a seed fixes its own output
+
+    def add(self, sequences: list[Sequence]) -> None:
+        """Give each new row a generator, seeded from its request's `seed` (or at random)."""
+        for sequence in sequences:
+            generator = self.generators[sequence] = torch.Generator(device=self.device)
+            if sequence.request.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(sequence.request.seed)
+
+    def release(self, sequences: list[Sequence]) -> None:
+        for sequence in sequences:
+            self.generators.pop(sequence, None)
+
+    def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[TokenChoice]:
+        """One token per row of `logits` ([B, V], row i for sequences[i]); greedy rows take the argmax."""
+        logits = logits.float()  # [B, V]
+        raw_logprobs = None
+        if any(s.request.logprobs for s in sequences):
+            raw_logprobs = F.log_softmax(logits, dim=-1)  # of the model's own distribution, before penalties
+        scores = apply_penalties(logits, sequences, self.unpenalized_ids)
+        greedy = scores.argmax(dim=-1).tolist()  # one call (and one device sync) for the whole batch
+        choices = []
+        for row, sequence in enumerate(sequences):
+            request = sequence.request
+            if request.temperature < MIN_TEMPERATURE:
+                token = greedy[row]
+            else:
+                probs = filtered_probs(scores[row] / request.temperature, request.top_k, request.top_p)
+                token = int(torch.multinomial(probs, 1, generator=self.generators[sequence]))
+            choices.append(choice(token, raw_logprobs[row] if request.logprobs else None, request.top_logprobs))
+        return choices
+
+
+def apply_penalties(logits: torch.Tensor, sequences: list[Sequence], unpenalized_ids: frozenset[int]) -> torch.Tensor:
+    """Repetition (prompt and output, as in transformers), presence and frequency (output only, as in
+    OpenAI); never on `unpenalized_ids`. Returns `logits` itself when no row has a penalty."""
+    scores = logits
+    for row, sequence in enumerate(sequences):
+        request = sequence.request
+        if request.repetition_penalty == 1.0 and not request.presence_penalty and not request.frequency_penalty:
+            continue
+        if scores is logits:
+            scores = logits.clone()
+        if request.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*sequence.prompt_ids, *sequence.output_ids} - unpenalized_ids),
+                                device=logits.device, dtype=torch.long)
+            values = scores[row, seen]
+            scores[row, seen] = torch.where(values > 0, values / request.repetition_penalty,
+                                            values * request.repetition_penalty)
+        if sequence.output_ids and (request.presence_penalty or request.frequency_penalty):
+            counts = torch.bincount(torch.tensor(sequence.output_ids, device=logits.device), minlength=scores.shape[1])
+            counts[[i for i in unpenalized_ids if i < counts.shape[0]]] = 0
+            scores[row] -= request.frequency_penalty * counts + request.presence_penalty * (counts > 0)
+    return scores
+
+
+def filtered_probs(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Probabilities ([V]) of one row's `scores`, zero outside its top-k and its top-p nucleus."""
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return probs
+
+
+def choice(token: int, logprobs: torch.Tensor | None, num_top: int) -> TokenChoice:
+    """`token` with its log-probability and the `num_top` likeliest alternatives, when `logprobs` ([V]) is given."""
+    if logprobs is None:
+        return TokenChoice(token)
+    top = ()
+    if num_top:
+        values, ids = torch.topk(logprobs, num_top)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenChoice(token, float(logprobs[token]), top)
