@@ -60,7 +60,10 @@ class Peer:
         """Send and wait for the answer; None when nothing could be sent or nothing came."""
         if not self.socket.poll(REPLY_WAIT_MS, zmq.POLLOUT):  # a refused connection may leave no way out
             return None
-        self.send(command, os.urandom(16), fields)
+        try:
+            self.socket.send_multipart(protocol.encode(command, os.urandom(16), fields), zmq.NOBLOCK)
+        except zmq.Again:
+            return None
         return self.receive()
 
     def close(self) -> None:

@@ -211,12 +211,12 @@ def test_the_server_answers_a_body_it_cannot_parse_and_frames_the_engine_events(
     server = WorkerServer(engine, protocol.Ready("w", ("m",), 1), "tcp://127.0.0.1:1")
     for body in (b"\xc1", protocol.encode(Command.REQUEST, b"", {"model": "m"})[3],
                  protocol.encode(Command.REQUEST, b"", {"model": "m", "prompt": "a", "temperature": 9})[3]):
-        [error] = server._on_command(Message(Command.REQUEST, b"x" * 16, body))
+        [error] = server.on_command(Message(Command.REQUEST, b"x" * 16, body))
         assert isinstance(error, ErrorEvent) and error.error.code.value == "bad_request"
         assert protocol.decode(event_frames(error)).command is Command.ERROR
     assert not engine.has_work
     body = protocol.encode(Command.REQUEST, b"", {"model": "m", "prompt": "a"})[3]
-    assert server._on_command(Message(Command.REQUEST, b"a" * 16, body)) == []
+    assert server.on_command(Message(Command.REQUEST, b"a" * 16, body)) == []
     messages = [protocol.decode(event_frames(e)) for e in engine.step() + engine.step() + engine.step()]
     assert [m.command for m in messages] == [Command.TOKEN] * 3 + [Command.DONE]
     assert {m.request_id for m in messages} == {b"a" * 16}

@@ -22,14 +22,14 @@ def engine(tiny_model_dir):
 
 def check_tight(runner) -> None:
     """One cache row per running sequence, as wide as the longest one needs and no wider."""
-    assert runner._mask.shape[0] == len(runner._rows) == runner._positions.shape[0]
-    assert set(runner.sampler.generators) == set(runner._rows)
-    if runner._rows:
-        assert runner._mask.shape[1] == int(runner._mask.sum(-1).max())
-        for layer in runner._cache.layers:
-            assert tuple(layer.keys.shape[:3:2]) == tuple(runner._mask.shape)
+    layout = runner.layout()
+    assert layout.mask_shape[0] == len(layout.rows) == layout.num_positions
+    assert set(runner.sampler.generators) == set(layout.rows)
+    if layout.rows:
+        assert layout.mask_shape[1] == layout.longest_row
+        assert all(shape == layout.mask_shape for shape in layout.layer_shapes)
     else:
-        assert runner._cache is None
+        assert layout.layer_shapes == ()
 
 
 def test_rows_that_finish_or_are_cancelled_free_their_place(engine):
@@ -42,17 +42,17 @@ def test_rows_that_finish_or_are_cancelled_free_their_place(engine):
     while engine.has_work:
         engine.step()
         check_tight(runner)
-        assert runner._rows == engine.scheduler.running  # the scheduler's running sequences, in row order
-        chunked |= bool(runner._partial)  # the long prompt is prefilled 16 tokens at a time
-        seen_widths.append(runner._mask.shape[1] if runner._rows else 0)
-        if not cancelled and b"l" * 16 in {s.request_id for s in runner._rows}:
+        assert list(runner.layout().rows) == engine.scheduler.running  # the scheduler's running sequences, in row order
+        chunked |= runner.layout().num_partial > 0  # the long prompt is prefilled 16 tokens at a time
+        seen_widths.append(runner.layout().mask_shape[1] if runner.num_rows else 0)
+        if not cancelled and b"l" * 16 in {s.request_id for s in runner.layout().rows}:
             engine.cancel(b"l" * 16)  # the longest row leaves: its columns go with it
             cancelled = True
             check_tight(runner)
-            assert b"m" * 16 in {s.request_id for s in runner._rows}
-            assert runner._mask.shape[1] < seen_widths[-1]
+            assert b"m" * 16 in {s.request_id for s in runner.layout().rows}
+            assert runner.layout().mask_shape[1] < seen_widths[-1]
     assert cancelled and chunked
-    assert runner._rows == [] and runner.sampler.generators == {} and runner._partial == {}
+    assert runner.layout().rows == () and runner.sampler.generators == {} and runner.layout().num_partial == 0
 
 
 def test_decode_takes_exactly_the_cached_rows_in_any_order(engine):

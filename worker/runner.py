@@ -9,6 +9,8 @@ scheduler's decision: the runner keeps only what torch needs for the ones it is 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -61,6 +63,18 @@ def _new_cache() -> DynamicCache:
     return cache
 
 
+@dataclass(frozen=True, slots=True)
+class CacheLayout:
+    """A snapshot of the runner's batch: its rows in order and the shapes of what they cache."""
+
+    rows: tuple[Sequence, ...]
+    mask_shape: tuple[int, ...]  # [B, L]
+    num_positions: int  # B
+    longest_row: int  # tokens cached by the fullest row
+    layer_shapes: tuple[tuple[int, int], ...]  # per layer: [B, L] of its keys
+    num_partial: int  # long prompts part-way through their chunks
+
+
 class ModelRunner:
     """Owns the model and the batch's KV cache; samples through a `Sampler`."""
 
@@ -78,6 +92,18 @@ class ModelRunner:
     @property
     def num_rows(self) -> int:
         return len(self._rows)
+
+    def layout(self) -> CacheLayout:
+        """What the batch's cache holds now, for checks and diagnostics."""
+        layers = self._cache.layers if self._cache is not None else []
+        return CacheLayout(
+            rows=tuple(self._rows),
+            mask_shape=tuple(self._mask.shape),
+            num_positions=int(self._positions.shape[0]),
+            longest_row=int(self._mask.sum(-1).max()) if self._rows else 0,
+            layer_shapes=tuple((int(layer.keys.shape[0]), int(layer.keys.shape[2])) for layer in layers),
+            num_partial=len(self._partial),
+        )
 
     # -- batch membership
 

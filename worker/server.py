@@ -156,7 +156,7 @@ class WorkerServer:
                         self.engine.drop_all()
                         pipe.send_multipart(_DROPPED)
                     else:
-                        self._send(pipe, self._on_command(protocol.decode(frames)))
+                        self._send(pipe, self.on_command(protocol.decode(frames)))
                     timeout = 0
                 if self.engine.has_work:
                     self._send(pipe, self.engine.step())
@@ -167,7 +167,7 @@ class WorkerServer:
         finally:
             pipe.close(linger=0)
 
-    def _on_command(self, message: Message) -> list[Event]:
+    def on_command(self, message: Message) -> list[Event]:
         if message.command is Command.CANCEL:
             return self.engine.cancel(message.request_id)  # nothing, for a request that already ended
         try:
