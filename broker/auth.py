@@ -62,7 +62,6 @@ class AllowList:
         self.keys_dir = keys_dir
         self._lock = threading.Lock()  # asked from the authenticator's thread and the broker's
         self._roles: dict[bytes, Role] = {}
-        self._names: dict[bytes, str] = {}
         self._stamp: tuple[float, ...] | None = None
         self._checked_at = -float("inf")
         for role in Role:
@@ -75,10 +74,6 @@ class AllowList:
         with self._lock:
             return self._roles.get(public_key_z85)
 
-    def name_of(self, public_key_z85: bytes) -> str:
-        with self._lock:
-            return self._names.get(public_key_z85, "?")
-
     def _reload_if_changed(self) -> None:
         now = time.monotonic()
         if now - self._checked_at < _RELOAD_INTERVAL:
@@ -88,7 +83,7 @@ class AllowList:
         stamp = tuple(f.stat().st_mtime_ns if f.is_dir() else 0 for f in folders)
         if stamp == self._stamp:
             return
-        roles, names = {}, {}
+        roles = {}
         for role, folder in zip(Role, folders):
             for key_file in sorted(folder.glob("*.key")) if folder.is_dir() else ():
                 try:
@@ -96,12 +91,12 @@ class AllowList:
                 except (OSError, ValueError) as exc:
                     log.warning("ignoring unreadable key file %s: %s", key_file, exc)
                     continue
-                roles[public], names[public] = role, key_file.stem
+                roles[public] = role
         with self._lock:
             if self._stamp is not None and roles != self._roles:
                 log.info("allowlist reloaded: %d worker keys, %d client keys",
                          sum(r is Role.WORKER for r in roles.values()), sum(r is Role.CLIENT for r in roles.values()))
-            self._roles, self._names, self._stamp = roles, names, stamp
+            self._roles, self._stamp = roles, stamp
 
 
 class BusAuthenticator:

@@ -108,7 +108,7 @@ class BrokerCore:
                roles: frozenset[Role] = EVERY_ROLE) -> list[Outgoing]:
         """A decoded message from a peer."""
         try:
-            if self._role_needed(message) in roles:
+            if roles is EVERY_ROLE or self._role_needed(message) in roles:
                 self._handle(identity, message, now)
             else:
                 self._refuse(identity, message, roles, now)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -58,9 +57,6 @@ class RequestTable:
 
     def __contains__(self, request_id: bytes) -> bool:
         return request_id in self._requests
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(list(self._requests.values()))
 
     # -- indexes
 

@@ -107,9 +107,9 @@ class BrokerServer:
                 received = self._socket.recv_multipart(zmq.NOBLOCK, copy=self._auth is None)
             except zmq.Again:
                 return
-            identity, *frames = [getattr(frame, "bytes", frame) for frame in received]
+            identity, *frames = received if self._auth is None else [frame.bytes for frame in received]
             try:
-                roles = self._roles(identity, received[-1]) if self._auth else EVERY_ROLE
+                roles = EVERY_ROLE if self._auth is None else self._roles(identity, received[-1])
                 self._send(self.core.receive(identity, frames, time.monotonic(), roles))
             except Exception:  # even answering a bad message went wrong: drop it, keep serving
                 log.exception("failed to answer a message from %s", identity.hex())

@@ -51,14 +51,18 @@ async def test_a_heartbeat_never_names_a_request_before_it_is_sent(broker_addres
         worker.close()
 
 
+async def until_a_stream_opens(client: BusClient) -> None:
+    for _ in range(300):
+        if client.open_streams:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_a_request_cancelled_while_sending_leaves_no_open_stream():
     # No broker, and a long liveness: the send waits for one until it is cancelled.
     async with BusClient(free_address(), heartbeat_interval=60) as client:
         sending = asyncio.create_task(client.chat("any", HELLO))
-        for _ in range(300):
-            if client.open_streams:
-                break
-            await asyncio.sleep(0.01)
+        await until_a_stream_opens(client)
         assert client.open_streams and not sending.done(), "the request should be waiting to be sent"
         sending.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -107,10 +111,7 @@ async def test_a_request_sent_while_no_broker_is_up_goes_out_when_one_starts():
     try:
         async with BusClient(address, reconnect_timeout=120) as client:
             sending = asyncio.create_task(client.chat("raw-early", HELLO))
-            for _ in range(300):
-                if client.open_streams:
-                    break
-                await asyncio.sleep(0.01)
+            await until_a_stream_opens(client)
             assert client.open_streams and not sending.done(), "the request should be waiting for a broker"
             broker = start_broker(address)
             request = await asyncio.to_thread(worker.next, protocol.Command.REQUEST)
