@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup serve test bench browser clean
+.PHONY: setup serve test bench browser netns-tools clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,11 @@ serve: setup
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium missing: the browser test will be skipped"
 
-test: setup browser
+# iproute2's `ip` builds the multi-host test's network namespaces; installed when missing and we may.
+netns-tools:
+	@command -v ip >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; } || echo "ip missing: the multi-host test will be skipped"
+
+test: setup browser netns-tools
 	$(PY) -m pytest -q
 
 bench: setup

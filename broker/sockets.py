@@ -58,6 +58,9 @@ def dealer(context: zmq.Context, address: str, *, immediate: bool = False, ident
     if identity is not None:
         socket.setsockopt(zmq.ROUTING_ID, identity)
     socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_INTERVAL_MS)
+    # A connection attempt lost on a dead link is given up and made afresh, rather than waiting out
+    # TCP's growing SYN retries: a host whose link comes back rejoins within seconds.
+    socket.setsockopt(zmq.CONNECT_TIMEOUT, CONNECTION_TIMEOUT_MS)
     if immediate:
         socket.setsockopt(zmq.IMMEDIATE, 1)
     socket.connect(address)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 _spawned: list[subprocess.Popen] = []
+_log_paths: dict[int, Path] = {}  # pid -> where its output goes
 
 
 def free_port() -> int:
@@ -27,26 +28,36 @@ def free_address() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 
 
-def spawn(module: str, *args: str, log_name: str | None = None, env: dict | None = None) -> subprocess.Popen:
-    """Start `python -m module args...` in the project root; output goes to test-artifacts/logs/."""
+def spawn(module: str, *args: str, log_name: str | None = None, env: dict | None = None,
+          wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start `python -m module args...` in the project root; output goes to test-artifacts/logs/.
+    `wrapper`: a command that runs it, e.g. `ip netns exec NAME` (it must exec, not fork)."""
     logs = ROOT / "test-artifacts" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log = open(logs / f"{log_name or module}-{os.getpid()}-{time.monotonic_ns()}.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    log_path = logs / f"{log_name or module}-{os.getpid()}-{time.monotonic_ns()}.log"
+    log = open(log_path, "wb")
+    process = subprocess.Popen([*wrapper, sys.executable, "-m", module, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     _spawned.append(process)
+    _log_paths[process.pid] = log_path
     return process
 
 
-def start_broker(address: str, *args: str) -> subprocess.Popen:
+def output_of(process: subprocess.Popen) -> str:
+    """What a spawned process has written so far."""
+    return _log_paths[process.pid].read_text(errors="replace")
+
+
+def start_broker(address: str, *args: str, wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
     """A broker on `address`, without a metrics server unless `args` ask for one."""
     metrics = () if "--metrics-port" in args else ("--metrics-port", "0")
-    return spawn("broker", "--bind", address, *metrics, *args, log_name="broker")
+    return spawn("broker", "--bind", address, *metrics, *args, log_name="broker", wrapper=wrapper)
 
 
-def start_worker(address: str, model: str | os.PathLike | None, *args: str) -> subprocess.Popen:
+def start_worker(address: str, model: str | os.PathLike | None, *args: str,
+                 wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
     model_args = ["--model", str(model)] if model is not None else []
-    return spawn("worker", "--broker", address, *model_args, *args, log_name="worker")
+    return spawn("worker", "--broker", address, *model_args, *args, log_name="worker", wrapper=wrapper)
 
 
 @atexit.register

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # _DROP_ALL down the engine pipe, drops the engine's events until _DROPPED comes back, then announces.
 _DROP_ALL = [b"drop-all"]
 _DROPPED = [b"dropped"]
+# A handshake the broker refused: this worker's key is not in its allowlist, or it has none and the broker needs one.
+_REFUSED_HANDSHAKES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+_REFUSAL_LOG_INTERVAL = 10.0  # seconds between repeated errors about the same refusal
 
 
 class WorkerServer:
@@ -54,6 +57,7 @@ class WorkerServer:
         self.identity = b"w" + os.urandom(15)  # ZeroMQ reserves ids that start with a zero byte
         self._dropping = False  # a _DROP_ALL is on its way through the engine
         self._announced_at = -float("inf")
+        self._last_refusal_log = -float("inf")
         self.stopping = threading.Event()
 
     @staticmethod
@@ -67,10 +71,12 @@ class WorkerServer:
         engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
         engine_thread.start()
         dealer = self._connect()
+        monitor = self._monitor(dealer)
         self._announce(dealer)
         poller = zmq.Poller()
         poller.register(pipe, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         last_heard = next_heartbeat = time.monotonic()
         while not self.stopping.is_set():
             events = dict(poller.poll(self.interval * 250))
@@ -81,20 +87,25 @@ class WorkerServer:
                 last_heard = time.monotonic()
                 while dealer.poll(0):
                     self._from_broker(pipe, dealer.recv_multipart())
+            if monitor in events:
+                self._log_refused_handshakes(monitor)
             now = time.monotonic()
             if now - last_heard > self.interval * protocol.HEARTBEAT_LIVENESS:
                 log.warning("broker silent for %.1fs; reconnecting", now - last_heard)
                 poller.unregister(dealer)
-                dealer.close(linger=0)
+                poller.unregister(monitor)
+                self._close(dealer, monitor, linger=0)
                 dealer = self._connect()
+                monitor = self._monitor(dealer)
                 self._drop_all(pipe)
                 poller.register(dealer, zmq.POLLIN)
+                poller.register(monitor, zmq.POLLIN)
                 last_heard = now
             if now >= next_heartbeat:
                 self._forward(dealer, protocol.encode(Command.HEARTBEAT, b"", {"worker_id": self.ready.worker_id}))
                 next_heartbeat = now + self.interval
         self._forward(dealer, protocol.encode(Command.DISCONNECT))
-        dealer.close(linger=500)
+        self._close(dealer, monitor, linger=500)
         pipe.close(linger=0)
 
     @staticmethod
@@ -106,6 +117,33 @@ class WorkerServer:
 
     def _connect(self) -> zmq.Socket:
         return sockets.dealer(self._context, self.broker, identity=self.identity, curve=self.curve)
+
+    @staticmethod
+    def _monitor(dealer: zmq.Socket) -> zmq.Socket:
+        """Refused handshakes, which libzmq otherwise retries in silence."""
+        return dealer.get_monitor_socket(_REFUSED_HANDSHAKES)
+
+    @staticmethod
+    def _close(dealer: zmq.Socket, monitor: zmq.Socket, linger: int) -> None:
+        dealer.disable_monitor()
+        monitor.close(linger=0)
+        dealer.close(linger=linger)
+
+    def _log_refused_handshakes(self, monitor: zmq.Socket) -> None:
+        while monitor.poll(0):
+            monitor.recv_multipart()
+            if self.curve is None:
+                self._log_refusal("the broker refused this worker's connection: it requires CURVE keys "
+                                  "(--curve-key and --broker-key)")
+            else:
+                self._log_refusal("the broker refused this worker's CURVE key: is its public half in the broker's "
+                                  "workers/ key folder, and --broker-key the broker's own public key?")
+
+    def _log_refusal(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last_refusal_log >= _REFUSAL_LOG_INTERVAL:
+            log.error(text)
+            self._last_refusal_log = now
 
     def _drop_all(self, pipe: zmq.Socket) -> None:
         """Start afresh: the engine drops every request, then (in `_from_engine`) the worker announces."""
@@ -130,6 +168,9 @@ class WorkerServer:
             # Messages sent before our last READY reached the broker may still ask for another one.
             if time.monotonic() - self._announced_at >= self.interval:
                 self._drop_all(pipe)
+        elif message.command is Command.ERROR and message.fields().get("code") == ErrorCode.FORBIDDEN.value:
+            self._log_refusal(f"the broker refused this worker: {message.fields().get('message')} (its key must be in "
+                              "the broker's workers/ folder, not clients/); it will receive no requests")
         elif message.command is not Command.HEARTBEAT:
             log.warning("unexpected %s from the broker", message.command.value)
 
