@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+from broker.auth import CurveKeys
 from frontends.client import SyncBusClient
 
 
@@ -18,17 +20,26 @@ def _free_port() -> int:
 
 
 class LocalStack:
-    """`num_workers` identical workers on this host, as when two models share one machine."""
+    """`num_workers` identical workers on this host, as when two models share one machine.
 
-    def __init__(self, worker_args: list[str], num_workers: int = 1) -> None:
+    `keys_dir`: a key folder from `broker.keys` with a `worker` and a `client` key: the bus uses CURVE."""
+
+    def __init__(self, worker_args: list[str], num_workers: int = 1, keys_dir: Path | None = None) -> None:
         self._bus = f"tcp://127.0.0.1:{_free_port()}"
         port = _free_port()
         self.api_url = f"http://127.0.0.1:{port}/v1"
         self.num_workers = num_workers
+        self._curve = None if keys_dir is None else CurveKeys.load(keys_dir / "issued" / "client.key_secret",
+                                                                    keys_dir / "broker.key")
+        broker_keys, worker_keys, client_keys = [], [], []
+        if keys_dir is not None:
+            broker_keys = ["--keys-dir", str(keys_dir)]
+            worker_keys, client_keys = (["--curve-key", str(keys_dir / "issued" / f"{name}.key_secret"),
+                                         "--broker-key", str(keys_dir / "broker.key")] for name in ("worker", "client"))
         self._commands = [
-            ["broker", "--bind", self._bus],
-            *[["worker", "--broker", self._bus, *worker_args] for _ in range(num_workers)],
-            ["frontends.openai_api", "--broker", self._bus, "--port", str(port)],
+            ["broker", "--bind", self._bus, "--metrics-port", "0", *broker_keys],
+            *[["worker", "--broker", self._bus, *worker_args, *worker_keys] for _ in range(num_workers)],
+            ["frontends.openai_api", "--broker", self._bus, "--port", str(port), *client_keys],
         ]
         self._processes: list[subprocess.Popen] = []
 
@@ -64,7 +75,7 @@ class LocalStack:
     def _wait_for_workers(self, timeout: float) -> None:
         """Health needs one live worker; a level that starts before the others would measure one."""
         deadline = time.monotonic() + timeout
-        bus = SyncBusClient(self._bus)
+        bus = SyncBusClient(self._bus, curve=self._curve)
         try:
             while len(bus.workers()) < self.num_workers:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in self._processes):
