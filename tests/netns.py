@@ -35,7 +35,14 @@ def unavailable_reason() -> str | None:
         _ip("netns", "add", probe)
     except subprocess.CalledProcessError as exc:
         return f"`ip netns add` failed: {exc.stderr.strip()}"
-    _ip("netns", "delete", probe)
+    try:
+        _ip("netns", "exec", probe, "true")
+        with ThreadPoolExecutor(1) as thread:
+            thread.submit(enter, probe).result()
+    except (subprocess.CalledProcessError, OSError) as exc:
+        return f"cannot run in a network namespace: {getattr(exc, 'stderr', None) or exc}"
+    finally:
+        _ip("netns", "delete", probe)
     return None
 
 
