@@ -337,6 +337,7 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV came from the worker's prefix cache
+    worker_id: str = ""  # the worker that served it, as it announced itself
 
     def to_fields(self) -> dict[str, Any]:
         fields = {
@@ -346,6 +347,8 @@ class Done:
         }
         if self.cached_tokens:  # left out when 0, as before there was a prefix cache
             fields["cached_tokens"] = self.cached_tokens
+        if self.worker_id:
+            fields["worker_id"] = self.worker_id
         return fields
 
     @classmethod
@@ -355,7 +358,7 @@ class Done:
         except ValueError:
             raise ProtocolError("unknown finish_reason", "finish_reason") from None
         return cls(reason, _get(fields, "prompt_tokens", int, 0), _get(fields, "completion_tokens", int, 0),
-                   _get(fields, "cached_tokens", int, 0))
+                   _get(fields, "cached_tokens", int, 0), _get(fields, "worker_id", str, ""))
 
 
 @dataclass(frozen=True, slots=True)
