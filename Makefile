@@ -30,6 +30,7 @@ test: setup browser
 
 bench: setup
 	$(PY) -m bench
+	$(PY) -m bench.conversations
 
 clean:
 	rm -rf $(VENV) test-artifacts .pytest_cache
