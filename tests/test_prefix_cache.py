@@ -194,6 +194,15 @@ def test_a_request_cancelled_while_using_a_cached_prefix_harms_nothing(engines):
     assert done[b"a" * 16].cached_tokens > 0
 
 
+def test_a_small_budget_evicts_and_answers_stay_the_same(tiny_model_dir, engines):
+    plain, _ = engines
+    small = make_engine(str(tiny_model_dir), 3 * BLOCK_SIZE)
+    rounds = converse(small, 2, 2)
+    assert [texts for texts, _ in rounds] == [texts for texts, _ in converse(plain, 2, 2)]
+    assert small.runner.prefixes.num_tokens <= 3 * BLOCK_SIZE and small.runner.prefixes.num_evicted > 0
+    assert all(d.cached_tokens <= 3 * BLOCK_SIZE for _, done in rounds for d in done.values())
+
+
 def test_without_a_budget_nothing_is_cached(engines):
     plain, _ = engines
     assert plain.runner.prefixes is None
