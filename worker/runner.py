@@ -173,6 +173,8 @@ class ModelRunner:
                 keys[row, :, width - row_keys.shape[1]:] = row_keys
                 values[row, :, width - row_values.shape[1]:] = row_values
             cache.update(keys, values, index)
+        for sequence in sequences:  # copied into the cache: the store alone decides how long blocks live
+            sequence.prefix = None
         return cache
 
     @torch.inference_mode()
@@ -220,6 +222,7 @@ class ModelRunner:
         for layer in self._cache.layers:
             _replace_tensors(layer, layer.keys[index, :, first_used:], layer.values[index, :, first_used:])
 
+    @torch.inference_mode()
     def _keep_rows(self, gone: set[Sequence]) -> None:
         """Store the prompt and answer of each leaving row: every token it has fed the model, i.e.
         all but the last one sampled."""
