@@ -66,9 +66,9 @@ class Turn:
 
 
 def system_prompt(num_tokens: int) -> str:
-    """About `num_tokens` tokens of rules (at about four characters a token)."""
+    """About `num_tokens` tokens of rules (SmolLM2's tokenizer makes about three characters a token of them)."""
     lines, index = ["You are the assistant of a help desk. Follow these rules."], 0
-    while sum(len(line) + 1 for line in lines) < num_tokens * 4:
+    while sum(len(line) + 1 for line in lines) < num_tokens * 3:
         lines.append(f"Rule {index + 1}: {RULES[index % len(RULES)]}, as rule {index + 1} of the desk asks.")
         index += 1
     return "\n".join(lines)

@@ -24,4 +24,4 @@ def test_per_turn_numbers_and_goal_measures():
 
 
 def test_the_system_prompt_has_about_the_length_asked():
-    assert 3900 <= len(system_prompt(1000)) <= 4100
+    assert 2900 <= len(system_prompt(1000)) <= 3100
