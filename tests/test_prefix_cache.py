@@ -137,6 +137,15 @@ def converse(engine: Engine, num_conversations: int, num_turns: int, max_tokens:
     return rounds
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a small shared host, two threads that wait on each other cost 10x here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir):
     """The tiny model without and with a prefix cache; prompts over 64 tokens go in chunks."""
