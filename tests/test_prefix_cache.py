@@ -212,6 +212,22 @@ def test_a_small_budget_evicts_and_answers_stay_the_same(tiny_model_dir, engines
     assert all(d.cached_tokens <= 3 * BLOCK_SIZE for _, done in rounds for d in done.values())
 
 
+class FullStore(PrefixStore):
+    """A store that runs out of memory whenever it is asked to keep something."""
+
+    def insert(self, token_ids, layers) -> None:
+        raise RuntimeError("out of memory")
+
+
+def test_a_store_out_of_memory_costs_only_speed(tiny_model_dir, engines):
+    plain, _ = engines
+    engine = make_engine(str(tiny_model_dir), 0)
+    engine.runner.prefixes = FullStore(4096)
+    rounds = converse(engine, 2, 2)
+    assert [texts for texts, _ in rounds] == [texts for texts, _ in converse(plain, 2, 2)]
+    assert all(d.cached_tokens == 0 for _, done in rounds for d in done.values())
+
+
 def test_without_a_budget_nothing_is_cached(engines):
     plain, _ = engines
     assert plain.runner.prefixes is None

@@ -12,6 +12,7 @@ answer as its row leaves, and a prompt that starts with a stored prefix prefills
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from transformers.cache_utils import DynamicLayer
 from worker.prefix_cache import PrefixStore
 from worker.sampling import Sampler, TokenChoice
 from worker.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class HeadroomLayer(DynamicLayer):
@@ -124,8 +127,11 @@ class ModelRunner:
         """Store the KV of `token_ids`, which fill columns [end - len(token_ids), end) of `row` in `cache`."""
         if self.prefixes is not None and token_ids:
             start = end - len(token_ids)
-            self.prefixes.insert(token_ids, [(layer.keys[row, :, start:end], layer.values[row, :, start:end])
-                                             for layer in cache.layers])
+            try:
+                self.prefixes.insert(token_ids, [(layer.keys[row, :, start:end], layer.values[row, :, start:end])
+                                                 for layer in cache.layers])
+            except RuntimeError:  # out of memory: the cache only saves time, so the requests go on without it
+                log.exception("could not keep %d tokens in the prefix cache", len(token_ids))
 
     # -- batch membership
 
