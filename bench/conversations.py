@@ -171,7 +171,8 @@ def print_run(name: str, summary: dict) -> None:
 def print_goals(summary: dict) -> None:
     goals = [
         ("TTFT p50 at the last turn <= 1.5x the first", summary["ttft_growth"], summary["ttft_growth"] <= 1.5, "x"),
-        ("prompt tokens computed <= 30% of those sent", summary["computed_share"], summary["computed_share"] <= 0.3, "%"),
+        ("prompt tokens computed <= 30% of those sent", summary["computed_share"],
+         summary["computed_share"] <= 0.3, "%"),
         ("later turns on the worker of the turn before >= 80%", summary["same_worker_share"],
          summary["same_worker_share"] >= 0.8, "%"),
         ("no worker with over 65% of requests", summary["busiest_worker_share"],

@@ -59,7 +59,8 @@ class Talks:
                                                   max_tokens=max_tokens)
         after = self.served()
         [worker] = [w for w, count in after.items() if count != before.get(w, 0)]
-        reference = self.api.chat.completions.create(model=PLAIN, messages=history, temperature=0, max_tokens=max_tokens)
+        reference = self.api.chat.completions.create(model=PLAIN, messages=history, temperature=0,
+                                                     max_tokens=max_tokens)
         text = answer.choices[0].message.content
         assert text == reference.choices[0].message.content, "the cache must never change an answer"
         assert reference.usage.prompt_tokens_details.cached_tokens == 0
