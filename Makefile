@@ -34,6 +34,7 @@ test: setup browser netns-tools
 
 bench: setup
 	$(PY) -m bench
+	$(PY) -m bench.conversations
 	$(PY) -m bench.curve
 
 clean:

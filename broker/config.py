@@ -23,6 +23,8 @@ class BrokerSettings(BaseSettings):
     heartbeat_interval: float = Field(protocol.HEARTBEAT_INTERVAL, gt=0, description="seconds between heartbeats")
     max_queue: int = Field(64, ge=0, description="requests per model that may wait when every worker is full")
     queue_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue")
+    affinity_slack: int = Field(1, ge=0, description="a worker that likely holds a request's prefix gets it while it "
+                                                      "runs at most this many more requests than the least busy one")
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus metrics HTTP server")
     metrics_port: int = Field(9555, ge=0, le=65535, description="its port; 0 = no metrics server")
     log_level: str = Field("INFO", description="logging level")

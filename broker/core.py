@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import protocol
+from broker.affinity import request_parts
 from broker.auth import Role
 from broker.config import BrokerSettings
 from broker.protocol import Command, ErrorCode, Message
@@ -321,7 +322,8 @@ class BrokerCore:
         if request_id in self.requests:
             self._on_duplicate(identity, request_id, now)
             return
-        model = protocol.GenerationRequest.from_fields(message.fields()).model
+        generation = protocol.GenerationRequest.from_fields(message.fields())
+        model = generation.model
         if not self.workers.serving(model) and self._announcing_until is None:
             self._send_error(identity, request_id, *self._not_served(model))
             return
@@ -330,7 +332,7 @@ class BrokerCore:
             self._send_error(identity, request_id, ErrorCode.OVERLOADED,
                              f"every worker for '{model}' is busy and {num_waiting} requests are waiting")
             return
-        self.requests.enqueue(Request(request_id, identity, model, message.body, now))
+        self.requests.enqueue(Request(request_id, identity, model, message.body, now, parts=request_parts(generation)))
         self._clients.setdefault(identity, ClientWatch(now))
         self._dispatch((model,), now)
 
@@ -364,8 +366,9 @@ class BrokerCore:
 
     # -- dispatch
 
-    def _choose(self, model: str) -> WorkerRecord | None:
-        return choose_worker(self.workers, model, self.requests.num_on_worker)
+    def _choose(self, model: str, request: Request | None = None) -> WorkerRecord | None:
+        parts = request.parts if request is not None else ()
+        return choose_worker(self.workers, model, self.requests.num_on_worker, parts, self.settings.affinity_slack)
 
     def _dispatch(self, models: tuple[str, ...], now: float) -> None:
         """Serve the queues of these models (one worker's aliases share its slots), the request that
@@ -376,12 +379,13 @@ class BrokerCore:
             if not waiting:
                 return
             model = min(waiting, key=lambda m: self.requests.oldest_queued(m).enqueued_at)
-            worker = self._choose(model)
+            request = self.requests.oldest_queued(model)
+            worker = self._choose(model, request)
             if worker is None:
                 candidates.discard(model)
                 continue
-            request = self.requests.oldest_queued(model)
             self.requests.assign(request, worker.identity)
+            worker.prefixes.remember(request.parts)
             worker.last_dispatch = now
             worker.num_served += 1
             self.stats.waits.append(now - request.enqueued_at)

@@ -336,13 +336,20 @@ class Done:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the worker's prefix cache
+    worker_id: str = ""  # the worker that served it, as it announced itself
 
     def to_fields(self) -> dict[str, Any]:
-        return {
+        fields = {
             "finish_reason": self.finish_reason.value,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
+        if self.cached_tokens:  # left out when 0, as before there was a prefix cache
+            fields["cached_tokens"] = self.cached_tokens
+        if self.worker_id:
+            fields["worker_id"] = self.worker_id
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> Done:
@@ -350,7 +357,8 @@ class Done:
             reason = FinishReason(_get(fields, "finish_reason", str, required=True))
         except ValueError:
             raise ProtocolError("unknown finish_reason", "finish_reason") from None
-        return cls(reason, _get(fields, "prompt_tokens", int, 0), _get(fields, "completion_tokens", int, 0))
+        return cls(reason, _get(fields, "prompt_tokens", int, 0), _get(fields, "completion_tokens", int, 0),
+                   _get(fields, "cached_tokens", int, 0), _get(fields, "worker_id", str, ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +394,7 @@ class Ready:
     capacity: int
     context_length: int = 0
     cache_tokens: int = 0  # the KV cache budget: rows x their longest prompt + max_tokens (0: unknown)
+    prefix_cache_tokens: int = 0  # tokens of finished requests' KV it keeps for prompts that start alike (0: none)
 
     def __post_init__(self) -> None:
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
@@ -400,6 +409,7 @@ class Ready:
             "capacity": self.capacity,
             "context_length": self.context_length,
             "cache_tokens": self.cache_tokens,
+            "prefix_cache_tokens": self.prefix_cache_tokens,
         }
 
     @classmethod
@@ -410,6 +420,7 @@ class Ready:
             _get(fields, "capacity", int, required=True),
             _get(fields, "context_length", int, 0),
             _get(fields, "cache_tokens", int, 0),
+            _get(fields, "prefix_cache_tokens", int, 0),
         )
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from broker.affinity import Part, PrefixMemory
 from broker.protocol import Ready
 
 
@@ -17,6 +18,10 @@ class WorkerRecord:
     last_seen: float
     last_dispatch: float = 0.0
     num_served: int = 0
+    prefixes: PrefixMemory = field(init=False)  # what it likely holds in its prefix cache
+
+    def __post_init__(self) -> None:
+        self.prefixes = PrefixMemory(self.ready.prefix_cache_tokens)
 
 
 class WorkerRegistry:
@@ -28,8 +33,9 @@ class WorkerRegistry:
         record = self._workers.get(identity)
         if record is None:
             record = self._workers[identity] = WorkerRecord(identity, ready, now)
-        else:
+        else:  # an announcement is a fresh start: whatever it cached is gone
             record.ready, record.last_seen = ready, now
+            record.prefixes = PrefixMemory(ready.prefix_cache_tokens)
         return record
 
     def remove(self, identity: bytes) -> WorkerRecord | None:
@@ -56,11 +62,24 @@ class WorkerRegistry:
         return [w for w in self._workers.values() if w.last_seen < deadline]
 
 
-def choose_worker(registry: WorkerRegistry, model: str, num_busy: Callable[[bytes], int]) -> WorkerRecord | None:
+def choose_worker(registry: WorkerRegistry, model: str, num_busy: Callable[[bytes], int],
+                  parts: tuple[Part, ...] = (), affinity_slack: int = 0) -> WorkerRecord | None:
     """Shortest queue first: the worker with the most free slots (capacity minus `num_busy` of its
-    identity); ties go to the least recently used."""
+    identity); ties go to the least recently used. Prefix affinity first, though: the worker that
+    likely holds the longest prefix of the request (`parts`) gets it when it has a free slot and
+    runs at most `affinity_slack` more requests than the shortest queue's worker."""
     free = {w.identity: w.ready.capacity - num_busy(w.identity) for w in registry.serving(model)}
     candidates = [w for w in registry.serving(model) if free[w.identity] > 0]
     if not candidates:
         return None
-    return max(candidates, key=lambda w: (free[w.identity], -w.last_dispatch))
+    balanced = max(candidates, key=lambda w: (free[w.identity], -w.last_dispatch))
+    if not parts:
+        return balanced
+    matched = {w.identity: w.prefixes.matched_chars(parts) for w in candidates}
+    # Among equal matches (e.g. a system prompt every worker holds) balance decides.
+    best = max(candidates, key=lambda w: (matched[w.identity], free[w.identity], -w.last_dispatch))
+    busy = {w.identity: num_busy(w.identity) for w in (best, balanced)}
+    if matched[best.identity] > matched[balanced.identity] and \
+            busy[best.identity] <= busy[balanced.identity] + affinity_slack:
+        return best
+    return balanced

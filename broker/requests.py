@@ -16,6 +16,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
+from broker.affinity import Part
+
 
 class State(enum.Enum):
     QUEUED = "queued"
@@ -35,6 +37,7 @@ class Request:
     state: State = State.QUEUED
     worker: bytes | None = None
     started: bool = False  # a token has reached the client: sending it again would repeat text
+    parts: tuple[Part, ...] = ()  # digests of its leading messages, for prefix affinity
 
     @property
     def listening(self) -> bool:

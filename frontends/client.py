@@ -101,6 +101,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: tuple[protocol.TokenLogprob, ...] | None = None
+    cached_tokens: int = 0  # prompt tokens the worker took from its prefix cache
+    worker_id: str = ""  # the worker that served it
 
 
 class StreamOwner(Protocol):
@@ -167,7 +169,8 @@ class Stream:
                 logprobs = (logprobs or []) + list(delta.logprobs)
         assert self.done is not None
         return Completion("".join(texts), self.done.finish_reason, self.done.prompt_tokens,
-                          self.done.completion_tokens, None if logprobs is None else tuple(logprobs))
+                          self.done.completion_tokens, None if logprobs is None else tuple(logprobs),
+                          self.done.cached_tokens, self.done.worker_id)
 
     async def cancel(self) -> None:
         """Stop the request on the bus; the worker frees its slot at its next step.

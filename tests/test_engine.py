@@ -53,6 +53,8 @@ class ScriptedRunner:
     """Plays back a script of characters per prompt; records what it was asked to do. Like the real
     runner, it keeps rows only for the sequences it prefilled, and decodes exactly those."""
 
+    prefixes = None  # no prefix cache
+
     def __init__(self, scripts: dict[str, str]) -> None:
         self.scripts = scripts
         self.rows: list = []
@@ -81,7 +83,7 @@ class ScriptedRunner:
             raise RuntimeError("device lost")
         return [self._next(s) for s in sequences]
 
-    def release(self, sequences):
+    def release(self, sequences, keep=True):
         if self.fail_next_release:
             self.fail_next_release = False
             raise RuntimeError("out of memory")

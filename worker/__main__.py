@@ -12,6 +12,7 @@ from broker.settings import load_settings
 from worker.config import WorkerSettings
 from worker.engine import Engine
 from worker.loader import load_model
+from worker.prefix_cache import BLOCK_SIZE, PrefixStore
 from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler, SchedulerLimits
@@ -30,10 +31,11 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
     )
     prompts = PromptEncoder(tokenizer, loaded.model.generation_config.eos_token_id)
     unpenalized = prompts.stop_token_ids | frozenset(tokenizer.all_special_ids)
-    runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized)
+    prefixes = PrefixStore(max(settings.prefix_cache_tokens, BLOCK_SIZE)) if settings.prefix_cache_tokens else None
+    runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized, prefixes)
     engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length)
     ready = protocol.Ready(WorkerServer.make_worker_id(), loaded.names, settings.max_batch, loaded.context_length,
-                           limits.max_batch_tokens)
+                           limits.max_batch_tokens, prefixes.budget if prefixes else 0)
     return engine, ready
 
 

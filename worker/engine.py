@@ -108,11 +108,15 @@ class Engine:
         except Exception as exc:
             log.exception("engine step failed; failing the requests in the batch")
             running = list(self.scheduler.running)
-            self._retire(running)
+            self._retire(running, keep=False)
             events += _failed(running, exc, events)
         return events
 
     def _step(self, events: list[Event]) -> None:
+        if self.runner.prefixes is not None:
+            # Prefixes change as rows join and leave: look again for those that may be admitted next.
+            for sequence in list(self.scheduler.waiting)[:self.scheduler.limits.max_batch]:
+                self.runner.find_prefix(sequence)
         plan = self.scheduler.schedule()
         if plan.joining:
             try:
@@ -124,7 +128,7 @@ class Engine:
             except Exception as exc:
                 # New prompts have their own cache until they join: only they fail, the batch runs on.
                 log.exception("prefill failed; failing the %d requests that were joining", len(plan.joining))
-                self._retire(plan.joining)
+                self._retire(plan.joining, keep=False)
                 events += _failed(plan.joining, exc, events)
         running = set(self.scheduler.running)  # without those that ended or failed as they joined
         decoding = [s for s in plan.decode if s in running]
@@ -172,12 +176,14 @@ class Engine:
 
     def _done(self, sequence: Sequence) -> DoneEvent:
         assert sequence.finish_reason is not None
-        return DoneEvent(sequence.request_id,
-                         protocol.Done(sequence.finish_reason, len(sequence.prompt_ids), len(sequence.output_ids)))
+        cached = sequence.num_cached_tokens if sequence.output_ids else 0  # a prefix found but never used: 0
+        return DoneEvent(sequence.request_id, protocol.Done(sequence.finish_reason, len(sequence.prompt_ids),
+                                                            len(sequence.output_ids), cached))
 
-    def _retire(self, sequences: list[Sequence]) -> None:
+    def _retire(self, sequences: list[Sequence], keep: bool = True) -> None:
+        """Take sequences out of the batch; `keep`: their cache may serve later prompts (not after a failure)."""
         if sequences:
-            self.runner.release(sequences)
+            self.runner.release(sequences, keep)
             for sequence in sequences:
                 self.scheduler.remove(sequence)
 

@@ -5,18 +5,25 @@ new prompts (as their own padded batch), whose cache is then padded to the runni
 and stacked under it; then the rows decode one token each. Rows that finish leave at once, and
 columns of padding that no row needs any more are cut off the left. Which sequences run is the
 scheduler's decision: the runner keeps only what torch needs for the ones it is given.
+
+With a `PrefixStore`, the runner keeps the KV of each prompt as it joins and of each prompt and
+answer as its row leaves, and a prompt that starts with a stored prefix prefills only the rest.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from worker.prefix_cache import PrefixStore
 from worker.sampling import Sampler, TokenChoice
 from worker.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class HeadroomLayer(DynamicLayer):
@@ -78,8 +85,10 @@ class CacheLayout:
 class ModelRunner:
     """Owns the model and the batch's KV cache; samples through a `Sampler`."""
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, unpenalized_ids: frozenset[int] = frozenset()) -> None:
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, unpenalized_ids: frozenset[int] = frozenset(),
+                 prefixes: PrefixStore | None = None) -> None:
         self.model = model
+        self.prefixes = prefixes
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
         self.sampler = Sampler(self.device, unpenalized_ids)
@@ -105,31 +114,83 @@ class ModelRunner:
             num_partial=len(self._partial),
         )
 
+    # -- cached prefixes
+
+    def find_prefix(self, sequence: Sequence) -> None:
+        """Look up the longest stored prefix of a waiting sequence's prompt (at least its last token is
+        always prefilled, for its logits); sets `prefix` and `num_cached_tokens`."""
+        prefix = self.prefixes.match(sequence.prompt_ids) if self.prefixes is not None else None
+        sequence.prefix = prefix
+        sequence.num_cached_tokens = min(prefix.num_tokens, len(sequence.prompt_ids) - 1) if prefix else 0
+
+    def _keep(self, token_ids: list[int], cache: DynamicCache, row: int, end: int) -> None:
+        """Store the KV of `token_ids`, which fill columns [end - len(token_ids), end) of `row` in `cache`."""
+        if self.prefixes is not None and token_ids:
+            start = end - len(token_ids)
+            try:
+                self.prefixes.insert(token_ids, [(layer.keys[row, :, start:end], layer.values[row, :, start:end])
+                                                 for layer in cache.layers])
+            except RuntimeError:  # out of memory: the cache only saves time, so the requests go on without it
+                log.exception("could not keep %d tokens in the prefix cache", len(token_ids))
+
     # -- batch membership
 
     @torch.inference_mode()
     def prefill(self, sequences: list[Sequence]) -> list[TokenChoice]:
-        """Run the prompts of `sequences`, add them as rows, and sample each one's first token."""
-        length = max(len(s.prompt_ids) for s in sequences)
-        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        """Run the prompts of `sequences`, add them as rows, and sample each one's first token.
+
+        Each row feeds the model as many tokens as the longest uncached rest: a row with a cached
+        prefix takes from it only what keeps its tokens one contiguous run (the rest of the padded
+        width it recomputes, at no extra cost), so no row has holes."""
+        width = max(s.num_uncached_tokens for s in sequences)
+        for sequence in sequences:  # what each row really takes from its prefix
+            sequence.num_cached_tokens = min(sequence.num_cached_tokens, max(0, len(sequence.prompt_ids) - width))
+        cached_width = max(s.num_cached_tokens for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), cached_width + width), dtype=torch.long)  # [B, C + R]
         for row, sequence in enumerate(sequences):
-            input_ids[row, length - len(sequence.prompt_ids):] = torch.tensor(sequence.prompt_ids)
-            mask[row, length - len(sequence.prompt_ids):] = 1
+            rest = sequence.prompt_ids[sequence.num_cached_tokens:]
+            input_ids[row, width - len(rest):] = torch.tensor(rest)
+            mask[row, mask.shape[1] - len(sequence.prompt_ids):] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _new_cache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached_width:]
+        cache = self._cache_from_prefixes(sequences, cached_width)
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        _check_filled(cache, length)
+        _check_filled(cache, cached_width + width)
+        for row, sequence in enumerate(sequences):
+            self._keep(sequence.prompt_ids, cache, row, mask.shape[1])
         self._append_rows(sequences, cache, mask, mask.sum(-1))
         return self.sampler.sample(logits, sequences)
+
+    def _cache_from_prefixes(self, sequences: list[Sequence], width: int) -> DynamicCache:
+        """A new cache `width` columns wide, each row's cached prefix right-aligned in it."""
+        cache = _new_cache()
+        if width == 0:
+            return cache
+        rows = [(row, s.prefix.layers(s.num_cached_tokens)) for row, s in enumerate(sequences)
+                if s.num_cached_tokens and s.prefix is not None]
+        for index, (sample_keys, _) in enumerate(rows[0][1]):
+            heads, _, head_dim = sample_keys.shape
+            keys = sample_keys.new_zeros(len(sequences), heads, width, head_dim)  # [B, H, C, D]
+            values = keys.clone()
+            for row, layers in rows:
+                row_keys, row_values = layers[index]
+                keys[row, :, width - row_keys.shape[1]:] = row_keys
+                values[row, :, width - row_values.shape[1]:] = row_values
+            cache.update(keys, values, index)
+        for sequence in sequences:  # copied into the cache: the store alone decides how long blocks live
+            sequence.prefix = None
+        return cache
 
     @torch.inference_mode()
     def prefill_chunk(self, sequence: Sequence, start: int, end: int) -> TokenChoice | None:
         """Prefill prompt tokens [start, end) of one sequence in a cache of its own. With the last
         chunk the sequence joins the batch, and its first token is returned."""
-        cache = self._partial.pop(sequence, None) or _new_cache()
+        cache = self._partial.pop(sequence, None)
+        if cache is None:  # its first chunk: it starts after its cached prefix, if any
+            sequence.num_cached_tokens = start
+            cache = self._cache_from_prefixes([sequence], start)
         input_ids = torch.tensor([sequence.prompt_ids[start:end]], device=self.device)
         mask = torch.ones((1, end), dtype=torch.long, device=self.device)  # [1, L]: the chunks so far
         positions = torch.arange(start, end, device=self.device)[None]
@@ -139,12 +200,16 @@ class ModelRunner:
         if end < len(sequence.prompt_ids):
             self._partial[sequence] = cache
             return None
+        self._keep(sequence.prompt_ids, cache, 0, end)
         self._append_rows([sequence], cache, mask, torch.tensor([end], device=self.device))
         return self.sampler.sample(logits, [sequence])[0]
 
-    def release(self, sequences: list[Sequence]) -> None:
-        """Forget `sequences` (finished or cancelled): their rows, and padding columns no row needs any more."""
+    def release(self, sequences: list[Sequence], keep: bool = True) -> None:
+        """Forget `sequences` (finished or cancelled): their rows, and padding columns no row needs any
+        more. With `keep` (not after a failure) the prefix store keeps what their rows cached."""
         gone = set(sequences)
+        if keep and self.prefixes is not None and self._cache is not None:
+            self._keep_rows(gone)
         self.sampler.release(sequences)
         for sequence in sequences:
             self._partial.pop(sequence, None)
@@ -162,6 +227,18 @@ class ModelRunner:
         assert self._cache is not None
         for layer in self._cache.layers:
             _replace_tensors(layer, layer.keys[index, :, first_used:], layer.values[index, :, first_used:])
+
+    @torch.inference_mode()
+    def _keep_rows(self, gone: set[Sequence]) -> None:
+        """Store the prompt and answer of each leaving row: every token it has fed the model, i.e.
+        all but the last one sampled."""
+        assert self._cache is not None
+        lengths = self._mask.sum(-1).tolist()
+        for row, sequence in enumerate(self._rows):
+            if sequence in gone:
+                fed = (sequence.prompt_ids + sequence.output_ids)[:lengths[row]]
+                if len(fed) == lengths[row]:
+                    self._keep(fed, self._cache, row, self._mask.shape[1])
 
     # -- decoding
 

@@ -106,7 +106,8 @@ class Scheduler:
         chunk = None
         while self.waiting and len(self.running) + len(prefill) < self.limits.max_batch:
             candidate = self.waiting[0]
-            padded = (len(prefill) + 1) * max(len(s.prompt_ids) for s in (*prefill, candidate))
+            # Only what a cached prefix leaves is prefilled (see `Sequence.num_uncached_tokens`).
+            padded = (len(prefill) + 1) * max(s.num_uncached_tokens for s in (*prefill, candidate))
             if prefill and padded > self.limits.max_prefill_tokens:
                 break
             rows = len(self.running) + len(prefill) + 1
@@ -114,8 +115,9 @@ class Scheduler:
             if rows * longest_then > self.limits.max_batch_tokens and (self.running or prefill):
                 break
             longest = longest_then
-            if len(candidate.prompt_ids) > self.limits.max_prefill_tokens:  # alone, and in chunks
-                self.chunking, self._num_chunked = self.waiting.popleft(), 0
+            if candidate.num_uncached_tokens > self.limits.max_prefill_tokens:  # alone, and in chunks
+                self.chunking = self.waiting.popleft()
+                self._num_chunked = candidate.num_cached_tokens
                 chunk = self._next_chunk()
                 break
             prefill.append(self.waiting.popleft())

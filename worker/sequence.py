@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from broker.protocol import FinishReason, GenerationRequest
 from worker.text import Detokenizer, StopMatcher
+
+if TYPE_CHECKING:
+    from worker.prefix_cache import CachedPrefix
 
 
 @dataclass(slots=True, eq=False)
@@ -21,6 +25,13 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     unsent_tokens: int = 0  # generated since the last TOKEN frame (held back: part of a character or a stop string)
+    prefix: CachedPrefix | None = None  # cached KV its prompt starts with, found while it waits
+    num_cached_tokens: int = 0  # prompt tokens taken from `prefix` instead of prefilled
+
+    @property
+    def num_uncached_tokens(self) -> int:
+        """Prompt tokens still to prefill."""
+        return len(self.prompt_ids) - self.num_cached_tokens
 
     @property
     def num_reserved_tokens(self) -> int:

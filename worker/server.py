@@ -7,6 +7,7 @@ module is where REQUEST bodies become typed requests and the engine's events bec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -222,9 +223,10 @@ class WorkerServer:
             return [ErrorEvent(message.request_id,
                                protocol.Error(ErrorCode.INTERNAL, f"could not admit the request: {exc}"))]
 
-    @staticmethod
-    def _send(pipe: zmq.Socket, events: list[Event]) -> None:
+    def _send(self, pipe: zmq.Socket, events: list[Event]) -> None:
         for event in events:
+            if isinstance(event, DoneEvent):  # signed, so that a client can tell which worker served it
+                event = DoneEvent(event.request_id, dataclasses.replace(event.done, worker_id=self.ready.worker_id))
             pipe.send_multipart(event_frames(event))
 
 

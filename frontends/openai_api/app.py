@@ -290,10 +290,12 @@ async def _send_events(request: web.Request, response: web.StreamResponse, call:
             await _send_event(response, responses.delta_chunk(index, item))
         index, item = await anext(events)
     prompt_tokens = sum(d.prompt_tokens for d in done) // call.n
+    cached_tokens = sum(d.cached_tokens for d in done) // call.n
     completion_tokens = sum(d.completion_tokens for d in done)
     request[RECORDER].tokens(prompt_tokens, completion_tokens)
     if call.include_usage:
-        await _send_event(response, responses.usage_chunk(prompt_tokens, completion_tokens))
+        await _send_event(response, responses.usage_chunk(prompt_tokens, completion_tokens, cached_tokens,
+                                                          done[0].worker_id))
     await response.write(b"data: [DONE]\n\n")
 
 

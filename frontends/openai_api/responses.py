@@ -23,9 +23,15 @@ def model_list(infos: list[ModelInfo], created: int) -> dict[str, Any]:
     return {"object": "list", "data": [model_object(info, created) for info in infos]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def _fingerprint(worker_id: str) -> dict[str, str]:
+    """OpenAI's `system_fingerprint` names the backend that answered: here, the worker."""
+    return {"system_fingerprint": worker_id} if worker_id else {}
 
 
 def _finish_reason(reason: str) -> str:
@@ -66,9 +72,11 @@ class Responses:
         """The whole answer: `completions` holds n choices per prompt, and each prompt is counted
         once in the usage."""
         prompt_tokens = sum(c.prompt_tokens for c in completions[::n])
-        body_usage = usage(prompt_tokens, sum(c.completion_tokens for c in completions))
+        cached_tokens = sum(c.cached_tokens for c in completions[::n])
+        body_usage = usage(prompt_tokens, sum(c.completion_tokens for c in completions), cached_tokens)
         choices = [self._choice(index, completion) for index, completion in enumerate(completions)]
-        return {**self._head(self.object_name), "choices": choices, "usage": body_usage}
+        return {**self._head(self.object_name), "choices": choices, "usage": body_usage,
+                **_fingerprint(completions[0].worker_id)}
 
     def opening_chunks(self, num_choices: int) -> list[dict[str, Any]]:
         """Chunks sent before the first token."""
@@ -80,8 +88,10 @@ class Responses:
     def finish_chunk(self, index: int, done: Done) -> dict[str, Any]:
         raise NotImplementedError
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return {**self._chunk(None), "usage": usage(prompt_tokens, completion_tokens)}
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+                    worker_id: str = "") -> dict[str, Any]:
+        return {**self._chunk(None), "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
+                **_fingerprint(worker_id)}
 
     def _choice(self, index: int, completion: Completion) -> dict[str, Any]:
         raise NotImplementedError
