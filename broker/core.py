@@ -16,13 +16,14 @@ from typing import Any
 from broker import protocol
 from broker.auth import Role
 from broker.config import BrokerSettings
-from broker.protocol import Command, ErrorCode, Message
+from broker.protocol import TASK_OF_COMMAND, Command, ErrorCode, Message, Task
 from broker.registry import WorkerRecord, WorkerRegistry, choose_worker
 from broker.requests import Request, RequestTable, State
 
 log = logging.getLogger(__name__)
 
-_WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.ERROR)
+_WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.EMBEDDINGS, Command.ERROR)
+_REQUEST_BODIES = {Command.REQUEST: protocol.GenerationRequest, Command.EMBED: protocol.EmbeddingRequest}
 _WORKER_COMMANDS = (Command.READY, *_WORKER_REPLIES, Command.DISCONNECT)
 _LOG_INTERVAL = 5.0  # seconds between warnings about malformed or refused messages
 EVERY_ROLE = frozenset(Role)  # a bus without authentication: every peer may do everything
@@ -176,7 +177,7 @@ class BrokerCore:
                 self._remove_worker(worker, now)
         elif command is Command.HEARTBEAT:
             self._on_heartbeat(identity, worker, message.fields(), now)
-        elif command is Command.REQUEST:
+        elif command in _REQUEST_BODIES:
             self._on_request(identity, message, now)
         elif command is Command.CANCEL:
             self._on_cancel(identity, message.request_id, now)
@@ -321,16 +322,21 @@ class BrokerCore:
         if request_id in self.requests:
             self._on_duplicate(identity, request_id, now)
             return
-        model = protocol.GenerationRequest.from_fields(message.fields()).model
+        model = _REQUEST_BODIES[message.command].from_fields(message.fields()).model
+        task = TASK_OF_COMMAND[message.command]
         if not self.workers.serving(model) and self._announcing_until is None:
             self._send_error(identity, request_id, *self._not_served(model))
             return
+        if self.workers.serving(model) and not self.workers.serving(model, task):
+            # Refused here, so no worker ever sees a request it cannot run.
+            self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, self._wrong_task(model, task))
+            return
         num_waiting = self.requests.num_queued(model)
-        if num_waiting >= self.settings.max_queue and self._choose(model) is None:
+        if num_waiting >= self.settings.max_queue and self._choose(model, task) is None:
             self._send_error(identity, request_id, ErrorCode.OVERLOADED,
                              f"every worker for '{model}' is busy and {num_waiting} requests are waiting")
             return
-        self.requests.enqueue(Request(request_id, identity, model, message.body, now))
+        self.requests.enqueue(Request(request_id, identity, model, message.body, now, command=message.command))
         self._clients.setdefault(identity, ClientWatch(now))
         self._dispatch((model,), now)
 
@@ -364,8 +370,12 @@ class BrokerCore:
 
     # -- dispatch
 
-    def _choose(self, model: str) -> WorkerRecord | None:
-        return choose_worker(self.workers, model, self.requests.num_on_worker)
+    def _choose(self, model: str, task: Task) -> WorkerRecord | None:
+        return choose_worker(self.workers, model, self.requests.num_on_worker, task)
+
+    def _wrong_task(self, model: str, task: Task) -> str:
+        tasks = sorted({t.value for w in self.workers.serving(model) for t in w.ready.tasks})
+        return f"model '{model}' does not serve '{task.value}' requests; it serves: {', '.join(tasks)}"
 
     def _dispatch(self, models: tuple[str, ...], now: float) -> None:
         """Serve the queues of these models (one worker's aliases share its slots), the request that
@@ -376,16 +386,21 @@ class BrokerCore:
             if not waiting:
                 return
             model = min(waiting, key=lambda m: self.requests.oldest_queued(m).enqueued_at)
-            worker = self._choose(model)
+            request = self.requests.oldest_queued(model)
+            task = TASK_OF_COMMAND[request.command]
+            worker = self._choose(model, task)
             if worker is None:
+                if self.workers.serving(model) and not self.workers.serving(model, task):
+                    # Queued while workers were announcing; those that came do other work.
+                    self._end(request, ErrorCode.BAD_REQUEST, self._wrong_task(model, task))
+                    continue
                 candidates.discard(model)
                 continue
-            request = self.requests.oldest_queued(model)
             self.requests.assign(request, worker.identity)
             worker.last_dispatch = now
             worker.num_served += 1
             self.stats.waits.append(now - request.enqueued_at)
-            self._send(worker.identity, Command.REQUEST, request.request_id, request.body)
+            self._send(worker.identity, request.command, request.request_id, request.body)
 
     def _not_served(self, model: str) -> tuple[ErrorCode, str]:
         served = ", ".join(sorted(self.workers.models())) or "none"
@@ -441,11 +456,12 @@ class BrokerCore:
                 in_flight=sum(self.requests.num_on_worker(w.identity) for w in workers),
                 queued=self.requests.num_queued(model),
                 context_length=max(w.ready.context_length for w in workers),
+                tasks=tuple(sorted({t.value for w in workers for t in w.ready.tasks})),
             ))
         return infos
 
     def _worker_infos(self, now: float) -> list[protocol.WorkerInfo]:
         return [protocol.WorkerInfo(w.ready.worker_id, w.ready.models, w.ready.capacity,
                                     self.requests.num_on_worker(w.identity), round(now - w.last_seen, 3),
-                                    w.num_served, w.ready.cache_tokens)
+                                    w.num_served, w.ready.cache_tokens, tuple(t.value for t in w.ready.tasks))
                 for w in self.workers]

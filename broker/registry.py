@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from broker.protocol import Ready
+from broker.protocol import Ready, Task
 
 
 @dataclass(slots=True)
@@ -45,8 +45,10 @@ class WorkerRegistry:
     def __len__(self) -> int:
         return len(self._workers)
 
-    def serving(self, model: str) -> list[WorkerRecord]:
-        return [w for w in self._workers.values() if model in w.ready.models]
+    def serving(self, model: str, task: Task | None = None) -> list[WorkerRecord]:
+        """The workers of `model`; with `task`, only those that do it."""
+        return [w for w in self._workers.values()
+                if model in w.ready.models and (task is None or task in w.ready.tasks)]
 
     def models(self) -> set[str]:
         return {name for w in self._workers.values() for name in w.ready.models}
@@ -56,11 +58,13 @@ class WorkerRegistry:
         return [w for w in self._workers.values() if w.last_seen < deadline]
 
 
-def choose_worker(registry: WorkerRegistry, model: str, num_busy: Callable[[bytes], int]) -> WorkerRecord | None:
-    """Shortest queue first: the worker with the most free slots (capacity minus `num_busy` of its
-    identity); ties go to the least recently used."""
-    free = {w.identity: w.ready.capacity - num_busy(w.identity) for w in registry.serving(model)}
-    candidates = [w for w in registry.serving(model) if free[w.identity] > 0]
+def choose_worker(registry: WorkerRegistry, model: str, num_busy: Callable[[bytes], int],
+                  task: Task = Task.GENERATE) -> WorkerRecord | None:
+    """Shortest queue first: the worker doing `task` for `model` with the most free slots (capacity
+    minus `num_busy` of its identity); ties go to the least recently used."""
+    serving = registry.serving(model, task)
+    free = {w.identity: w.ready.capacity - num_busy(w.identity) for w in serving}
+    candidates = [w for w in serving if free[w.identity] > 0]
     if not candidates:
         return None
     return max(candidates, key=lambda w: (free[w.identity], -w.last_dispatch))

@@ -16,6 +16,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
+from broker.protocol import Command
+
 
 class State(enum.Enum):
     QUEUED = "queued"
@@ -35,6 +37,7 @@ class Request:
     state: State = State.QUEUED
     worker: bytes | None = None
     started: bool = False  # a token has reached the client: sending it again would repeat text
+    command: Command = Command.REQUEST  # its kind (REQUEST or EMBED), sent on to the worker
 
     @property
     def listening(self) -> bool:

@@ -15,7 +15,13 @@ class WorkerSettings(BusPeerSettings):
     model_config = cli_config("worker", "python -m worker")
 
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
-    model: str | None = Field(None, description="local folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    model: str | None = Field(None, description="local folder, .gguf file or hub id (default: SmolLM2-135M-Instruct; "
+                                                "with --task embed, all-MiniLM-L6-v2)")
+    task: Literal["auto", "generate", "embed"] = Field(
+        "auto", description="what the model does: generate text, or embed (a sentence-transformers model); "
+                            "auto: embed for a sentence-transformers folder, else generate")
+    shorten_embeddings: bool = Field(False, description="the embedding model was trained to be cut short (Matryoshka): "
+                                                        "accept 'dimensions' below its own")
     model_names: list[str] = Field(default_factory=list, description="names to serve the model under (default: from the model)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and activations type")

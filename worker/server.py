@@ -19,13 +19,18 @@ import zmq
 from broker import protocol, sockets
 from broker.auth import CurveKeys
 from broker.protocol import (
+    TASK_OF_COMMAND,
     Command,
+    EmbeddingRequest,
     ErrorCode,
     GenerationRequest,
     Message,
     ProtocolError,
 )
+from worker.embedder import Embedder, EmbeddingEvent, EmbeddingsEvent
 from worker.engine import DoneEvent, Engine, ErrorEvent, Event, TokenEvent
+
+_REQUEST_BODIES = {Command.REQUEST: GenerationRequest, Command.EMBED: EmbeddingRequest}
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ _DROPPED = [b"dropped"]
 class WorkerServer:
     """Announces the engine's models to the broker and shuttles requests and events."""
 
-    def __init__(self, engine: Engine, ready: protocol.Ready, broker: str,
+    def __init__(self, engine: Engine | Embedder, ready: protocol.Ready, broker: str,
                  heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL, context: zmq.Context | None = None,
                  curve: CurveKeys | None = None) -> None:
         self.engine = engine
@@ -124,7 +129,7 @@ class WorkerServer:
         except protocol.ProtocolError as exc:
             log.warning("dropping malformed message from the broker: %s", exc)
             return
-        if message.command in (Command.REQUEST, Command.CANCEL):
+        if message.command in (Command.REQUEST, Command.EMBED, Command.CANCEL):
             pipe.send_multipart(frames)
         elif message.command is Command.REANNOUNCE:
             # Messages sent before our last READY reached the broker may still ask for another one.
@@ -167,11 +172,15 @@ class WorkerServer:
         finally:
             pipe.close(linger=0)
 
-    def on_command(self, message: Message) -> list[Event]:
+    def on_command(self, message: Message) -> list[Event | EmbeddingEvent]:
         if message.command is Command.CANCEL:
             return self.engine.cancel(message.request_id)  # nothing, for a request that already ended
+        task = TASK_OF_COMMAND[message.command]
+        if task not in self.ready.tasks:  # the broker routes by task: only a confused peer gets here
+            return [ErrorEvent(message.request_id, protocol.Error(
+                ErrorCode.BAD_REQUEST, f"this worker does not serve '{task.value}' requests"))]
         try:
-            request = GenerationRequest.from_fields(message.fields())
+            request = _REQUEST_BODIES[message.command].from_fields(message.fields())
         except ProtocolError as exc:
             return [ErrorEvent(message.request_id, protocol.Error(ErrorCode.BAD_REQUEST, str(exc)))]
         try:
@@ -182,18 +191,20 @@ class WorkerServer:
                                protocol.Error(ErrorCode.INTERNAL, f"could not admit the request: {exc}"))]
 
     @staticmethod
-    def _send(pipe: zmq.Socket, events: list[Event]) -> None:
+    def _send(pipe: zmq.Socket, events: list[Event | EmbeddingEvent]) -> None:
         for event in events:
             pipe.send_multipart(event_frames(event))
 
 
-def event_frames(event: Event) -> list[bytes]:
+def event_frames(event: Event | EmbeddingEvent) -> list[bytes]:
     """The message an engine event becomes on the bus."""
     match event:
         case TokenEvent(request_id, delta):
             return protocol.encode(Command.TOKEN, request_id, delta.to_fields())
         case DoneEvent(request_id, done):
             return protocol.encode(Command.DONE, request_id, done.to_fields())
+        case EmbeddingsEvent(request_id, embeddings):
+            return protocol.encode(Command.EMBEDDINGS, request_id, embeddings.to_fields())
         case ErrorEvent(request_id, error):
             return protocol.encode(Command.ERROR, request_id, error.to_fields())
     raise TypeError(f"not an engine event: {event!r}")
