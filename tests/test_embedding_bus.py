@@ -182,3 +182,99 @@ def test_the_web_chat_lists_only_models_that_chat():
     infos = [protocol.ModelInfo("g", 1, 1, 0, 0, 64), protocol.ModelInfo("e", 1, 1, 0, 0, 256, ("embed",)),
              protocol.ModelInfo("both", 2, 2, 0, 0, 64, ("embed", "generate"))]
     assert [info.name for info in chat_models(infos)] == ["g", "both"]
+
+
+# -- the embedding engine, on a runner that needs no model
+
+
+class CountingRunner:
+    """Vectors that say which input they came from: [length, first id, 0, 0]; records each pass."""
+
+    max_length, dimensions, vocab_size, normalized = 8, 4, 100, False
+
+    def __init__(self, fail: bool = False) -> None:
+        self.passes: list[int] = []
+        self.fail = fail
+
+    def text_ids(self, texts: list[str]) -> list[list[int]]:
+        return [[1, *(ord(c) % 90 + 5 for c in text), 2] for text in texts]
+
+    def with_special_tokens(self, ids: list[int]) -> list[int]:
+        return [1, *ids, 2]
+
+    def embed(self, batch: list[list[int]]) -> np.ndarray:
+        if self.fail:
+            raise RuntimeError("out of memory")
+        self.passes.append(len(batch))
+        return np.array([[len(ids), ids[1], 0, 0] for ids in batch], dtype=np.float32)
+
+
+def engine(runner: CountingRunner, max_tokens: int = 64, shorten: bool = False):
+    from worker.embedder import Embedder
+    return Embedder(runner, "e", max_tokens, shorten)
+
+
+def request(*inputs, dimensions=None) -> EmbeddingRequest:
+    return EmbeddingRequest("e", tuple(inputs), dimensions)
+
+
+def vectors(event) -> np.ndarray:
+    answer = event.embeddings
+    return np.frombuffer(b"".join(answer.vectors), "<f4").reshape(-1, answer.dimensions)
+
+
+def test_requests_that_arrive_together_share_a_pass_and_each_gets_one_answer():
+    runner = CountingRunner()
+    embedder = engine(runner)
+    assert embedder.add(rid(1), request("ab", "c")) == [] and embedder.add(rid(2), request((7, 8))) == []
+    events = embedder.step()
+    assert runner.passes == [3] and not embedder.has_work
+    assert [e.request_id for e in events] == [rid(1), rid(2)]
+    assert vectors(events[0]).tolist() == [[4, ord("a") % 90 + 5, 0, 0], [3, ord("c") % 90 + 5, 0, 0]]
+    assert vectors(events[1]).tolist() == [[4, 7, 0, 0]]  # token ids framed by the special tokens
+    assert events[0].embeddings.token_counts == (4, 3)
+
+
+def test_a_large_request_is_spread_over_passes_and_answered_once_whole():
+    runner = CountingRunner()
+    embedder = engine(runner, max_tokens=12)  # three 4-token inputs per pass
+    embedder.add(rid(1), request(*["ab"] * 7))
+    answers = []
+    while embedder.has_work:
+        answers += embedder.step()
+    assert runner.passes == [3, 3, 1] and len(answers) == 1 and len(vectors(answers[0])) == 7
+
+
+def test_inputs_the_model_cannot_take_are_refused_before_any_pass():
+    runner = CountingRunner()
+    embedder = engine(runner)
+    [error] = embedder.add(rid(1), request("short", "much too long"))
+    assert error.error.code is protocol.ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    assert "'input[1]' has 15 tokens, more than the maximum of 8" in error.error.message
+    [error] = embedder.add(rid(2), request((5, 100)))
+    assert error.error.code is protocol.ErrorCode.BAD_REQUEST and "token id 100" in error.error.message
+    [error] = embedder.add(rid(3), request("a", dimensions=2))
+    assert "cannot shorten" in error.error.message
+    [error] = embedder.add(rid(4), request("a", dimensions=5))
+    assert error.error.code is protocol.ErrorCode.BAD_REQUEST
+    assert not embedder.has_work and runner.passes == []
+
+
+def test_a_model_that_may_be_shortened_cuts_its_vectors():
+    embedder = engine(CountingRunner(), shorten=True)
+    embedder.add(rid(1), request("ab", dimensions=2))
+    [answer] = embedder.step()
+    assert answer.embeddings.dimensions == 2 and vectors(answer).tolist() == [[4, ord("a") % 90 + 5]]
+
+
+def test_cancel_answers_done_cancelled_and_a_failed_pass_fails_its_requests():
+    embedder = engine(CountingRunner())
+    embedder.add(rid(1), request("a"))
+    [done] = embedder.cancel(rid(1))
+    assert done.done.finish_reason is protocol.FinishReason.CANCELLED and not embedder.has_work
+    assert embedder.cancel(rid(1)) == []  # already ended: nothing more
+    failing = engine(CountingRunner(fail=True))
+    failing.add(rid(2), request("a"))
+    [error] = failing.step()
+    assert error.error.code is protocol.ErrorCode.INTERNAL and "out of memory" in error.error.message
+    assert not failing.has_work
