@@ -278,3 +278,18 @@ def test_cancel_answers_done_cancelled_and_a_failed_pass_fails_its_requests():
     [error] = failing.step()
     assert error.error.code is protocol.ErrorCode.INTERNAL and "out of memory" in error.error.message
     assert not failing.has_work
+
+
+def test_inputs_of_a_pass_run_in_groups_of_similar_length():
+    from worker.embedder import length_groups
+
+    assert length_groups([]) == []
+    assert length_groups([10, 10, 11, 12]) == [slice(0, 4)]  # 48 padded for 43 real: within 20%
+    assert length_groups([3, 10, 10, 40]) == [slice(0, 1), slice(1, 3), slice(3, 4)]
+    runner = CountingRunner()
+    runner.max_length = 64
+    embedder = engine(runner, max_tokens=1000)
+    embedder.add(rid(1), request("a" * 30, "b", "c" * 29))
+    [answer] = embedder.step()
+    assert runner.passes == [1, 2]  # the short one alone, the two long ones together
+    assert vectors(answer)[:, 0].tolist() == [32, 3, 31]  # answered in input order

@@ -2,8 +2,10 @@
 
 Requests that arrive together share forward passes: each step takes the waiting inputs, oldest
 request first, while the pass stays within a budget of padded tokens (rows x the longest row), so
-many users' texts run as one batch and a huge request is spread over several passes. Inputs over
-the model's maximum length are refused before any work, never cut short.
+many users' texts run as one batch and a huge request is spread over several passes. Inside a pass,
+inputs are sorted by length and run in groups of similar length (as `SentenceTransformer.encode`
+sorts its inputs): a batch is padded to its longest row, and padding is work thrown away. Inputs
+over the model's maximum length are refused before any work, never cut short.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ if TYPE_CHECKING:  # sentence-transformers loads slowly: only an embedding worke
 log = logging.getLogger(__name__)
 
 _ANSWER_OVERHEAD = 1024  # bytes of an EMBEDDINGS body besides its vectors (msgpack headers, counts)
+# A group's padded tokens may exceed its real tokens by this share. Unsorted, a pass of short texts
+# (6 to 40 words) ran at 62% of `encode`; one big padded batch wastes about a third of its work.
+MAX_PADDING_SHARE = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,20 @@ def plan_pass(pending: list[PendingEmbedding], max_tokens: int) -> list[tuple[Pe
     return plan
 
 
+def length_groups(lengths: list[int], max_padding: float = MAX_PADDING_SHARE) -> list[slice]:
+    """Cut lengths sorted in ascending order into runs whose padded size (rows x the last, longest
+    length) stays within `max_padding` of their real size."""
+    groups, start, total = [], 0, 0
+    for index, length in enumerate(lengths):
+        if index > start and (index - start + 1) * length > (1 + max_padding) * (total + length):
+            groups.append(slice(start, index))
+            start, total = index, 0
+        total += length
+    if lengths:
+        groups.append(slice(start, len(lengths)))
+    return groups
+
+
 class Embedder:
     """Admits EMBED requests, runs passes on the runner, and answers each request once, whole."""
 
@@ -115,7 +134,7 @@ class Embedder:
         """One forward pass; a failure ends the requests in it with an explicit error."""
         plan = plan_pass(list(self.pending.values()), self.max_pass_tokens)
         try:
-            vectors = self.runner.embed([ids for _, taken in plan for ids in taken])
+            vectors = self._run([ids for _, taken in plan for ids in taken])
         except Exception as exc:
             log.exception("embedding pass failed; failing the %d requests in it", len(plan))
             for request, _ in plan:
@@ -131,6 +150,15 @@ class Embedder:
                 del self.pending[request.request_id]
                 events.append(EmbeddingsEvent(request.request_id, self._answer(request)))
         return events
+
+    def _run(self, inputs: list[list[int]]) -> np.ndarray:
+        """Vectors for `inputs`, in their order, run in groups of similar length."""
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        vectors = np.empty((len(inputs), self.runner.dimensions), dtype=np.float32)
+        for group in length_groups([len(inputs[i]) for i in order]):
+            rows = order[group]
+            vectors[rows] = self.runner.embed([inputs[i] for i in rows])
+        return vectors
 
     # -- admission
 
