@@ -16,14 +16,13 @@ from typing import Any
 from broker import protocol
 from broker.auth import Role
 from broker.config import BrokerSettings
-from broker.protocol import TASK_OF_COMMAND, Command, ErrorCode, Message, Task
+from broker.protocol import REQUEST_BODIES, TASK_OF_COMMAND, Command, ErrorCode, Message, Task
 from broker.registry import WorkerRecord, WorkerRegistry, choose_worker
 from broker.requests import Request, RequestTable, State
 
 log = logging.getLogger(__name__)
 
 _WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.EMBEDDINGS, Command.ERROR)
-_REQUEST_BODIES = {Command.REQUEST: protocol.GenerationRequest, Command.EMBED: protocol.EmbeddingRequest}
 _WORKER_COMMANDS = (Command.READY, *_WORKER_REPLIES, Command.DISCONNECT)
 _LOG_INTERVAL = 5.0  # seconds between warnings about malformed or refused messages
 EVERY_ROLE = frozenset(Role)  # a bus without authentication: every peer may do everything
@@ -177,7 +176,7 @@ class BrokerCore:
                 self._remove_worker(worker, now)
         elif command is Command.HEARTBEAT:
             self._on_heartbeat(identity, worker, message.fields(), now)
-        elif command in _REQUEST_BODIES:
+        elif command in REQUEST_BODIES:
             self._on_request(identity, message, now)
         elif command is Command.CANCEL:
             self._on_cancel(identity, message.request_id, now)
@@ -322,7 +321,7 @@ class BrokerCore:
         if request_id in self.requests:
             self._on_duplicate(identity, request_id, now)
             return
-        model = _REQUEST_BODIES[message.command].from_fields(message.fields()).model
+        model = REQUEST_BODIES[message.command].from_fields(message.fields()).model
         task = TASK_OF_COMMAND[message.command]
         if not self.workers.serving(model) and self._announcing_until is None:
             self._send_error(identity, request_id, *self._not_served(model))

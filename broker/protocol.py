@@ -574,6 +574,9 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
+REQUEST_BODIES = {Command.REQUEST: GenerationRequest, Command.EMBED: EmbeddingRequest}  # the body of each request kind
+
+
 @dataclass(frozen=True, slots=True)
 class Embeddings:
     """Body of EMBEDDINGS: one vector per input, in order, each `dimensions` little-endian float32

@@ -19,18 +19,15 @@ import zmq
 from broker import protocol, sockets
 from broker.auth import CurveKeys
 from broker.protocol import (
+    REQUEST_BODIES,
     TASK_OF_COMMAND,
     Command,
-    EmbeddingRequest,
     ErrorCode,
-    GenerationRequest,
     Message,
     ProtocolError,
 )
 from worker.embedder import Embedder, EmbeddingEvent, EmbeddingsEvent
 from worker.engine import DoneEvent, Engine, ErrorEvent, Event, TokenEvent
-
-_REQUEST_BODIES = {Command.REQUEST: GenerationRequest, Command.EMBED: EmbeddingRequest}
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +177,7 @@ class WorkerServer:
             return [ErrorEvent(message.request_id, protocol.Error(
                 ErrorCode.BAD_REQUEST, f"this worker does not serve '{task.value}' requests"))]
         try:
-            request = _REQUEST_BODIES[message.command].from_fields(message.fields())
+            request = REQUEST_BODIES[message.command].from_fields(message.fields())
         except ProtocolError as exc:
             return [ErrorEvent(message.request_id, protocol.Error(ErrorCode.BAD_REQUEST, str(exc)))]
         try:
