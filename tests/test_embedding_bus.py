@@ -293,3 +293,26 @@ def test_inputs_of_a_pass_run_in_groups_of_similar_length():
     [answer] = embedder.step()
     assert runner.passes == [1, 2]  # the short one alone, the two long ones together
     assert vectors(answer)[:, 0].tolist() == [32, 3, 31]  # answered in input order
+
+
+# -- where the embedding model comes from
+
+
+def test_a_zipped_model_is_extracted_once_into_the_cache_and_found_as_sentence_transformers(tmp_path):
+    import zipfile
+
+    from worker.embedding_source import extracted_zip, is_sentence_transformers_folder
+
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as files:
+        files.writestr("config.json", "{}")
+        files.writestr("modules.json", "[]")
+    folder = extracted_zip(archive, "small", tmp_path / "cache")
+    assert folder.parent == tmp_path / "cache" / "extracted" and (folder / "modules.json").is_file()
+    (folder / "marker").write_text("kept")
+    assert extracted_zip(archive, "small", tmp_path / "cache") == folder and (folder / "marker").is_file()
+    assert is_sentence_transformers_folder(str(folder))
+    (tmp_path / "chat").mkdir()
+    (tmp_path / "chat" / "config.json").write_text("{}")
+    assert not is_sentence_transformers_folder(str(tmp_path / "chat"))
+    assert not is_sentence_transformers_folder(None) and not is_sentence_transformers_folder("org/hub-id")

@@ -47,9 +47,12 @@ def build_embedder(settings: WorkerSettings) -> tuple[Embedder, protocol.Ready]:
     source = resolve_embedding_model(settings.model, settings.cache_dir)
     # float32 unless asked otherwise: vectors are compared across servers and runs, and the model is small.
     dtype = torch.float32 if settings.dtype == "auto" else getattr(torch, settings.dtype)
-    runner = EmbeddingRunner.load(source.location, pick_device(settings.device), dtype)
+    device = pick_device(settings.device)
+    runner = EmbeddingRunner.load(source.location, device, dtype)
     names = tuple(settings.model_names) or (source.default_name,)
-    max_pass_tokens = settings.max_batch_tokens or settings.max_batch * runner.max_length
+    # Passes of a fraction of a second on a CPU: answers leave pass by pass while later requests
+    # arrive, instead of every request waiting for one huge pass and the worker then waiting for them.
+    max_pass_tokens = settings.max_batch_tokens or (16384 if device.type == "cuda" else 2048)
     embedder = Embedder(runner, names[0], max_pass_tokens, settings.shorten_embeddings)
     ready = protocol.Ready(WorkerServer.make_worker_id(), names, settings.max_batch, runner.max_length,
                            max_pass_tokens, tasks=(protocol.Task.EMBED,))

@@ -28,7 +28,8 @@ class WorkerSettings(BusPeerSettings):
     load_8bit: bool = Field(False, description="quantize weights to 8 bits with bitsandbytes")
     load_4bit: bool = Field(False, description="quantize weights to 4 bits (NF4) with bitsandbytes")
     max_batch: int = Field(16, ge=1, description="sequences run at once: the capacity announced to the broker")
-    max_batch_tokens: int = Field(0, ge=0, description="KV cache budget in tokens: rows x the longest prompt + max_tokens; 0 = max-batch x context")
+    max_batch_tokens: int = Field(0, ge=0, description="KV cache budget in tokens: rows x the longest prompt + max_tokens; 0 = max-batch x context. "
+                                                       "Embedding workers: padded tokens per forward pass; 0 = 2048 on a CPU, 16384 on a GPU")
     max_prefill_tokens: int = Field(0, ge=0, description="prompt tokens prefilled per step, longer prompts in chunks; 0 = 512 on a CPU, 4096 on a GPU")
     cache_dir: Path | None = Field(None, description="where converted GGUF models are kept (default: ~/.cache/tokenbus)")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = one per physical core (torch's default); "
