@@ -115,6 +115,10 @@ def test_more_inputs_than_one_bus_request_holds_come_back_in_order(api, referenc
     assert [item["index"] for item in answer["data"]] == list(range(300))
     picked = [0, 127, 128, 299]  # both sides of each bus request's edge
     np.testing.assert_allclose(matrix(answer)[picked], reference.encode([texts[n] for n in picked]), atol=1e-5)
+    texts[200] = "word " * 300
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.client().embeddings.create(model=MODEL, input=texts)
+    assert "'input[200]' has 302 tokens" in caught.value.message  # counted in the call, not in its bus request
 
 
 @pytest.mark.parametrize(("body", "status", "code", "words"), [

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -14,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker.protocol import Done
+from broker.protocol import Done, EmbeddingRequest, Embeddings
 from frontends.client import BusClient, BusError, Completion, Stream
 from frontends.openai_api.config import ApiSettings
 from frontends.openai_api.embeddings import parse_embeddings
@@ -235,7 +236,8 @@ async def embeddings(request: web.Request) -> web.Response:
     bus = request.app[BUS]
     recorder = request[RECORDER]
     # One EMBED per slice of the inputs, all at once: on several workers they run side by side.
-    tasks = [asyncio.ensure_future(bus.embed(call.model, r.to_fields()["input"], r.dimensions)) for r in call.requests]
+    tasks = [asyncio.ensure_future(_embed_slice(bus, call.model, r, offset))
+             for r, offset in zip(call.requests, call.offsets)]
     try:
         answers = await asyncio.gather(*tasks)
     except BusError as error:
@@ -249,6 +251,16 @@ async def embeddings(request: web.Request) -> web.Response:
     recorder.served(call.model)
     recorder.tokens(sum(answer.prompt_tokens for answer in answers), 0)
     return web.json_response(embedding_list(call.model, answers, call.encoding_format))
+
+
+async def _embed_slice(bus: BusClient, model: str, request: EmbeddingRequest, offset: int) -> Embeddings:
+    """One EMBED of a call; an error naming one of its inputs names it as the call counts them."""
+    try:
+        return await bus.embed(model, request.to_fields()["input"], request.dimensions)
+    except BusError as error:
+        if offset:
+            error.message = re.sub(r"'input\[(\d+)\]'", lambda m: f"'input[{int(m[1]) + offset}]'", error.message)
+        raise
 
 
 async def _json_body(request: web.Request) -> Any:

@@ -26,6 +26,11 @@ class EmbeddingCall:
     requests: list[EmbeddingRequest]
     encoding_format: str
 
+    @property
+    def offsets(self) -> list[int]:
+        """Where each request's inputs start among the call's."""
+        return [index * MAX_EMBED_INPUTS for index in range(len(self.requests))]
+
 
 def parse_embeddings(body: Any) -> EmbeddingCall:
     body = _object(body, EMBEDDING_FIELDS)
