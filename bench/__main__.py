@@ -2,7 +2,8 @@
 
 Starts broker, worker and OpenAI API on free local ports (or uses a running API with --api-url),
 sweeps the number of concurrent streams, then does the same with two workers of the model on this
-host (as when two models share a machine), prints a table and writes JSON and a PNG chart.
+host (as when two models share a machine), prints a table and writes JSON and a PNG chart. Then
+embeddings: texts per second through `/v1/embeddings` against `SentenceTransformer.encode`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from openai import AsyncOpenAI
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
+from bench import embeddings
 from bench.baseline import generate_tokens_per_second
 from bench.load import LevelResult, run_level
 from bench.report import draw_chart, table, write_json
@@ -43,6 +45,11 @@ class BenchSettings(BaseSettings):
     worker_args: list[str] = Field([], description="more flags for the local worker (e.g. --load-8bit)")
     skip_generate: bool = Field(False, description="skip the plain generate baseline")
     output_dir: Path = Field(Path("bench/results"), description="where bench.json and bench.png go")
+    embed_concurrency: list[int] = Field([1, 8, 32], description="concurrent /v1/embeddings requests to sweep; [] skips")
+    embed_model: str | None = Field(None, description="embedding worker --model (default: all-MiniLM-L6-v2)")
+    embed_texts: int = Field(512, ge=1, description="texts embedded at each concurrency")
+    embed_texts_per_request: int = Field(8, ge=1, le=2048, description="texts in one /v1/embeddings request")
+    skip_chat: bool = Field(False, description="only the embeddings bench")
 
 
 async def sweep(settings: BenchSettings, base_url: str, model: str, concurrency_levels: list[int]) -> list[LevelResult]:
@@ -63,6 +70,16 @@ async def sweep(settings: BenchSettings, base_url: str, model: str, concurrency_
 def main() -> None:
     settings = load_settings(BenchSettings)
     logging.basicConfig(level="WARNING")
+    if not settings.skip_chat:
+        bench_chat(settings)
+    if settings.embed_concurrency:
+        print("\nembeddings", flush=True)
+        embeddings.run(settings.api_url, settings.embed_model, settings.embed_concurrency, settings.embed_texts,
+                       settings.embed_texts_per_request, ["--max-batch", "64", "--device", settings.device],
+                       settings.output_dir / "embeddings.json")
+
+
+def bench_chat(settings: BenchSettings) -> None:
     source = resolve(settings.model)
     model = settings.served_name or source.default_name
     generate_tps = 0.0

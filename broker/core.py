@@ -17,13 +17,13 @@ from broker import protocol
 from broker.affinity import request_parts
 from broker.auth import Role
 from broker.config import BrokerSettings
-from broker.protocol import Command, ErrorCode, Message
+from broker.protocol import REQUEST_BODIES, TASK_OF_COMMAND, Command, ErrorCode, Message, Task
 from broker.registry import WorkerRecord, WorkerRegistry, choose_worker
 from broker.requests import Request, RequestTable, State
 
 log = logging.getLogger(__name__)
 
-_WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.ERROR)
+_WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.EMBEDDINGS, Command.ERROR)
 _WORKER_COMMANDS = (Command.READY, *_WORKER_REPLIES, Command.DISCONNECT)
 _LOG_INTERVAL = 5.0  # seconds between warnings about malformed or refused messages
 EVERY_ROLE = frozenset(Role)  # a bus without authentication: every peer may do everything
@@ -177,7 +177,7 @@ class BrokerCore:
                 self._remove_worker(worker, now)
         elif command is Command.HEARTBEAT:
             self._on_heartbeat(identity, worker, message.fields(), now)
-        elif command is Command.REQUEST:
+        elif command in REQUEST_BODIES:
             self._on_request(identity, message, now)
         elif command is Command.CANCEL:
             self._on_cancel(identity, message.request_id, now)
@@ -322,17 +322,24 @@ class BrokerCore:
         if request_id in self.requests:
             self._on_duplicate(identity, request_id, now)
             return
-        generation = protocol.GenerationRequest.from_fields(message.fields())
-        model = generation.model
+        body = REQUEST_BODIES[message.command].from_fields(message.fields())
+        model = body.model
+        task = TASK_OF_COMMAND[message.command]
+        parts = request_parts(body) if isinstance(body, protocol.GenerationRequest) else ()
         if not self.workers.serving(model) and self._announcing_until is None:
             self._send_error(identity, request_id, *self._not_served(model))
             return
+        if self.workers.serving(model) and not self.workers.serving(model, task):
+            # Refused here, so no worker ever sees a request it cannot run.
+            self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, self._wrong_task(model, task))
+            return
         num_waiting = self.requests.num_queued(model)
-        if num_waiting >= self.settings.max_queue and self._choose(model) is None:
+        if num_waiting >= self.settings.max_queue and self._choose(model, task) is None:
             self._send_error(identity, request_id, ErrorCode.OVERLOADED,
                              f"every worker for '{model}' is busy and {num_waiting} requests are waiting")
             return
-        self.requests.enqueue(Request(request_id, identity, model, message.body, now, parts=request_parts(generation)))
+        self.requests.enqueue(Request(request_id, identity, model, message.body, now, parts=parts,
+                                      command=message.command))
         self._clients.setdefault(identity, ClientWatch(now))
         self._dispatch((model,), now)
 
@@ -366,9 +373,14 @@ class BrokerCore:
 
     # -- dispatch
 
-    def _choose(self, model: str, request: Request | None = None) -> WorkerRecord | None:
+    def _choose(self, model: str, task: Task, request: Request | None = None) -> WorkerRecord | None:
         parts = request.parts if request is not None else ()
-        return choose_worker(self.workers, model, self.requests.num_on_worker, parts, self.settings.affinity_slack)
+        return choose_worker(self.workers, model, self.requests.num_on_worker, task, parts=parts,
+                             affinity_slack=self.settings.affinity_slack)
+
+    def _wrong_task(self, model: str, task: Task) -> str:
+        tasks = sorted({t.value for w in self.workers.serving(model) for t in w.ready.tasks})
+        return f"model '{model}' does not serve '{task.value}' requests; it serves: {', '.join(tasks)}"
 
     def _dispatch(self, models: tuple[str, ...], now: float) -> None:
         """Serve the queues of these models (one worker's aliases share its slots), the request that
@@ -380,8 +392,13 @@ class BrokerCore:
                 return
             model = min(waiting, key=lambda m: self.requests.oldest_queued(m).enqueued_at)
             request = self.requests.oldest_queued(model)
-            worker = self._choose(model, request)
+            task = TASK_OF_COMMAND[request.command]
+            worker = self._choose(model, task, request)
             if worker is None:
+                if self.workers.serving(model) and not self.workers.serving(model, task):
+                    # Queued while workers were announcing; those that came do other work.
+                    self._end(request, ErrorCode.BAD_REQUEST, self._wrong_task(model, task))
+                    continue
                 candidates.discard(model)
                 continue
             self.requests.assign(request, worker.identity)
@@ -389,7 +406,7 @@ class BrokerCore:
             worker.last_dispatch = now
             worker.num_served += 1
             self.stats.waits.append(now - request.enqueued_at)
-            self._send(worker.identity, Command.REQUEST, request.request_id, request.body)
+            self._send(worker.identity, request.command, request.request_id, request.body)
 
     def _not_served(self, model: str) -> tuple[ErrorCode, str]:
         served = ", ".join(sorted(self.workers.models())) or "none"
@@ -445,11 +462,12 @@ class BrokerCore:
                 in_flight=sum(self.requests.num_on_worker(w.identity) for w in workers),
                 queued=self.requests.num_queued(model),
                 context_length=max(w.ready.context_length for w in workers),
+                tasks=tuple(sorted({t.value for w in workers for t in w.ready.tasks})),
             ))
         return infos
 
     def _worker_infos(self, now: float) -> list[protocol.WorkerInfo]:
         return [protocol.WorkerInfo(w.ready.worker_id, w.ready.models, w.ready.capacity,
                                     self.requests.num_on_worker(w.identity), round(now - w.last_seen, 3),
-                                    w.num_served, w.ready.cache_tokens)
+                                    w.num_served, w.ready.cache_tokens, tuple(t.value for t in w.ready.tasks))
                 for w in self.workers]

@@ -29,6 +29,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_COUNT = 2**31 - 1  # largest max_tokens and top_k
 MAX_ERROR_MESSAGE = 2000  # characters of an ERROR's message; longer ones are cut
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer
+MAX_EMBED_INPUTS = 128  # inputs of one EMBED; its answer (inputs x dimensions x 4 bytes) must fit in a body
 
 
 class Command(str, enum.Enum):
@@ -36,12 +37,14 @@ class Command(str, enum.Enum):
 
     # client -> broker
     REQUEST = "REQUEST"
+    EMBED = "EMBED"
     CANCEL = "CANCEL"
     LIST_MODELS = "LIST_MODELS"
     LIST_WORKERS = "LIST_WORKERS"
     # broker -> client
     TOKEN = "TOKEN"
     DONE = "DONE"
+    EMBEDDINGS = "EMBEDDINGS"
     ERROR = "ERROR"
     MODELS = "MODELS"
     WORKERS = "WORKERS"
@@ -67,6 +70,16 @@ class ErrorCode(str, enum.Enum):
     DUPLICATE_REQUEST = "duplicate_request"
     FORBIDDEN = "forbidden"
     INTERNAL = "internal_error"
+
+
+class Task(str, enum.Enum):
+    """What a worker's model does: the request kind it serves."""
+
+    GENERATE = "generate"  # REQUEST: text, streamed as TOKENs
+    EMBED = "embed"  # EMBED: vectors, in one EMBEDDINGS
+
+
+TASK_OF_COMMAND = {Command.REQUEST: Task.GENERATE, Command.EMBED: Task.EMBED}
 
 
 class FinishReason(str, enum.Enum):
@@ -395,12 +408,15 @@ class Ready:
     context_length: int = 0
     cache_tokens: int = 0  # the KV cache budget: rows x their longest prompt + max_tokens (0: unknown)
     prefix_cache_tokens: int = 0  # tokens of finished requests' KV it keeps for prompts that start alike (0: none)
+    tasks: tuple[Task, ...] = (Task.GENERATE,)  # a worker that does not say generates
 
     def __post_init__(self) -> None:
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
             raise ProtocolError("'models' must be a non-empty array of names", "models")
         if self.capacity < 1:
             raise ProtocolError("'capacity' must be at least 1", "capacity")
+        if not self.tasks:
+            raise ProtocolError("'tasks' must not be empty", "tasks")
 
     def to_fields(self) -> dict[str, Any]:
         return {
@@ -410,6 +426,7 @@ class Ready:
             "context_length": self.context_length,
             "cache_tokens": self.cache_tokens,
             "prefix_cache_tokens": self.prefix_cache_tokens,
+            "tasks": [task.value for task in self.tasks],
         }
 
     @classmethod
@@ -421,7 +438,16 @@ class Ready:
             _get(fields, "context_length", int, 0),
             _get(fields, "cache_tokens", int, 0),
             _get(fields, "prefix_cache_tokens", int, 0),
+            _tasks(_get(fields, "tasks", list, [Task.GENERATE.value])),
         )
+
+
+def _tasks(values: list) -> tuple[Task, ...]:
+    try:
+        return tuple(dict.fromkeys(Task(v) for v in values))
+    except (ValueError, TypeError):
+        known = ", ".join(t.value for t in Task)
+        raise ProtocolError(f"'tasks' must be an array of task names ({known})", "tasks") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +460,7 @@ class ModelInfo:
     in_flight: int
     queued: int
     context_length: int
+    tasks: tuple[str, ...] = (Task.GENERATE.value,)  # what the model's workers do, together
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,10 +474,11 @@ class WorkerInfo:
     idle_seconds: float
     served: int = 0
     cache_tokens: int = 0
+    tasks: tuple[str, ...] = (Task.GENERATE.value,)
 
 
 def model_list_fields(models: list[ModelInfo]) -> dict[str, Any]:
-    return {"models": [asdict(m) for m in models]}
+    return {"models": [dict(asdict(m), tasks=list(m.tasks)) for m in models]}
 
 
 def _known_fields(kind: type, entry: Any) -> dict[str, Any]:
@@ -462,18 +490,25 @@ def _known_fields(kind: type, entry: Any) -> dict[str, Any]:
 
 def parse_model_list(fields: dict[str, Any]) -> list[ModelInfo]:
     try:
-        return [ModelInfo(**_known_fields(ModelInfo, m)) for m in _get(fields, "models", list, [])]
+        return [ModelInfo(**_with_tasks(_known_fields(ModelInfo, m))) for m in _get(fields, "models", list, [])]
     except TypeError as exc:
         raise ProtocolError(f"malformed MODELS entry: {exc}", "models") from None
 
 
 def worker_list_fields(workers: list[WorkerInfo]) -> dict[str, Any]:
-    return {"workers": [dict(asdict(w), models=list(w.models)) for w in workers]}
+    return {"workers": [dict(asdict(w), models=list(w.models), tasks=list(w.tasks)) for w in workers]}
+
+
+def _with_tasks(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry's tasks as a tuple of names (an older broker sends none: it knew only generation)."""
+    if "tasks" in entry:
+        entry["tasks"] = tuple(map(str, entry["tasks"]))
+    return entry
 
 
 def parse_worker_list(fields: dict[str, Any]) -> list[WorkerInfo]:
     try:
-        return [WorkerInfo(**dict(_known_fields(WorkerInfo, w), models=tuple(w["models"])))
+        return [WorkerInfo(**_with_tasks(dict(_known_fields(WorkerInfo, w), models=tuple(w["models"]))))
                 for w in _get(fields, "workers", list, [])]
     except (TypeError, KeyError) as exc:
         raise ProtocolError(f"malformed WORKERS entry: {exc}", "workers") from None
@@ -494,3 +529,89 @@ class ClientHeartbeat:
         if not all(isinstance(i, bytes) and len(i) == REQUEST_ID_SIZE for i in ids):
             raise ProtocolError("'request_ids' must be an array of 16-byte binaries", "request_ids")
         return cls(tuple(ids))
+
+
+# ---------------------------------------------------------------------------
+# Embeddings: EMBED (client -> broker -> worker), answered by one EMBEDDINGS
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """Body of EMBED: texts, or token-id lists, to turn into vectors in one answer."""
+
+    model: str
+    inputs: tuple[str, ...] | tuple[tuple[int, ...], ...]
+    dimensions: int | None = None  # shorter vectors, for a model that can give them
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ProtocolError("'model' must be a non-empty string", "model")
+        if not 1 <= len(self.inputs) <= MAX_EMBED_INPUTS:
+            raise ProtocolError(f"'input' must hold 1 to {MAX_EMBED_INPUTS} entries", "input")
+        for index, item in enumerate(self.inputs):
+            if not item:  # an empty text or token list means nothing; OpenAI refuses it too
+                raise ProtocolError(f"'input[{index}]' must not be empty", "input")
+        if self.dimensions is not None:
+            _check_range("dimensions", self.dimensions, 1, MAX_COUNT)
+
+    @property
+    def token_input(self) -> bool:
+        return not isinstance(self.inputs[0], str)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> EmbeddingRequest:
+        unknown = sorted(map(str, set(fields) - {"model", "input", "dimensions"}))
+        if unknown:
+            raise ProtocolError(f"unknown field {_quote(unknown[0])}", unknown[0][:64])
+        raw = _get(fields, "input", list, required=True)
+        if all(isinstance(item, str) for item in raw):
+            inputs: tuple = tuple(raw)
+        elif all(isinstance(item, list) and all(_is_token_id(t) for t in item) for item in raw):
+            inputs = tuple(tuple(item) for item in raw)
+        else:
+            raise ProtocolError("'input' must be an array of strings or an array of arrays of token ids "
+                                "(integers 0 to 2^31-1)", "input")
+        return cls(_get(fields, "model", str, required=True), inputs, _get(fields, "dimensions", int))
+
+    def to_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"model": self.model, "input": [i if isinstance(i, str) else list(i)
+                                                                  for i in self.inputs]}
+        if self.dimensions is not None:
+            fields["dimensions"] = self.dimensions
+        return fields
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+REQUEST_BODIES = {Command.REQUEST: GenerationRequest, Command.EMBED: EmbeddingRequest}  # the body of each request kind
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """Body of EMBEDDINGS: one vector per input, in order, each `dimensions` little-endian float32
+    values packed as msgpack bin, with the tokens each input took."""
+
+    vectors: tuple[bytes, ...]
+    dimensions: int
+    token_counts: tuple[int, ...]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.token_counts)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"embeddings": list(self.vectors), "dimensions": self.dimensions,
+                "token_counts": list(self.token_counts)}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Embeddings:
+        vectors = _get(fields, "embeddings", list, required=True)
+        dimensions = _get(fields, "dimensions", int, required=True)
+        counts = _get(fields, "token_counts", list, required=True)
+        if not all(isinstance(v, bytes) and len(v) == 4 * dimensions for v in vectors):
+            raise ProtocolError(f"each embedding must be {dimensions} float32 values as bin", "embeddings")
+        if len(counts) != len(vectors) or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise ProtocolError("'token_counts' must hold one integer per embedding", "token_counts")
+        return cls(tuple(vectors), dimensions, tuple(counts))

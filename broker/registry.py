@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from broker.affinity import Part, PrefixMemory
-from broker.protocol import Ready
+from broker.protocol import Ready, Task
 
 
 @dataclass(slots=True)
@@ -51,8 +51,10 @@ class WorkerRegistry:
     def __len__(self) -> int:
         return len(self._workers)
 
-    def serving(self, model: str) -> list[WorkerRecord]:
-        return [w for w in self._workers.values() if model in w.ready.models]
+    def serving(self, model: str, task: Task | None = None) -> list[WorkerRecord]:
+        """The workers of `model`; with `task`, only those that do it."""
+        return [w for w in self._workers.values()
+                if model in w.ready.models and (task is None or task in w.ready.tasks)]
 
     def models(self) -> set[str]:
         return {name for w in self._workers.values() for name in w.ready.models}
@@ -63,13 +65,15 @@ class WorkerRegistry:
 
 
 def choose_worker(registry: WorkerRegistry, model: str, num_busy: Callable[[bytes], int],
-                  parts: tuple[Part, ...] = (), affinity_slack: int = 0) -> WorkerRecord | None:
-    """Shortest queue first: the worker with the most free slots (capacity minus `num_busy` of its
-    identity); ties go to the least recently used. Prefix affinity first, though: the worker that
-    likely holds the longest prefix of the request (`parts`) gets it when it has a free slot and
-    runs at most `affinity_slack` more requests than the shortest queue's worker."""
-    free = {w.identity: w.ready.capacity - num_busy(w.identity) for w in registry.serving(model)}
-    candidates = [w for w in registry.serving(model) if free[w.identity] > 0]
+                  task: Task = Task.GENERATE, *, parts: tuple[Part, ...] = (),
+                  affinity_slack: int = 0) -> WorkerRecord | None:
+    """Shortest queue first: the worker doing `task` for `model` with the most free slots (capacity
+    minus `num_busy` of its identity); ties go to the least recently used. Prefix affinity first,
+    though: the worker that likely holds the longest prefix of the request (`parts`) gets it when it
+    has a free slot and runs at most `affinity_slack` more requests than the shortest queue's worker."""
+    serving = registry.serving(model, task)
+    free = {w.identity: w.ready.capacity - num_busy(w.identity) for w in serving}
+    candidates = [w for w in serving if free[w.identity] > 0]
     if not candidates:
         return None
     balanced = max(candidates, key=lambda w: (free[w.identity], -w.last_dispatch))

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from broker.affinity import Part
+from broker.protocol import Command
 
 
 class State(enum.Enum):
@@ -38,6 +39,7 @@ class Request:
     worker: bytes | None = None
     started: bool = False  # a token has reached the client: sending it again would repeat text
     parts: tuple[Part, ...] = ()  # digests of its leading messages, for prefix affinity
+    command: Command = Command.REQUEST  # its kind (REQUEST or EMBED), sent on to the worker
 
     @property
     def listening(self) -> bool:

@@ -10,6 +10,7 @@ import sys
 
 from pydantic import Field
 
+from broker.protocol import Task
 from broker.settings import (
     DEFAULT_BROKER_ADDRESS,
     BusPeerSettings,
@@ -92,7 +93,8 @@ class Chat:
 
     def ensure_model(self) -> str:
         if self.model is None:
-            served = self.client.models()
+            # The first model that chats: embedding models are listed too.
+            served = [info for info in self.client.models() if Task.GENERATE.value in info.tasks]
             if not served:
                 raise BusError("no model is served right now")
             self.model = served[0].name

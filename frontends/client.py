@@ -26,7 +26,7 @@ import zmq.asyncio
 
 from broker import protocol, sockets
 from broker.auth import CurveKeys
-from broker.protocol import Command, ErrorCode, GenerationRequest, Message
+from broker.protocol import Command, EmbeddingRequest, ErrorCode, GenerationRequest, Message
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,13 @@ class Stream:
     fresh one.
     """
 
-    def __init__(self, owner: StreamOwner, request: GenerationRequest, request_id: bytes) -> None:
+    def __init__(self, owner: StreamOwner, request: GenerationRequest | EmbeddingRequest, request_id: bytes) -> None:
         self._owner = owner
         self.request = request
         self.request_id = request_id
         self._queue: asyncio.Queue[Message | BusError] = asyncio.Queue()
         self.done: protocol.Done | None = None
+        self.embeddings: protocol.Embeddings | None = None  # the answer to an EMBED, which has no TOKENs
         self.sent_at: float | None = None  # when the REQUEST last went out: only then may a heartbeat name it
         self.num_sends = 0
         self.finished = False
@@ -153,6 +154,9 @@ class Stream:
             self._finish()
             if item.command is Command.DONE:
                 self.done = protocol.Done.from_fields(item.fields())
+                raise StopAsyncIteration
+            if item.command is Command.EMBEDDINGS:
+                self.embeddings = protocol.Embeddings.from_fields(item.fields())
                 raise StopAsyncIteration
             raise error_from(protocol.Error.from_fields(item.fields()))
         except protocol.ProtocolError as exc:  # a malformed answer still ends the stream, loudly
@@ -260,11 +264,12 @@ class BusClient:
 
     # -- requests
 
-    async def generate(self, request: GenerationRequest) -> Stream:
-        """Send one request; the returned stream yields its tokens."""
+    async def generate(self, request: GenerationRequest | EmbeddingRequest) -> Stream:
+        """Send one request; the returned stream yields its tokens (an EMBED's stream yields none
+        and holds its answer in `embeddings` once read to the end)."""
         request_id = uuid.uuid4().bytes
         try:
-            protocol.encode(Command.REQUEST, request_id, request.to_fields())
+            protocol.encode(_command(request), request_id, request.to_fields())
         except protocol.ProtocolError as exc:
             raise BadRequest(str(exc)) from None
         stream = Stream(self, request, request_id)
@@ -283,6 +288,23 @@ class BusClient:
 
     async def complete(self, model: str, prompt: str, **params: Any) -> Stream:
         return await self.generate(_request({"model": model, "prompt": prompt, **params}))
+
+    async def embed(self, model: str, inputs: list[str] | list[list[int]],
+                    dimensions: int | None = None) -> protocol.Embeddings:
+        """Vectors for texts (or token-id lists), in one answer. Never streamed, so it is always safe
+        to send again and is, like a request that has produced no token yet."""
+        try:
+            request = EmbeddingRequest.from_fields({"model": model, "input": inputs, "dimensions": dimensions})
+        except protocol.ProtocolError as exc:
+            raise BadRequest(str(exc), exc.field) from None
+        stream = await self.generate(request)
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            await stream.cancel()  # a no-op once answered; stops it when the caller gives up waiting
+        assert stream.embeddings is not None
+        return stream.embeddings
 
     async def models(self) -> list[protocol.ModelInfo]:
         """The models served now, with their live workers."""
@@ -328,7 +350,7 @@ class BusClient:
     async def _send_request(self, stream: Stream) -> None:
         """Send a stream's request, waiting for a broker while one has been heard from within
         `reconnect_timeout` (and at least the broker's liveness)."""
-        frames = protocol.encode(Command.REQUEST, stream.request_id, stream.request.to_fields())
+        frames = protocol.encode(_command(stream.request), stream.request_id, stream.request.to_fields())
         wait = max(self._last_heard + self.reconnect_timeout - time.monotonic(), self._liveness)
         if not await self._send_frames(frames, wait, unless=lambda: stream.finished):
             raise BrokerUnreachable(f"the broker at {self.address} is not connected")
@@ -396,7 +418,7 @@ class BusClient:
             except protocol.ProtocolError as exc:
                 log.warning("dropping malformed message from the broker: %s", exc)
                 continue
-            if message.command in (Command.TOKEN, Command.DONE, Command.ERROR):
+            if message.command in (Command.TOKEN, Command.DONE, Command.EMBEDDINGS, Command.ERROR):
                 stream = self._streams.get(message.request_id)
                 if stream is None:
                     continue
@@ -433,6 +455,10 @@ class BusClient:
                 await self._send(Command.HEARTBEAT, b"", heartbeat.to_fields(), wait=False)
             except (zmq.ZMQError, BusError) as exc:  # the silence check above still ends the streams in time
                 log.debug("heartbeat not sent: %s", exc)
+
+
+def _command(request: GenerationRequest | EmbeddingRequest) -> Command:
+    return Command.EMBED if isinstance(request, EmbeddingRequest) else Command.REQUEST
 
 
 def _forgotten(message: Message) -> BrokerUnreachable | None:
@@ -499,6 +525,10 @@ class SyncBusClient:
 
     def complete(self, model: str, prompt: str, **params: Any) -> SyncStream:
         return SyncStream(self._loop, self._loop.call(self._client.complete(model, prompt, **params)))
+
+    def embed(self, model: str, inputs: list[str] | list[list[int]],
+              dimensions: int | None = None) -> protocol.Embeddings:
+        return self._loop.call(self._client.embed(model, inputs, dimensions))
 
     @property
     def open_streams(self) -> tuple[Stream, ...]:

@@ -10,8 +10,10 @@ import signal
 from broker import protocol
 from broker.settings import load_settings
 from worker.config import WorkerSettings
+from worker.embedder import Embedder
+from worker.embedding_source import is_sentence_transformers_folder, resolve_embedding_model
 from worker.engine import Engine
-from worker.loader import load_model
+from worker.loader import load_model, pick_device
 from worker.prefix_cache import BLOCK_SIZE, PrefixStore
 from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
@@ -39,11 +41,37 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
     return engine, ready
 
 
+def build_embedder(settings: WorkerSettings) -> tuple[Embedder, protocol.Ready]:
+    import torch
+
+    from worker.embedding_runner import EmbeddingRunner  # imports sentence-transformers: embedding workers only
+
+    source = resolve_embedding_model(settings.model, settings.cache_dir)
+    # float32 unless asked otherwise: vectors are compared across servers and runs, and the model is small.
+    dtype = torch.float32 if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    device = pick_device(settings.device)
+    runner = EmbeddingRunner.load(source.location, device, dtype)
+    names = tuple(settings.model_names) or (source.default_name,)
+    # Passes of a fraction of a second on a CPU: answers leave pass by pass while later requests
+    # arrive, instead of every request waiting for one huge pass and the worker then waiting for them.
+    max_pass_tokens = settings.max_batch_tokens or (16384 if device.type == "cuda" else 2048)
+    embedder = Embedder(runner, names[0], max_pass_tokens, settings.shorten_embeddings)
+    ready = protocol.Ready(WorkerServer.make_worker_id(), names, settings.max_batch, runner.max_length,
+                           max_pass_tokens, tasks=(protocol.Task.EMBED,))
+    return embedder, ready
+
+
+def serves_embeddings(settings: WorkerSettings) -> bool:
+    if settings.task == "auto":
+        return is_sentence_transformers_folder(settings.model)
+    return settings.task == "embed"
+
+
 def main() -> None:
     settings = load_settings(WorkerSettings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
     set_torch_threads(settings.threads)
-    engine, ready = build_engine(settings)
+    engine, ready = build_embedder(settings) if serves_embeddings(settings) else build_engine(settings)
     server = WorkerServer(engine, ready, settings.broker, settings.heartbeat_interval, curve=settings.curve())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stopping.set())

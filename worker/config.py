@@ -15,14 +15,21 @@ class WorkerSettings(BusPeerSettings):
     model_config = cli_config("worker", "python -m worker")
 
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
-    model: str | None = Field(None, description="local folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    model: str | None = Field(None, description="local folder, .gguf file or hub id (default: SmolLM2-135M-Instruct; "
+                                                "with --task embed, all-MiniLM-L6-v2)")
+    task: Literal["auto", "generate", "embed"] = Field(
+        "auto", description="what the model does: generate text, or embed (a sentence-transformers model); "
+                            "auto: embed for a sentence-transformers folder, else generate")
+    shorten_embeddings: bool = Field(False, description="the embedding model was trained to be cut short (Matryoshka): "
+                                                        "accept 'dimensions' below its own")
     model_names: list[str] = Field(default_factory=list, description="names to serve the model under (default: from the model)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and activations type")
     load_8bit: bool = Field(False, description="quantize weights to 8 bits with bitsandbytes")
     load_4bit: bool = Field(False, description="quantize weights to 4 bits (NF4) with bitsandbytes")
     max_batch: int = Field(16, ge=1, description="sequences run at once: the capacity announced to the broker")
-    max_batch_tokens: int = Field(0, ge=0, description="KV cache budget in tokens: rows x the longest prompt + max_tokens; 0 = max-batch x context")
+    max_batch_tokens: int = Field(0, ge=0, description="KV cache budget in tokens: rows x the longest prompt + max_tokens; 0 = max-batch x context. "
+                                                       "Embedding workers: padded tokens per forward pass; 0 = 2048 on a CPU, 16384 on a GPU")
     max_prefill_tokens: int = Field(0, ge=0, description="prompt tokens prefilled per step, longer prompts in chunks; 0 = 512 on a CPU, 4096 on a GPU")
     prefix_cache_tokens: int = Field(8192, ge=0, description="tokens of finished prompts' and answers' KV cache kept "
                                                             "for prompts that start alike (least recently used out first); 0 = off")

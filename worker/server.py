@@ -20,12 +20,14 @@ import zmq
 from broker import protocol, sockets
 from broker.auth import CurveKeys
 from broker.protocol import (
+    REQUEST_BODIES,
+    TASK_OF_COMMAND,
     Command,
     ErrorCode,
-    GenerationRequest,
     Message,
     ProtocolError,
 )
+from worker.embedder import Embedder, EmbeddingEvent, EmbeddingsEvent
 from worker.engine import DoneEvent, Engine, ErrorEvent, Event, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ _REFUSAL_LOG_INTERVAL = 10.0  # seconds between repeated errors about the same r
 class WorkerServer:
     """Announces the engine's models to the broker and shuttles requests and events."""
 
-    def __init__(self, engine: Engine, ready: protocol.Ready, broker: str,
+    def __init__(self, engine: Engine | Embedder, ready: protocol.Ready, broker: str,
                  heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL, context: zmq.Context | None = None,
                  curve: CurveKeys | None = None) -> None:
         self.engine = engine
@@ -163,7 +165,7 @@ class WorkerServer:
         except protocol.ProtocolError as exc:
             log.warning("dropping malformed message from the broker: %s", exc)
             return
-        if message.command in (Command.REQUEST, Command.CANCEL):
+        if message.command in (Command.REQUEST, Command.EMBED, Command.CANCEL):
             pipe.send_multipart(frames)
         elif message.command is Command.REANNOUNCE:
             # Messages sent before our last READY reached the broker may still ask for another one.
@@ -209,11 +211,15 @@ class WorkerServer:
         finally:
             pipe.close(linger=0)
 
-    def on_command(self, message: Message) -> list[Event]:
+    def on_command(self, message: Message) -> list[Event | EmbeddingEvent]:
         if message.command is Command.CANCEL:
             return self.engine.cancel(message.request_id)  # nothing, for a request that already ended
+        task = TASK_OF_COMMAND[message.command]
+        if task not in self.ready.tasks:  # the broker routes by task: only a confused peer gets here
+            return [ErrorEvent(message.request_id, protocol.Error(
+                ErrorCode.BAD_REQUEST, f"this worker does not serve '{task.value}' requests"))]
         try:
-            request = GenerationRequest.from_fields(message.fields())
+            request = REQUEST_BODIES[message.command].from_fields(message.fields())
         except ProtocolError as exc:
             return [ErrorEvent(message.request_id, protocol.Error(ErrorCode.BAD_REQUEST, str(exc)))]
         try:
@@ -223,20 +229,22 @@ class WorkerServer:
             return [ErrorEvent(message.request_id,
                                protocol.Error(ErrorCode.INTERNAL, f"could not admit the request: {exc}"))]
 
-    def _send(self, pipe: zmq.Socket, events: list[Event]) -> None:
+    def _send(self, pipe: zmq.Socket, events: list[Event | EmbeddingEvent]) -> None:
         for event in events:
             if isinstance(event, DoneEvent):  # signed, so that a client can tell which worker served it
                 event = DoneEvent(event.request_id, dataclasses.replace(event.done, worker_id=self.ready.worker_id))
             pipe.send_multipart(event_frames(event))
 
 
-def event_frames(event: Event) -> list[bytes]:
+def event_frames(event: Event | EmbeddingEvent) -> list[bytes]:
     """The message an engine event becomes on the bus."""
     match event:
         case TokenEvent(request_id, delta):
             return protocol.encode(Command.TOKEN, request_id, delta.to_fields())
         case DoneEvent(request_id, done):
             return protocol.encode(Command.DONE, request_id, done.to_fields())
+        case EmbeddingsEvent(request_id, embeddings):
+            return protocol.encode(Command.EMBEDDINGS, request_id, embeddings.to_fields())
         case ErrorEvent(request_id, error):
             return protocol.encode(Command.ERROR, request_id, error.to_fields())
     raise TypeError(f"not an engine event: {event!r}")

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -14,9 +15,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker.protocol import Done
+from broker.protocol import Done, EmbeddingRequest, Embeddings
 from frontends.client import BusClient, BusError, Completion, Stream
 from frontends.openai_api.config import ApiSettings
+from frontends.openai_api.embeddings import parse_embeddings
 from frontends.openai_api.errors import ApiError, bad_request
 from frontends.openai_api.metrics import ApiMetrics, RequestMetrics
 from frontends.openai_api.requests import ApiCall, parse_chat, parse_completion
@@ -24,6 +26,7 @@ from frontends.openai_api.responses import (
     ChatResponses,
     CompletionResponses,
     Responses,
+    embedding_list,
     error_body,
     model_list,
     model_object,
@@ -55,6 +58,7 @@ def create_app(settings: ApiSettings) -> web.Application:
         web.get("/v1/models/{model_id:.+}", get_model),
         web.post("/v1/chat/completions", chat_completions),
         web.post("/v1/completions", completions),
+        web.post("/v1/embeddings", embeddings),
         web.get("/health", health),
         web.get("/metrics", metrics),
     ])
@@ -225,6 +229,38 @@ async def _generate(request: web.Request, call: ApiCall, responses: Responses) -
             await stream.cancel()  # a no-op for finished streams; stops the rest (client gone, error)
             if stream.first_token_at is not None:
                 recorder.first_token(call.model, stream.first_token_at - stream.started_at)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    call = parse_embeddings(await _json_body(request))
+    bus = request.app[BUS]
+    recorder = request[RECORDER]
+    # One EMBED per slice of the inputs, all at once: on several workers they run side by side.
+    tasks = [asyncio.ensure_future(_embed_slice(bus, call.model, r, offset))
+             for r, offset in zip(call.requests, call.offsets)]
+    try:
+        answers = await asyncio.gather(*tasks)
+    except BusError as error:
+        if error.code.value in ("overloaded", "queue_timeout"):
+            recorder.overloaded(call.model)
+        raise ApiError.from_bus(error, "input") from None
+    finally:
+        for task in tasks:
+            task.cancel()  # the rest, when one failed or the client left; a no-op for those answered
+        await asyncio.gather(*tasks, return_exceptions=True)
+    recorder.served(call.model)
+    recorder.tokens(sum(answer.prompt_tokens for answer in answers), 0)
+    return web.json_response(embedding_list(call.model, answers, call.encoding_format))
+
+
+async def _embed_slice(bus: BusClient, model: str, request: EmbeddingRequest, offset: int) -> Embeddings:
+    """One EMBED of a call; an error naming one of its inputs names it as the call counts them."""
+    try:
+        return await bus.embed(model, request.to_fields()["input"], request.dimensions)
+    except BusError as error:
+        if offset:
+            error.message = re.sub(r"'input\[(\d+)\]'", lambda m: f"'input[{int(m[1]) + offset}]'", error.message)
+        raise
 
 
 async def _json_body(request: web.Request) -> Any:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from typing import Any
 
-from broker.protocol import Done, ModelInfo, TokenDelta, TokenLogprob
+import numpy as np
+
+from broker.protocol import Done, Embeddings, ModelInfo, TokenDelta, TokenLogprob
 from frontends.client import Completion
 from frontends.openai_api.errors import ApiError
 
@@ -163,3 +166,18 @@ class CompletionResponses(Responses):
             logprobs = _legacy_logprobs(completion.logprobs, len(self.prompts[index]))
         return {"index": index, "text": completion.text, "finish_reason": _finish_reason(completion.finish_reason),
                 "logprobs": logprobs}
+
+
+def embedding_list(model: str, answers: list[Embeddings], encoding_format: str) -> dict[str, Any]:
+    """`/v1/embeddings`: the vectors of every answer, in input order. base64 is the little-endian
+    float32 bytes, as OpenAI sends them (and as they travel on the bus)."""
+    vectors = [vector for answer in answers for vector in answer.vectors]
+    if encoding_format == "base64":
+        encoded: list[Any] = [base64.b64encode(vector).decode("ascii") for vector in vectors]
+    else:
+        encoded = [np.frombuffer(vector, "<f4").tolist() for vector in vectors]
+    prompt_tokens = sum(answer.prompt_tokens for answer in answers)
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": index, "embedding": embedding}
+                     for index, embedding in enumerate(encoded)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

@@ -6,6 +6,7 @@ from typing import Any
 
 import gradio as gr
 
+from broker.protocol import Task
 from frontends.client import BusError
 from frontends.web.bus import LoopLocalBus
 from frontends.web.sessions import Sessions
@@ -15,6 +16,11 @@ def describe(info: Any) -> str:
     """A dropdown label that says the model is live and how busy it is."""
     workers = f"{info.workers} worker{'s' * (info.workers != 1)}"
     return f"{info.name} — {workers}, {info.in_flight}/{info.capacity} busy"
+
+
+def chat_models(infos: list) -> list:
+    """The models that can chat: embedding models are listed by the broker too."""
+    return [info for info in infos if Task.GENERATE.value in info.tasks]
 
 
 class ModelList:
@@ -30,7 +36,7 @@ class ModelList:
         if not self.sessions.allows(request):
             return [*(gr.update() for _ in current), ""]
         try:
-            infos = await (await self.bus.get()).models()
+            infos = chat_models(await (await self.bus.get()).models())
         except BusError as error:
             # Keep the old choices: the broker may be back in a moment, and Refresh tries again.
             return [*(gr.update() for _ in current), f"⚠️ Broker unreachable: {error.message}"]

@@ -1,0 +1,77 @@
+"""`/v1/embeddings` bodies to EMBED requests: the shape of `input` and the OpenAI-only fields.
+
+OpenAI takes up to 2,048 inputs in one call; the bus takes `MAX_EMBED_INPUTS` per EMBED (its answer
+must fit in one message), so a larger call becomes several EMBEDs, answered together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from broker.protocol import MAX_COUNT, MAX_EMBED_INPUTS, EmbeddingRequest, ProtocolError
+from frontends.openai_api.errors import bad_request
+from frontends.openai_api.requests import _object, _required
+
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
+MAX_INPUTS = 2048  # OpenAI's own limit per call
+ENCODING_FORMATS = ("float", "base64")
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingCall:
+    """A parsed `/v1/embeddings` call: the EMBEDs to send, in input order, and how to answer."""
+
+    model: str
+    requests: list[EmbeddingRequest]
+    encoding_format: str
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each request's inputs start among the call's."""
+        return [index * MAX_EMBED_INPUTS for index in range(len(self.requests))]
+
+
+def parse_embeddings(body: Any) -> EmbeddingCall:
+    body = _object(body, EMBEDDING_FIELDS)
+    model = _required(body, "model", str)
+    inputs = _inputs(_required(body, "input", (str, list)))
+    encoding_format = body.get("encoding_format", "float")
+    if encoding_format not in ENCODING_FORMATS:
+        raise bad_request("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (type(dimensions) is not int or dimensions < 1):
+        raise bad_request("'dimensions' must be a positive integer", "dimensions")
+    if not isinstance(body.get("user", ""), str):
+        raise bad_request("'user' must be a string", "user", "invalid_type")
+    try:
+        requests = [EmbeddingRequest(model, tuple(inputs[start:start + MAX_EMBED_INPUTS]), dimensions)
+                    for start in range(0, len(inputs), MAX_EMBED_INPUTS)]
+    except ProtocolError as exc:
+        raise bad_request(str(exc), exc.field) from None
+    return EmbeddingCall(model, requests, encoding_format)
+
+
+def _inputs(value: str | list) -> list[str] | list[tuple[int, ...]]:
+    """A string, a list of strings, a list of token ids or a list of such lists; never empty."""
+    shapes = "a non-empty string, a list of them, a list of token ids, or a list of such lists"
+    if isinstance(value, str):
+        value = [value]
+    if not value or len(value) > MAX_INPUTS:
+        raise bad_request(f"'input' must be {shapes}, with 1 to {MAX_INPUTS} entries", "input")
+    if all(isinstance(item, str) for item in value):
+        texts = value
+    elif all(_is_token_id(item) for item in value):
+        return [tuple(value)]
+    elif all(isinstance(item, list) and item and all(_is_token_id(t) for t in item) for item in value):
+        return [tuple(item) for item in value]
+    else:
+        raise bad_request(f"'input' must be {shapes}", "input")
+    empty = next((index for index, text in enumerate(texts) if not text), None)
+    if empty is not None:
+        raise bad_request(f"'input[{empty}]' is empty: an empty string has no embedding", "input")
+    return texts
+
+
+def _is_token_id(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_COUNT
