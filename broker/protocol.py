@@ -29,6 +29,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_COUNT = 2**31 - 1  # largest max_tokens and top_k
 MAX_ERROR_MESSAGE = 2000  # characters of an ERROR's message; longer ones are cut
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer
+CONSTRAINT_TYPES = ("json_object", "json_schema")
 
 
 class Command(str, enum.Enum):
@@ -191,6 +192,50 @@ class ChatMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Constraint:
+    """What a constrained output must be: any JSON object, or JSON valid against `schema`.
+
+    Its fields are plain msgpack values, so a schema reaches the worker as sent."""
+
+    type: str
+    schema: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in CONSTRAINT_TYPES:
+            raise ProtocolError(f"'constraint.type' must be one of {', '.join(CONSTRAINT_TYPES)}, got "
+                                f"{_quote(self.type)}", "constraint.type")
+        if (self.type == "json_schema") != (self.schema is not None):
+            raise ProtocolError("'constraint.schema' is required with type json_schema, and only then",
+                                "constraint.schema")
+
+    @property
+    def key(self) -> str:
+        """The same constraint always has the same key (compiled grammars are cached by it)."""
+        return self.type + ":" + _canonical_json(self.schema)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"type": self.type} if self.schema is None else {"type": self.type, "schema": self.schema}
+
+    @classmethod
+    def from_fields(cls, value: Any) -> Constraint:
+        if not isinstance(value, dict):
+            raise ProtocolError("'constraint' must be a map", "constraint")
+        unknown = sorted(map(str, set(value) - {"type", "schema"}))
+        if unknown:
+            raise ProtocolError(f"unknown field 'constraint.{unknown[0][:64]}'", "constraint")
+        return cls(_get(value, "type", str, required=True), _get(value, "schema", dict))
+
+
+def _canonical_json(value: Any) -> str:
+    import json  # only for keys; the wire stays msgpack
+
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:  # bin values or non-string keys: no JSON schema has them
+        raise ProtocolError(f"'constraint.schema' is not JSON: {exc}", "constraint.schema") from None
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """Body of REQUEST: what to generate and how. Exactly one of `messages` or `prompt`."""
 
@@ -208,6 +253,7 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -231,6 +277,10 @@ class GenerationRequest:
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.constraint is not None and self.stop:  # a stop string could cut the output short of valid
+            raise ProtocolError("'stop' cannot be combined with 'constraint'", "stop")
+        if self.constraint is not None:
+            self.constraint.key  # a schema that is not JSON fails here, at the broker
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:
@@ -258,6 +308,7 @@ class GenerationRequest:
             frequency_penalty=_number(fields, "frequency_penalty", 0.0),
             logprobs=_get(fields, "logprobs", bool, False),
             top_logprobs=_get(fields, "top_logprobs", int, 0),
+            constraint=None if fields.get("constraint") is None else Constraint.from_fields(fields["constraint"]),
         )
 
     def to_fields(self) -> dict[str, Any]:
@@ -265,6 +316,8 @@ class GenerationRequest:
         if self.messages is not None:
             fields["messages"] = [asdict(m) for m in self.messages]
         fields["stop"] = list(self.stop)
+        if self.constraint is not None:
+            fields["constraint"] = self.constraint.to_fields()
         return {k: v for k, v in fields.items() if v is not None}
 
 

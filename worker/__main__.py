@@ -11,6 +11,7 @@ from broker import protocol
 from broker.settings import load_settings
 from worker.config import WorkerSettings
 from worker.engine import Engine
+from worker.grammar import GrammarCompiler
 from worker.loader import load_model
 from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
@@ -31,7 +32,8 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
     prompts = PromptEncoder(tokenizer, loaded.model.generation_config.eos_token_id)
     unpenalized = prompts.stop_token_ids | frozenset(tokenizer.all_special_ids)
     runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized)
-    engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length)
+    grammars = GrammarCompiler(tokenizer, prompts.stop_token_ids)  # warmed up now, not in a request's step
+    engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length, grammars)
     ready = protocol.Ready(WorkerServer.make_worker_id(), loaded.names, settings.max_batch, loaded.context_length,
                            limits.max_batch_tokens)
     return engine, ready

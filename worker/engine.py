@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from broker import protocol
 from broker.protocol import ErrorCode, FinishReason, GenerationRequest, ProtocolError
+from worker.grammar import GrammarCompiler
 from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
 from worker.sampling import TokenChoice
@@ -52,11 +53,19 @@ class Engine:
     """Admits requests, runs the scheduler's plan on the runner each step, and turns sampled tokens
     into events. The scheduler alone decides which sequences run."""
 
-    def __init__(self, runner: ModelRunner, prompts: PromptEncoder, scheduler: Scheduler, context_length: int) -> None:
+    def __init__(self, runner: ModelRunner, prompts: PromptEncoder, scheduler: Scheduler, context_length: int,
+                 grammars: GrammarCompiler | None = None) -> None:
         self.runner = runner
         self.prompts = prompts
         self.scheduler = scheduler
         self.context_length = context_length
+        self._grammars = grammars  # built on the first constrained request when not given
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.prompts.tokenizer, self.prompts.stop_token_ids)
+        return self._grammars
 
     @property
     def has_work(self) -> bool:
@@ -66,6 +75,7 @@ class Engine:
         """Queue a request; one that cannot run on this model is answered with an error at once."""
         try:
             prompt_ids = self.prompts.encode(request)
+            grammar = None if request.constraint is None else self.grammars.start(request.constraint)
         except ProtocolError as exc:
             return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
         if not prompt_ids:
@@ -82,7 +92,7 @@ class Engine:
             self._retire([previous])
         tokenizer = self.prompts.tokenizer
         self.scheduler.add(Sequence(request_id, request, prompt_ids, max_tokens,
-                                    Detokenizer(tokenizer, prompt_ids), StopMatcher(request.stop)))
+                                    Detokenizer(tokenizer, prompt_ids), StopMatcher(request.stop), grammar=grammar))
         return []
 
     def cancel(self, request_id: bytes) -> list[Event]:
@@ -150,10 +160,14 @@ class Engine:
         sequence.output_ids.append(choice.token_id)
         sequence.unsent_tokens += 1
         end_of_turn = choice.token_id in self.prompts.stop_token_ids
-        text, stopped = "", False
+        text, stopped, complete = "", False, False
+        if sequence.grammar is not None:
+            sequence.grammar.advance(choice.token_id)
+            # a complete constrained output ends here: its grammar allows nothing but the end of turn
+            complete = sequence.grammar.complete
         if not end_of_turn:
             text, stopped = sequence.stop_matcher.push(sequence.detokenizer.push(choice.token_id))
-        if end_of_turn or stopped:
+        if end_of_turn or stopped or complete:
             sequence.finish_reason = FinishReason.STOP
         elif len(sequence.output_ids) >= sequence.max_tokens:
             sequence.finish_reason = FinishReason.LENGTH

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from broker.protocol import FinishReason, GenerationRequest
+from worker.grammar import RowGrammar
 from worker.text import Detokenizer, StopMatcher
 
 
@@ -21,6 +22,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     unsent_tokens: int = 0  # generated since the last TOKEN frame (held back: part of a character or a stop string)
+    grammar: RowGrammar | None = None  # where a constrained output stands; None: free
 
     @property
     def num_reserved_tokens(self) -> int:
