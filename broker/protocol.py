@@ -223,7 +223,13 @@ class Constraint:
         unknown = sorted(map(str, set(value) - {"type", "schema"}))
         if unknown:
             raise ProtocolError(f"unknown field 'constraint.{unknown[0][:64]}'", "constraint")
-        return cls(_get(value, "type", str, required=True), _get(value, "schema", dict))
+        try:
+            return cls(_get(value, "type", str, required=True), _get(value, "schema", dict))
+        except ProtocolError as exc:
+            if exc.field not in ("type", "schema"):
+                raise
+            name = f"constraint.{exc.field}"  # the name as the caller knows it
+            raise ProtocolError(str(exc).replace(f"'{exc.field}'", f"'{name}'"), name) from None
 
 
 def _canonical_json(value: Any) -> str:
