@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import llguidance
 import llguidance.hf
@@ -52,7 +53,7 @@ class GrammarCompiler:
             if key in self._grammars:
                 self._grammars.move_to_end(key)
                 return self._grammars[key]
-        schema = {"type": "object"} if constraint.schema is None else constraint.schema
+        schema = {"type": "object"} if constraint.schema is None else closed_objects(constraint.schema)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)
             failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
@@ -72,6 +73,35 @@ class GrammarCompiler:
         if matcher.is_error():
             raise ProtocolError(f"the JSON schema cannot be compiled: {matcher.get_error()}", "constraint.schema")
         return RowGrammar(matcher, self.vocab_size)
+
+
+# Keywords whose values are schemas, lists of schemas, or maps of names to schemas.
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+              "additionalProperties", "unevaluatedItems")
+_SUBSCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf")  # not allOf: its parts describe one object together
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def closed_objects(schema: Any) -> Any:
+    """`schema` with every object that lists its properties, and says nothing of others, closed to
+    them (as in OpenAI's strict mode and xgrammar's default): whatever it generates still validates
+    against the schema as sent, and a sampled row does not wander off into keys nobody asked for."""
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(closed.get(key), dict):
+            closed[key] = closed_objects(closed[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(closed.get(key), list):
+            closed[key] = [closed_objects(item) for item in closed[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(closed.get(key), dict):
+            closed[key] = {name: closed_objects(item) for name, item in closed[key].items()}
+    if isinstance(closed.get("properties"), dict) and not any(k in closed for k in _OPEN_KEYWORDS):
+        closed["additionalProperties"] = False
+    return closed
 
 
 class RowGrammar:
