@@ -15,7 +15,7 @@ from tests.test_default_model import PROMPTS, run_engine
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
 from worker.engine import DoneEvent, ErrorEvent, TokenEvent
-from worker.grammar import GrammarCompiler, mask_logits
+from worker.grammar import GrammarCompiler, closed_objects, mask_logits
 from worker.model_source import default_model_dir
 
 pytestmark = pytest.mark.slow  # the default model's tokenizer, and its weights for the engine
@@ -112,3 +112,20 @@ def test_a_constrained_row_ends_where_its_grammar_does_or_says_length(engine):
     assert ends[b"c" * 16].done.finish_reason == FinishReason.LENGTH
     assert isinstance(ends[b"x" * 16], ErrorEvent) and "Invalid type" in ends[b"x" * 16].error.message
     assert isinstance(ends[b"w" * 16], DoneEvent)
+
+
+def test_objects_that_list_their_properties_are_closed():
+    schema = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"b": {"type": "string"}}},
+        "free": {"type": "object"},
+        "open": {"type": "object", "properties": {"c": {}}, "additionalProperties": True},
+        "list": {"type": "array", "items": {"anyOf": [{"type": "object", "properties": {"d": {}}}]}},
+        "data": {"const": {"properties": {}}}}}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    props = closed["properties"]
+    assert props["a"]["additionalProperties"] is False and "additionalProperties" not in props["free"]
+    assert props["open"]["additionalProperties"] is True
+    assert props["list"]["items"]["anyOf"][0]["additionalProperties"] is False
+    assert props["data"] == {"const": {"properties": {}}}  # a value, not a schema: untouched
+    assert "additionalProperties" not in schema  # the caller's schema is left as it was
