@@ -9,7 +9,7 @@ import pytest
 
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.requests import parse_chat
-from frontends.openai_api.tools import parse_tools
+from frontends.openai_api.tools import ReplyStream, parse_tools
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -70,7 +70,8 @@ def test_answers_parse_into_calls_or_content():
     assert reply.content is None and [c.name for c in reply.tool_calls] == ["get_weather"]
     assert json.loads(reply.tool_calls[0].arguments) == {"city": "Paris"} and reply.tool_calls[0].id.startswith("call_")
     assert plan.parse('{"response": "Sunny."}').content == "Sunny."
-    assert plan.parse('{"response": "Sun').content == '{"response": "Sun'  # cut by max_tokens: left as it came
+    assert plan.parse('{"response": "Sun').content == "Sun"  # cut by max_tokens: what there is
+    assert plan.parse("plain words").content == "plain words"  # neither form: as it came
 
 
 def test_the_history_reaches_the_bus_in_the_generic_format():
@@ -102,3 +103,37 @@ def test_response_formats_become_constraints():
     assert constraint({"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}).schema == schema
     with pytest.raises(ApiError, match="cannot be combined"):
         parse_chat({"model": "m", "messages": ASK, "tools": [WEATHER], "response_format": {"type": "json_object"}}, 1)
+
+
+CALLS_TEXT = ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Pa\\"ris \\u00e9"}}, '
+              '{"name": "add", "arguments": {"a": 1, "b": [2, {"c": "}"}]}}]}')
+
+
+def test_a_streamed_answer_gives_each_call_its_id_and_name_then_its_arguments():
+    stream, deltas = ReplyStream(), []
+    for char in CALLS_TEXT:  # one character at a time: every cut a token could make
+        deltas += stream.push(char)
+    assert stream.finish() == [] and stream.has_calls
+    parts = [d["tool_calls"][0] for d in deltas]
+    openings = [p for p in parts if "id" in p]
+    assert [(p["index"], p["function"]["name"], p["function"]["arguments"]) for p in openings] == [
+        (0, "get_weather", ""), (1, "add", "")]
+    arguments = {}
+    for part in parts:
+        arguments[part["index"]] = arguments.get(part["index"], "") + part["function"]["arguments"]
+    assert [json.loads(a) for a in arguments.values()] == [{"city": 'Pa"ris é'}, {"a": 1, "b": [2, {"c": "}"}]}]
+    whole = parse_tools({"tools": [WEATHER, ADD]}).parse(CALLS_TEXT)
+    assert [c.arguments for c in whole.tool_calls] == list(arguments.values())
+
+
+def test_a_streamed_reply_is_content_as_it_comes():
+    text = '{"response": "caf\\u00e9 \\ud83d\\ude00 ok\\n"}'
+    stream, content = ReplyStream(), ""
+    for char in text:
+        for delta in stream.push(char):
+            content += delta["content"]
+    assert content == "café 😀 ok\n" and not stream.has_calls
+    cut = ReplyStream()
+    assert cut.push('{"response": "Sun') == [{"content": "Sun"}] and cut.finish() == []
+    other = ReplyStream()
+    assert other.push("plain") == [] and other.finish() == [{"content": "plain"}]

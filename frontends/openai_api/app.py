@@ -289,8 +289,7 @@ async def _send_events(request: web.Request, response: web.StreamResponse, call:
             if len(done) == len(call.requests):
                 break
         elif item.text or item.logprobs is not None:  # a frame that only counts tokens has nothing to show
-            chunk = responses.delta_chunk(index, item)
-            if chunk is not None:
+            for chunk in responses.delta_chunks(index, item):
                 await _send_event(response, chunk)
         index, item = await anext(events)
     prompt_tokens = sum(d.prompt_tokens for d in done) // call.n

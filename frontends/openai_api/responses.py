@@ -9,10 +9,7 @@ from typing import Any
 from broker.protocol import Done, ModelInfo, TokenDelta, TokenLogprob
 from frontends.client import Completion
 from frontends.openai_api.errors import ApiError
-from frontends.openai_api.tools import Reply, ToolPlan
-
-# Argument text per stream chunk when a call is streamed (OpenAI sends it in small fragments too).
-ARGUMENT_FRAGMENT = 16
+from frontends.openai_api.tools import Reply, ReplyStream, ToolPlan
 
 
 def error_body(error: ApiError) -> dict[str, Any]:
@@ -36,8 +33,8 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _reply_finish_reason(reason: str, reply: Reply | None) -> str:
-    if reply is not None and reply.tool_calls and reason == "stop":
+def _reply_finish_reason(reason: str, made_calls: bool) -> str:
+    if made_calls and reason == "stop":
         return "tool_calls"
     return _finish_reason(reason)
 
@@ -84,9 +81,11 @@ class Responses:
         """Chunks sent before the first token."""
         return []
 
-    def delta_chunk(self, index: int, delta: TokenDelta) -> dict[str, Any] | None:
-        """The chunk for new text; None while the text is held until the answer is whole."""
+    def delta_chunk(self, index: int, delta: TokenDelta) -> dict[str, Any]:
         raise NotImplementedError
+
+    def delta_chunks(self, index: int, delta: TokenDelta) -> list[dict[str, Any]]:
+        return [self.delta_chunk(index, delta)]
 
     def finish_chunk(self, index: int, done: Done) -> dict[str, Any]:
         raise NotImplementedError
@@ -120,41 +119,36 @@ class ChatResponses(Responses):
 
     def __init__(self, model: str, *, include_usage: bool = False, tools: ToolPlan | None = None) -> None:
         super().__init__(model, include_usage=include_usage)
-        # With tools the answer is JSON to read whole: its choices' text is held until they end.
+        # With tools the answer is JSON in the generic format, read as it comes into content or calls.
         self.tools = tools
-        self._held: dict[int, list[str]] = {}
+        self._replies: dict[int, ReplyStream] = {}
 
     def opening_chunks(self, num_choices: int) -> list[dict[str, Any]]:
         """A chat stream's first chunk for each choice: the role alone."""
         return [self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                              "logprobs": None}) for index in range(num_choices)]
 
-    def delta_chunk(self, index: int, delta: TokenDelta) -> dict[str, Any] | None:
-        if self.tools is not None:
-            self._held.setdefault(index, []).append(delta.text)
-            return None
+    def delta_chunk(self, index: int, delta: TokenDelta) -> dict[str, Any]:
         logprobs = _chat_logprobs(delta.logprobs) if delta.logprobs is not None else None
         return self._chunk({"index": index, "delta": {"content": delta.text}, "finish_reason": None,
                             "logprobs": logprobs})
 
-    def finish_chunk(self, index: int, done: Done, reply: Reply | None = None) -> dict[str, Any]:
-        return self._chunk({"index": index, "delta": {}, "finish_reason": _reply_finish_reason(done.finish_reason.value, reply),
-                            "logprobs": None})
+    def finish_chunk(self, index: int, done: Done, made_calls: bool = False) -> dict[str, Any]:
+        return self._chunk({"index": index, "delta": {}, "logprobs": None,
+                            "finish_reason": _reply_finish_reason(done.finish_reason.value, made_calls)})
+
+    def delta_chunks(self, index: int, delta: TokenDelta) -> list[dict[str, Any]]:
+        """The chunks new text brings: one, or with tools as many as the answer's parts it completes."""
+        if self.tools is None:
+            return [self.delta_chunk(index, delta)]
+        reply = self._replies.setdefault(index, ReplyStream())
+        return [self._delta(index, part) for part in reply.push(delta.text)]
 
     def finish_chunks(self, index: int, done: Done) -> list[dict[str, Any]]:
         if self.tools is None:
             return [self.finish_chunk(index, done)]
-        reply = self.tools.parse("".join(self._held.pop(index, [])))
-        if not reply.tool_calls:
-            return [self._delta(index, {"content": reply.content or ""}), self.finish_chunk(index, done, reply)]
-        chunks = []
-        for number, call in enumerate(reply.tool_calls):  # the OpenAI order: id and name, then the arguments
-            chunks.append(self._delta(index, {"tool_calls": [{"index": number, "id": call.id, "type": "function",
-                                                               "function": {"name": call.name, "arguments": ""}}]}))
-            for start in range(0, len(call.arguments), ARGUMENT_FRAGMENT):
-                fragment = call.arguments[start:start + ARGUMENT_FRAGMENT]
-                chunks.append(self._delta(index, {"tool_calls": [{"index": number, "function": {"arguments": fragment}}]}))
-        return [*chunks, self.finish_chunk(index, done, reply)]
+        reply = self._replies.pop(index, ReplyStream())
+        return [*(self._delta(index, part) for part in reply.finish()), self.finish_chunk(index, done, reply.has_calls)]
 
     def _delta(self, index: int, delta: dict[str, Any]) -> dict[str, Any]:
         return self._chunk({"index": index, "delta": delta, "finish_reason": None, "logprobs": None})
@@ -165,7 +159,7 @@ class ChatResponses(Responses):
         message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
         if reply.tool_calls:
             message["tool_calls"] = [call.to_openai() for call in reply.tool_calls]
-        return {"index": index, "finish_reason": _reply_finish_reason(completion.finish_reason, reply),
+        return {"index": index, "finish_reason": _reply_finish_reason(completion.finish_reason, bool(reply.tool_calls)),
                 "message": message, "logprobs": logprobs}
 
 

@@ -78,18 +78,140 @@ class ToolPlan:
         return {"anyOf": [with_calls, text]}
 
     def parse(self, text: str) -> Reply:
-        """The answer as content or calls. Text that is not a whole answer (cut by max_tokens) stays content."""
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return Reply(text)
-        if isinstance(value, dict) and isinstance(value.get("response"), str):
-            return Reply(value["response"])
-        if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
-            return Reply(None, tuple(ToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"],
-                                              json.dumps(call["arguments"], ensure_ascii=False))
-                                     for call in value["tool_calls"]))
+        """The answer as content or calls (a call's arguments as the model wrote them). An answer cut
+        by max_tokens gives what it holds so far; text in neither form stays content as it came."""
+        partial = read_partial(text)
+        if partial.content is not None:
+            return Reply(partial.content)
+        if partial.calls:
+            return Reply(None, tuple(ToolCall(new_call_id(), name, arguments) for name, arguments in partial.calls))
         return Reply(text)
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+# The answer's JSON is compact, with these separators (the worker's grammar writes it so), and its
+# keys come in the schema's order: the start of each part can be recognised as text.
+_REPLY_START = '{"response": "'
+_CALLS_START = '{"tool_calls": ['
+_NAME_START = '{"name": "'
+_ARGUMENTS_START = ', "arguments": '
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """What an answer holds so far: reply text, or calls with their whole names and the arguments
+    text written so far (the last one's may be unfinished)."""
+
+    content: str | None
+    calls: tuple[tuple[str, str], ...] = ()
+
+
+def read_partial(text: str) -> Partial:
+    """Read as much of an answer in the generic format as has been written."""
+    if text.startswith(_REPLY_START):
+        return Partial(_string_prefix(text, len(_REPLY_START))[0])
+    if not text.startswith(_CALLS_START):
+        return Partial(None)
+    calls = []
+    position = len(_CALLS_START)
+    while text.startswith(_NAME_START, position):
+        name, name_end = _string_prefix(text, position + len(_NAME_START))
+        if name_end is None or not text.startswith(_ARGUMENTS_START, name_end + 1):
+            break  # a call is listed once its name is whole
+        start = name_end + 1 + len(_ARGUMENTS_START)
+        end = _value_end(text, start)
+        calls.append((name, text[start:len(text) if end is None else end]))
+        if end is None or not text.startswith("}, ", end):
+            break
+        position = end + 3
+    return Partial(None, tuple(calls))
+
+
+def _string_prefix(text: str, start: int) -> tuple[str, int | None]:
+    """The decoded JSON string that starts at `start` (after its opening quote), as far as it is
+    written, and the index of its closing quote (None: not written yet)."""
+    position, safe = start, start  # safe: where the text so far ends on a whole character
+    while position < len(text):
+        char = text[position]
+        if char == '"':
+            return json.loads(f'"{text[start:position]}"'), position
+        if char == "\\":
+            position += 6 if text.startswith("u", position + 1) else 2
+            if position > len(text):
+                break  # an escape not yet whole
+        else:
+            position += 1
+        safe = position
+    decoded = json.loads(f'"{text[start:safe]}"')
+    if decoded and "\ud800" <= decoded[-1] <= "\udbff":  # half a surrogate pair: wait for the other half
+        decoded = decoded[:-1]
+    return decoded, None
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """The index just past the JSON value that starts at `start`, or None when it is not whole yet."""
+    depth, in_string, escaped = 0, False, False
+    for position in range(start, len(text)):
+        char = text[position]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+                if depth == 0:
+                    return position + 1
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}],":
+            if depth == 0:
+                return position  # a bare number or literal, ended by what follows it
+            if char != ",":
+                depth -= 1
+                if depth == 0:
+                    return position + 1
+    return None
+
+
+class ReplyStream:
+    """One streamed answer: the OpenAI deltas for what each new piece of text completes."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._content_sent = 0
+        self._calls_sent: list[int] = []  # per call opened: the arguments characters sent
+        self.has_calls = False
+
+    def push(self, text: str) -> list[dict[str, Any]]:
+        self.text += text
+        partial = read_partial(self.text)
+        deltas: list[dict[str, Any]] = []
+        if partial.content is not None and len(partial.content) > self._content_sent:
+            deltas.append({"content": partial.content[self._content_sent:]})
+            self._content_sent = len(partial.content)
+        for index, (name, arguments) in enumerate(partial.calls):
+            if index == len(self._calls_sent):  # the OpenAI order: id and name first, then the arguments
+                self.has_calls = True
+                self._calls_sent.append(0)
+                deltas.append({"tool_calls": [{"index": index, "id": new_call_id(), "type": "function",
+                                               "function": {"name": name, "arguments": ""}}]})
+            if len(arguments) > self._calls_sent[index]:
+                deltas.append({"tool_calls": [{"index": index,
+                                               "function": {"arguments": arguments[self._calls_sent[index]:]}}]})
+                self._calls_sent[index] = len(arguments)
+        return deltas
+
+    def finish(self) -> list[dict[str, Any]]:
+        """At the end: text in neither form, sent as it came."""
+        if self._content_sent or self._calls_sent or not self.text or read_partial(self.text).content is not None:
+            return []
+        return [{"content": self.text}]
 
 
 def parse_tools(body: dict[str, Any]) -> ToolPlan | None:
