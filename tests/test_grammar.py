@@ -45,8 +45,8 @@ def test_the_mask_allows_exactly_what_the_grammar_allows(compiler):
 
 
 def test_grammars_are_cached_by_schema(compiler):
-    first = compiler.compiled(Constraint("json_schema", {"type": "object", "properties": {"a": {"type": "string"}}}))
-    again = compiler.compiled(Constraint("json_schema", {"properties": {"a": {"type": "string"}}, "type": "object"}))
+    first = compiler.grammar(Constraint("json_schema", {"type": "object", "properties": {"a": {"type": "string"}}}))
+    again = compiler.grammar(Constraint("json_schema", {"properties": {"a": {"type": "string"}}, "type": "object"}))
     assert first is again
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
     row, other = (compiler.start(Constraint("json_schema", schema)) for _ in "ab")
@@ -54,6 +54,7 @@ def test_grammars_are_cached_by_schema(compiler):
     for token in compiler.tokenizer.tokenize_str('{"a": "x'):  # each row moves on its own
         row.advance(token)
     assert other.matcher.compute_ff_bytes() == b'{"a": "' and row.matcher.compute_ff_bytes() == b""
+    assert not row.complete
 
 
 @pytest.mark.parametrize("schema, reason", [
