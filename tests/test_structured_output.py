@@ -213,7 +213,7 @@ def test_langchain_tools_round_trip(api):
 
 
 def test_langchain_auto_tool_choice_gives_a_call_or_an_answer(api):
-    chat = _chat(api, temperature=0, max_tokens=80).bind_tools([get_weather, add])
+    chat = _chat(api, temperature=0, max_tokens=80).bind_tools([get_weather, add], parallel_tool_calls=False)
     reply = chat.invoke("Add 2 and 3 with the add tool.")
     if reply.tool_calls:
         assert reply.tool_calls[0]["name"] in ("get_weather", "add")
