@@ -189,6 +189,14 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
 class ChatMessage:
     role: str
     content: str
+    name: str | None = None  # the participant's name, for chat templates that show it
+
+    def to_fields(self) -> dict[str, str]:
+        """The entry as the wire and chat templates see it: a name only when there is one."""
+        fields = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            fields["name"] = self.name
+        return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +328,7 @@ class GenerationRequest:
     def to_fields(self) -> dict[str, Any]:
         fields = asdict(self)
         if self.messages is not None:
-            fields["messages"] = [asdict(m) for m in self.messages]
+            fields["messages"] = [m.to_fields() for m in self.messages]
         fields["stop"] = list(self.stop)
         if self.constraint is not None:
             fields["constraint"] = self.constraint.to_fields()
@@ -336,7 +344,10 @@ def _chat_message(index: int, value: Any) -> ChatMessage:
         raise ProtocolError(f"'{name}.role' must be system, user or assistant, got {_quote(role)}", f"{name}.role")
     if not isinstance(content, str):
         raise ProtocolError(f"'{name}.content' must be a string", f"{name}.content")
-    return ChatMessage(role, content)
+    participant = value.get("name")
+    if participant is not None and not isinstance(participant, str):
+        raise ProtocolError(f"'{name}.name' must be a string", f"{name}.name")
+    return ChatMessage(role, content, participant)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,10 @@ def test_generation_request_round_trip():
     })
     assert GenerationRequest.from_fields(request.to_fields()) == request
     assert request.messages[1] == protocol.ChatMessage("user", "hi")
+    named = GenerationRequest.from_fields({"model": "m", "messages": [{"role": "user", "content": "hi", "name": "ann"}]})
+    assert named.messages[0].name == "ann" and named.to_fields()["messages"] == [
+        {"role": "user", "content": "hi", "name": "ann"}]
+    assert request.to_fields()["messages"][1] == {"role": "user", "content": "hi"}  # no name: no key
     assert GenerationRequest.from_fields({"model": "m", "prompt": "a", "top_k": -1}).top_k == 0  # vLLM's "off"
 
 

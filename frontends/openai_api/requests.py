@@ -187,8 +187,8 @@ def _required(body: dict, name: str, kind: type | tuple) -> Any:
 
 
 def _messages(messages: list) -> list[dict[str, str]]:
-    """The chat as the bus carries it: tool calls and tool results written in the generic tool format.
-    A participant's `name` is dropped (the chat templates served so far have no place for it)."""
+    """The chat as the bus carries it: tool calls and tool results written in the generic tool format,
+    and a participant's `name` passed on (to the templates that show it)."""
     called: dict[str, str] = {}  # tool call id -> function name, for the results that follow
     chat = []
     for index, message in enumerate(messages):
@@ -214,7 +214,8 @@ def _messages(messages: list) -> list[dict[str, str]]:
             content = _content(message.get("content"), f"{param}.content")
         if message["role"] == "tool":
             content = tool_result_text(message, content, called)
-        chat.append({"role": role, "content": content})
+        chat.append({"role": role, "content": content,
+                     **({"name": message["name"]} if message.get("name") is not None else {})})
     return chat
 
 
