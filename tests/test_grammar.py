@@ -136,3 +136,25 @@ def test_objects_that_list_their_properties_are_closed():
     assert props["list"]["items"]["anyOf"][0]["additionalProperties"] is False
     assert props["data"] == {"const": {"properties": {}}}  # a value, not a schema: untouched
     assert "additionalProperties" not in schema  # the caller's schema is left as it was
+
+
+def test_a_token_its_grammar_refuses_fails_that_row_alone(engine, monkeypatch):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 4}
+    refusing = {"constraint": {"type": "json_schema", "schema": PERSON}}
+    original = engine.runner.sampler.sample
+
+    def without_mask(logits, sequences):  # as if the mask had let a forbidden token through
+        grammars = [s.grammar for s in sequences]
+        for s in sequences:
+            s.grammar = None
+        try:
+            return original(logits, sequences)
+        finally:
+            for s, grammar in zip(sequences, grammars):
+                s.grammar = grammar
+
+    monkeypatch.setattr(engine.runner.sampler, "sample", without_mask)
+    texts, ends = _collect(engine, {b"r" * 16: {**body, **refusing}, b"f" * 16: body})
+    assert isinstance(ends[b"r" * 16], ErrorEvent) and "refused" in ends[b"r" * 16].error.message
+    assert isinstance(ends[b"f" * 16], DoneEvent) and ends[b"f" * 16].done.completion_tokens == 4
+    assert not engine.has_work

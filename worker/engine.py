@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from broker import protocol
 from broker.protocol import ErrorCode, FinishReason, GenerationRequest, ProtocolError
-from worker.grammar import GrammarCompiler
+from worker.grammar import GrammarCompiler, GrammarRefused
 from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
 from worker.sampling import TokenChoice
@@ -142,13 +142,20 @@ class Engine:
             self._accept(decoding, self.runner.decode(decoding), events)
 
     def _accept(self, sequences: list[Sequence], choices: list[TokenChoice], events: list[Event]) -> None:
+        refused = []
         for sequence, choice in zip(sequences, choices):
-            delta = self._extend(sequence, choice)
+            try:
+                delta = self._extend(sequence, choice)
+            except GrammarRefused as exc:  # a bug must cost its own row, never the batch
+                log.error("request %s: %s", sequence.request_id.hex(), exc)
+                refused.append(sequence)
+                events.append(_error(sequence.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}"))
+                continue
             if delta is not None:
                 events.append(TokenEvent(sequence.request_id, delta))
             if sequence.finished:
                 events.append(self._done(sequence))
-        self._retire([s for s in sequences if s.finished])
+        self._retire([s for s in sequences if s.finished] + refused)
 
     def _extend(self, sequence: Sequence, choice: TokenChoice) -> protocol.TokenDelta | None:
         """Add one sampled token to `sequence`; returns the TOKEN frame it brings, if any.

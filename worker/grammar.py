@@ -102,6 +102,10 @@ def closed_objects(schema: Any) -> Any:
     return closed
 
 
+class GrammarRefused(RuntimeError):
+    """A row's sampled token was not one its grammar allows (the mask should have made that impossible)."""
+
+
 class RowGrammar:
     """Where one row stands in its grammar: which tokens may come next, and whether it may end."""
 
@@ -112,7 +116,7 @@ class RowGrammar:
     def advance(self, token_id: int) -> None:
         """Take the sampled token (always one the mask allowed)."""
         if not self.matcher.consume_token(token_id):
-            raise RuntimeError(f"the grammar refused token {token_id}: {self.matcher.get_error()}")
+            raise GrammarRefused(f"the grammar refused token {token_id}: {self.matcher.get_error()}")
 
     @property
     def complete(self) -> bool:
