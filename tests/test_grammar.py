@@ -45,8 +45,8 @@ def test_the_mask_allows_exactly_what_the_grammar_allows(compiler):
 
 
 def test_grammars_are_cached_by_schema(compiler):
-    first = compiler.grammar(Constraint("json_schema", {"type": "object", "properties": {"a": {"type": "string"}}}))
-    again = compiler.grammar(Constraint("json_schema", {"properties": {"a": {"type": "string"}}, "type": "object"}))
+    first = compiler.compiled(Constraint("json_schema", {"type": "object", "properties": {"a": {"type": "string"}}}))
+    again = compiler.compiled(Constraint("json_schema", {"properties": {"a": {"type": "string"}}, "type": "object"}))
     assert first is again
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
     row, other = (compiler.start(Constraint("json_schema", schema)) for _ in "ab")

@@ -3,10 +3,10 @@
 llguidance computes the mask of tokens a grammar allows next, lazily and per row (about 0.1 ms for a
 row of this vocabulary on a CPU), so constrained and free rows share one batch: the sampler applies
 the masks of the constrained rows to their logits and leaves the others untouched. A schema is
-checked once, when its first request is admitted, and its grammar cached by the schema's canonical
-text; each row then gets a matcher of its own (about a millisecond, ten for a large schema, spent
-between two steps). A copy of a cached matcher (`deep_copy`) starts faster, but the first copy
-computed each of its masks in over 100 ms when measured: a fresh matcher is the safe choice.
+compiled once, when its first request is admitted between two steps (about a millisecond, ten for a
+large schema), and the matcher cached by the schema's canonical text; each row starts from a copy
+(tens of microseconds), and copies share what the matcher has learnt of its lexer: 8 rows' masks
+took 0.2-0.6 ms a step from copies against 0.5-1.1 ms from matchers compiled afresh.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import llguidance.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from broker.protocol import Constraint, ProtocolError
 
-# This many distinct schemas stay cached (a grammar is a few kilobytes of text).
+# This many distinct schemas stay compiled.
 MAX_CACHED_GRAMMARS = 256
 # The compact separators OpenAI's own structured outputs use; a flexible whitespace pattern would
 # let a sampled row spend its tokens on blank lines.
@@ -37,7 +38,7 @@ class GrammarCompiler:
         # The model's end of turn is where a grammar may end: the matcher allows it once the output is complete.
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=sorted(end_of_turn_ids))
         self.vocab_size = self.tokenizer.vocab_size
-        self._grammars: OrderedDict[str, str] = OrderedDict()  # checked grammars, by constraint key
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # by constraint key, never advanced
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -46,31 +47,29 @@ class GrammarCompiler:
         matcher = self.start(Constraint("json_object"))
         mask_logits(torch.zeros(1, self.vocab_size), [0], [matcher])
 
-    def grammar(self, constraint: Constraint) -> str:
-        """`constraint`'s grammar, checked by compiling it once; ProtocolError says why it cannot be."""
+    def compiled(self, constraint: Constraint) -> llguidance.LLMatcher:
+        """`constraint` compiled, from the cache when it was seen before; ProtocolError says why it cannot be."""
         key = constraint.key
-        if key in self._grammars:
-            self._grammars.move_to_end(key)
-            return self._grammars[key]
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
         schema = {"type": "object"} if constraint.schema is None else closed_objects(constraint.schema)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)
-            failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+            matcher = llguidance.LLMatcher(self.tokenizer, grammar)
+            error = matcher.get_error() if matcher.is_error() else None
         except (ValueError, TypeError, RuntimeError) as exc:
-            failed, messages = True, [str(exc)]
-        if failed:
-            raise ProtocolError(f"the JSON schema cannot be compiled: {'; '.join(messages)}", "constraint.schema")
-        self._grammars[key] = grammar
-        while len(self._grammars) > MAX_CACHED_GRAMMARS:
-            self._grammars.popitem(last=False)
-        return grammar
+            error = str(exc)
+        if error is not None:
+            raise ProtocolError(f"the JSON schema cannot be compiled: {error}", "constraint.schema")
+        self._compiled[key] = matcher
+        while len(self._compiled) > MAX_CACHED_GRAMMARS:
+            self._compiled.popitem(last=False)
+        return matcher
 
     def start(self, constraint: Constraint) -> RowGrammar:
         """A matcher at the start of `constraint`'s grammar, for one row."""
-        matcher = llguidance.LLMatcher(self.tokenizer, self.grammar(constraint))
-        if matcher.is_error():  # checked with the grammar already; a limit of the engine's could still bite
-            raise ProtocolError(f"the JSON schema cannot be compiled: {matcher.get_error()}", "constraint.schema")
-        return RowGrammar(matcher, self.vocab_size)
+        return RowGrammar(self.compiled(constraint).deep_copy(), self.vocab_size)
 
 
 # Keywords whose values are schemas, lists of schemas, or maps of names to schemas.
@@ -125,22 +124,22 @@ class RowGrammar:
 
 
 def mask_logits(scores: torch.Tensor, rows: list[int], grammars: list[RowGrammar]) -> torch.Tensor:
-    """`scores` ([B, V]) with every token its grammar forbids at -inf in each of `rows`; a new tensor
-    when any row is masked. Columns past the tokenizer's vocabulary (padding of the embedding) are never allowed."""
+    """Set to -inf, in place, every token its grammar forbids in each of `rows` of `scores` ([B, V]);
+    the other rows are untouched. Columns past the tokenizer's vocabulary (padding of the embedding)
+    are never allowed. Returns `scores`."""
     vocab_size = grammars[0].vocab_size
     bitmask = llguidance.torch.allocate_token_bitmask(len(rows), vocab_size)  # [R, ceil(V/32)] int32
     for index, grammar in enumerate(grammars):
         llguidance.torch.fill_next_token_bitmask(grammar.matcher, bitmask, index)
-    # Unpacked with plain tensor ops: llguidance's own kernel goes through torch.compile, which wants
-    # a C++ compiler on a CPU host and compiles for seconds on first use.
-    bits = (bitmask.to(scores.device).unsqueeze(-1) >> _BIT_SHIFTS.to(scores.device)) & 1  # [R, W, 32]
-    allowed = torch.zeros(len(rows), scores.shape[1], dtype=torch.bool, device=scores.device)  # [R, V]
+    # Unpacked by numpy (bit i of word w is token 32w + i, little-endian) and applied row by row in
+    # place: 0.3 ms for 8 rows, where gathering and scattering the rows in torch took 2 ms (a third
+    # of a decode step), and llguidance's own kernel goes through torch.compile, which wants a C++
+    # compiler on a CPU host.
     width = min(vocab_size, scores.shape[1])
-    allowed[:, :width] = bits.flatten(1)[:, :width].bool()
-    scores = scores.clone()
-    index = torch.tensor(rows, device=scores.device)
-    scores[index] = scores[index].masked_fill(~allowed, float("-inf"))
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=width, bitorder="little")  # [R, width]
+    forbidden = torch.ones(len(rows), scores.shape[1], dtype=torch.bool)  # [R, V]: past the vocabulary too
+    forbidden[:, :width] = torch.from_numpy(bits == 0)
+    forbidden = forbidden.to(scores.device)
+    for index, row in enumerate(rows):
+        scores[row].masked_fill_(forbidden[index], float("-inf"))
     return scores
-
-
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)

@@ -57,7 +57,7 @@ class Sampler:
             raw_logprobs = F.log_softmax(logits, dim=-1)  # of the model's own distribution, before penalties
         scores = apply_penalties(logits, sequences, self.unpenalized_ids)
         constrained = [row for row, s in enumerate(sequences) if s.grammar is not None]
-        if constrained:  # only those rows change: a free row's scores are the same with or without them
+        if constrained:  # in place, only those rows: a free row's scores are the same with or without them
             scores = mask_logits(scores, constrained, [sequences[row].grammar for row in constrained])
         greedy = scores.argmax(dim=-1).tolist()  # one call (and one device sync) for the whole batch
         choices = []
