@@ -22,6 +22,7 @@ from bench.baseline import generate_tokens_per_second
 from bench.load import LevelResult, run_level
 from bench.report import draw_chart, table, write_json
 from bench.stack import LocalStack
+from bench.structured import StructuredResult, run_structured
 from broker.settings import cli_config, load_settings
 from worker.loader import pick_device, pick_dtype
 from worker.model_source import resolve
@@ -44,6 +45,8 @@ class BenchSettings(BaseSettings):
     dtype: str = Field("auto", description="worker --dtype, and the dtype of the plain generate baseline")
     worker_args: list[str] = Field([], description="more flags for the local worker (e.g. --load-8bit)")
     skip_generate: bool = Field(False, description="skip the plain generate baseline")
+    structured_concurrency: int = Field(
+        16, ge=0, description="streams for the run with half the requests bound to a JSON schema; 0 skips it")
     output_dir: Path = Field(Path("bench/results"), description="where bench.json and bench.png go")
     embed_concurrency: list[int] = Field([1, 8, 32], description="concurrent /v1/embeddings requests to sweep; [] skips")
     embed_model: str | None = Field(None, description="embedding worker --model (default: all-MiniLM-L6-v2)")
@@ -65,6 +68,23 @@ async def sweep(settings: BenchSettings, base_url: str, model: str, concurrency_
         levels.append(level)
     await client.close()
     return levels
+
+
+def structured_run(settings: BenchSettings, base_url: str, model: str) -> StructuredResult | None:
+    concurrency = settings.structured_concurrency
+    if not concurrency:
+        return None
+
+    async def run() -> StructuredResult:
+        async with AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) as client:
+            count = max(settings.min_requests, settings.requests_per_level * concurrency)
+            return await run_structured(client, model, concurrency, count, settings.max_tokens, 100_000)
+
+    print(f"  {concurrency} streams, half of them bound to a JSON schema, against all free ...", flush=True)
+    result = asyncio.run(run())
+    for line in result.lines():
+        print("  " + line, flush=True)
+    return result
 
 
 def main() -> None:
@@ -89,8 +109,10 @@ def bench_chat(settings: BenchSettings) -> None:
         print(f"plain generate on {source.location}, {device}, {dtype} ...", flush=True)
         generate_tps = generate_tokens_per_second(source.location, settings.max_tokens, device, dtype)
     two_workers: list[LevelResult] = []
+    structured: StructuredResult | None = None
     if settings.api_url:
         levels = asyncio.run(sweep(settings, settings.api_url, model, settings.concurrency))
+        structured = structured_run(settings, settings.api_url, model)
     else:
         worker_args = ["--max-batch", str(settings.max_batch), "--device", settings.device, "--dtype", settings.dtype,
                        *settings.worker_args]
@@ -99,6 +121,7 @@ def bench_chat(settings: BenchSettings) -> None:
         with LocalStack(worker_args) as stack:
             print(f"stack up at {stack.api_url}; sweeping {settings.concurrency} streams", flush=True)
             levels = asyncio.run(sweep(settings, stack.api_url, model, settings.concurrency))
+            structured = structured_run(settings, stack.api_url, model)
         if settings.two_worker_concurrency:
             with LocalStack(worker_args, num_workers=2) as stack:
                 print(f"two workers up at {stack.api_url}; sweeping {settings.two_worker_concurrency} streams",
@@ -107,6 +130,9 @@ def bench_chat(settings: BenchSettings) -> None:
     print()
     print(table(levels, generate_tps, two_workers))
     settings.output_dir.mkdir(parents=True, exist_ok=True)
+    if structured is not None:
+        print("\n" + "\n".join(structured.lines()))
+        structured.write_json(settings.output_dir / "structured.json")
     recorded = settings.model_dump(mode="json") | {"machine": platform.processor() or platform.machine()}
     write_json(settings.output_dir / "bench.json", levels, generate_tps, recorded, two_workers)
     draw_chart(settings.output_dir / "bench.png", levels, generate_tps,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from openai import AsyncOpenAI
 
@@ -45,13 +47,15 @@ class LevelResult:
     decode_rate_p50: float
 
 
-async def one_request(client: AsyncOpenAI, model: str, index: int, max_tokens: int) -> RequestResult:
+async def one_request(client: AsyncOpenAI, model: str, index: int, max_tokens: int,
+                      extra: dict[str, Any] | None = None) -> RequestResult:
+    """One greedy streamed chat request; `extra` adds request fields (e.g. a response_format)."""
     start = time.perf_counter()
     ttft, tokens = None, 0
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt(index)}], max_tokens=max_tokens,
-            temperature=0, stream=True, stream_options={"include_usage": True})
+            temperature=0, stream=True, stream_options={"include_usage": True}, **(extra or {}))
         async for chunk in stream:
             if ttft is None and chunk.choices and chunk.choices[0].delta.content:
                 ttft = time.perf_counter() - start
@@ -64,13 +68,13 @@ async def one_request(client: AsyncOpenAI, model: str, index: int, max_tokens: i
 
 
 async def run_level(client: AsyncOpenAI, model: str, concurrency: int, num_requests: int, max_tokens: int,
-                    first_index: int) -> LevelResult:
-    """`num_requests` requests, at most `concurrency` in flight at once."""
+                    first_index: int, extra_for: Callable[[int], dict[str, Any] | None] | None = None) -> LevelResult:
+    """`num_requests` requests, at most `concurrency` in flight at once; `extra_for(index)` adds fields to some."""
     gate = asyncio.Semaphore(concurrency)
 
     async def gated(index: int) -> RequestResult:
         async with gate:
-            return await one_request(client, model, index, max_tokens)
+            return await one_request(client, model, index, max_tokens, extra_for(index) if extra_for else None)
 
     start = time.perf_counter()
     results = await asyncio.gather(*(gated(first_index + i) for i in range(num_requests)))

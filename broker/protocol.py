@@ -30,6 +30,7 @@ MAX_COUNT = 2**31 - 1  # largest max_tokens and top_k
 MAX_ERROR_MESSAGE = 2000  # characters of an ERROR's message; longer ones are cut
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer
 MAX_EMBED_INPUTS = 128  # inputs of one EMBED; its answer (inputs x dimensions x 4 bytes) must fit in a body
+CONSTRAINT_TYPES = ("json_object", "json_schema")
 
 
 class Command(str, enum.Enum):
@@ -201,6 +202,64 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
 class ChatMessage:
     role: str
     content: str
+    name: str | None = None  # the participant's name, for chat templates that show it
+
+    def to_fields(self) -> dict[str, str]:
+        """The entry as the wire and chat templates see it: a name only when there is one."""
+        fields = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            fields["name"] = self.name
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """What a constrained output must be: any JSON object, or JSON valid against `schema`.
+
+    Its fields are plain msgpack values, so a schema reaches the worker as sent."""
+
+    type: str
+    schema: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in CONSTRAINT_TYPES:
+            raise ProtocolError(f"'constraint.type' must be one of {', '.join(CONSTRAINT_TYPES)}, got "
+                                f"{_quote(self.type)}", "constraint.type")
+        if (self.type == "json_schema") != (self.schema is not None):
+            raise ProtocolError("'constraint.schema' is required with type json_schema, and only then",
+                                "constraint.schema")
+
+    @property
+    def key(self) -> str:
+        """The same constraint always has the same key (compiled grammars are cached by it)."""
+        return self.type + ":" + _canonical_json(self.schema)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"type": self.type} if self.schema is None else {"type": self.type, "schema": self.schema}
+
+    @classmethod
+    def from_fields(cls, value: Any) -> Constraint:
+        if not isinstance(value, dict):
+            raise ProtocolError("'constraint' must be a map", "constraint")
+        unknown = sorted(map(str, set(value) - {"type", "schema"}))
+        if unknown:
+            raise ProtocolError(f"unknown field 'constraint.{unknown[0][:64]}'", "constraint")
+        try:
+            return cls(_get(value, "type", str, required=True), _get(value, "schema", dict))
+        except ProtocolError as exc:
+            if exc.field not in ("type", "schema"):
+                raise
+            name = f"constraint.{exc.field}"  # the name as the caller knows it
+            raise ProtocolError(str(exc).replace(f"'{exc.field}'", f"'{name}'"), name) from None
+
+
+def _canonical_json(value: Any) -> str:
+    import json  # only for keys; the wire stays msgpack
+
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:  # bin values or non-string keys: no JSON schema has them
+        raise ProtocolError(f"'constraint.schema' is not JSON: {exc}", "constraint.schema") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +280,7 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -244,6 +304,10 @@ class GenerationRequest:
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.constraint is not None and self.stop:  # a stop string could cut the output short of valid
+            raise ProtocolError("'stop' cannot be combined with 'constraint'", "stop")
+        if self.constraint is not None:
+            self.constraint.key  # a schema that is not JSON fails here, at the broker
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:
@@ -271,13 +335,16 @@ class GenerationRequest:
             frequency_penalty=_number(fields, "frequency_penalty", 0.0),
             logprobs=_get(fields, "logprobs", bool, False),
             top_logprobs=_get(fields, "top_logprobs", int, 0),
+            constraint=None if fields.get("constraint") is None else Constraint.from_fields(fields["constraint"]),
         )
 
     def to_fields(self) -> dict[str, Any]:
         fields = asdict(self)
         if self.messages is not None:
-            fields["messages"] = [asdict(m) for m in self.messages]
+            fields["messages"] = [m.to_fields() for m in self.messages]
         fields["stop"] = list(self.stop)
+        if self.constraint is not None:
+            fields["constraint"] = self.constraint.to_fields()
         return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -290,7 +357,10 @@ def _chat_message(index: int, value: Any) -> ChatMessage:
         raise ProtocolError(f"'{name}.role' must be system, user or assistant, got {_quote(role)}", f"{name}.role")
     if not isinstance(content, str):
         raise ProtocolError(f"'{name}.content' must be a string", f"{name}.content")
-    return ChatMessage(role, content)
+    participant = value.get("name")
+    if participant is not None and not isinstance(participant, str):
+        raise ProtocolError(f"'{name}.name' must be a string", f"{name}.name")
+    return ChatMessage(role, content, participant)
 
 
 @dataclass(frozen=True, slots=True)

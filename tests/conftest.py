@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from worker.threads import prepare_openmp_environment
+
+# Engines built inside the test process wait as a worker's do: before any test module loads torch
+# (with OpenMP's default spinning, a busy host made their steps about ten times slower).
+prepare_openmp_environment()
+
 from collections.abc import Iterator
 from pathlib import Path
 

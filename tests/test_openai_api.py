@@ -241,14 +241,18 @@ def test_text_completions(api):
     ({"model": TINY_MODEL, "messages": HELLO, "max_completion_tokens": 0}, "max_completion_tokens"),
     ({"model": TINY_MODEL, "messages": HELLO, "n": 0}, "n"),
     ({"model": TINY_MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"model": TINY_MODEL, "messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
-    ({"model": TINY_MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"model": TINY_MODEL, "messages": HELLO, "tools": [{"type": "function"}]}, "tools[0]"),
+    ({"model": TINY_MODEL, "messages": HELLO, "tool_choice": "required"}, "tool_choice"),
+    ({"model": TINY_MODEL, "messages": HELLO, "response_format": {"type": "yaml"}}, "response_format"),
+    ({"model": TINY_MODEL, "messages": HELLO, "response_format": {"type": "json_object"}, "stop": ["}"]}, "stop"),
+    ({"model": TINY_MODEL, "messages": HELLO, "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"model": TINY_MODEL, "messages": [{"role": "critic", "content": "x"}]}, "messages[0].role"),
     ({"model": TINY_MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
     ({"model": TINY_MODEL, "messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"model": TINY_MODEL, "messages": HELLO, "stream": True, "stream_options": []}, "stream_options"),
     ({"model": TINY_MODEL, "messages": HELLO, "stream": True, "stream_options": {"include_usage": "no"}},
      "stream_options.include_usage"),
-    ({"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "messages[0].name"),
+    ({"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name"),
     ({"model": TINY_MODEL, "messages": HELLO, "user": 5}, "user"),
     ({"model": TINY_MODEL, "messages": HELLO, "seed": 2**70}, "seed"),
     ({"model": TINY_MODEL, "messages": HELLO, "max_tokens": 2**70}, "max_tokens"),
@@ -261,6 +265,17 @@ def test_bad_requests_get_400_naming_the_param(api, body, param):
     assert status == 400, error
     validate("ErrorResponse", error)
     assert error["error"]["param"] == param
+
+
+def test_a_schema_the_worker_cannot_compile_is_400_saying_why(api):
+    for stream in (False, True):
+        status, error = post(api.url + "/v1/chat/completions", {
+            "model": TINY_MODEL, "messages": HELLO, "stream": stream, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 3,
+                                                                              "maxLength": 1}}}})
+        assert status == 400, error
+        validate("ErrorResponse", error)
+        assert "cannot be compiled" in error["error"]["message"] and "minLength" in error["error"]["message"]
 
 
 @pytest.mark.parametrize("body, param", [
@@ -303,6 +318,11 @@ def test_harmless_values_of_unsupported_fields_are_accepted(api):
     status, body = post(api.url + "/v1/chat/completions", {"model": TINY_MODEL, "messages": HELLO, "max_tokens": 2,
                                                            "top_logprobs": 0})
     assert status == 200
+    # bookkeeping fields, a participant's name, and plain text as the response format change nothing
+    status, body = post(api.url + "/v1/chat/completions", {
+        "model": TINY_MODEL, "messages": [{"role": "user", "content": "Hello there", "name": "alice"}], "max_tokens": 2,
+        "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "response_format": {"type": "text"}})
+    assert status == 200, body
 
 
 def test_prompt_over_the_context_is_400_naming_the_input(api):

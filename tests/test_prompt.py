@@ -49,3 +49,13 @@ def test_the_end_of_turn_token_comes_from_the_template_when_eos_is_another(token
     other.chat_template = tokenizer.chat_template.replace("message['content']", content)
     encoder = PromptEncoder(other, other.eos_token_id)
     assert encoder.stop_token_ids == {other.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+
+
+def test_a_participants_name_reaches_templates_that_show_it(tokenizer):
+    named = copy.deepcopy(tokenizer)
+    named.chat_template = "{% for m in messages %}{{ m['name'] ~ ': ' if m['name'] is defined }}{{ m['content'] }}\n{% endfor %}"
+    request = GenerationRequest.from_fields({"model": "m", "messages": [
+        {"role": "user", "content": "Hi", "name": "alice"}, {"role": "user", "content": "Hello"}]})
+    assert named.decode(PromptEncoder(named, tokenizer.eos_token_id).encode(request)) == "alice: Hi\nHello\n"
+    plain = PromptEncoder(tokenizer, tokenizer.eos_token_id)  # SmolLM2's template: the name is not shown
+    assert plain.encode(request) == plain.encode(chat("Hi", "Hello"))

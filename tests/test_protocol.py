@@ -29,6 +29,10 @@ def test_generation_request_round_trip():
     })
     assert GenerationRequest.from_fields(request.to_fields()) == request
     assert request.messages[1] == protocol.ChatMessage("user", "hi")
+    named = GenerationRequest.from_fields({"model": "m", "messages": [{"role": "user", "content": "hi", "name": "ann"}]})
+    assert named.messages[0].name == "ann" and named.to_fields()["messages"] == [
+        {"role": "user", "content": "hi", "name": "ann"}]
+    assert request.to_fields()["messages"][1] == {"role": "user", "content": "hi"}  # no name: no key
     assert GenerationRequest.from_fields({"model": "m", "prompt": "a", "top_k": -1}).top_k == 0  # vLLM's "off"
 
 
@@ -100,3 +104,35 @@ def test_ready_needs_models_and_capacity():
         protocol.Ready.from_fields({"worker_id": "w", "models": [], "capacity": 1})
     with pytest.raises(ProtocolError):
         protocol.Ready.from_fields({"worker_id": "w", "models": ["m"], "capacity": 0})
+
+
+def test_constraint_round_trip_and_checks():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    request = GenerationRequest.from_fields({"model": "m", "prompt": "x",
+                                             "constraint": {"type": "json_schema", "schema": schema}})
+    assert GenerationRequest.from_fields(request.to_fields()) == request
+    assert request.constraint == protocol.Constraint("json_schema", schema)
+    assert GenerationRequest.from_fields({"model": "m", "prompt": "x", "constraint": {"type": "json_object"}}
+                                         ).constraint.schema is None
+    reordered = protocol.Constraint("json_schema", {"required": ["a"], "properties": schema["properties"], "type": "object"})
+    assert reordered.key == request.constraint.key
+
+
+@pytest.mark.parametrize("constraint, field", [
+    ("json", "constraint"),
+    ({"type": "regex"}, "constraint.type"),
+    ({"type": "json_schema"}, "constraint.schema"),
+    ({"type": "json_object", "schema": {}}, "constraint.schema"),
+    ({"type": "json_schema", "schema": []}, "constraint.schema"),
+    ({"type": "json_schema", "schema": {"const": b"\x00"}}, "constraint.schema"),
+    ({"type": "json_object", "grammar": "x"}, "constraint"),
+])
+def test_malformed_constraints_are_refused(constraint, field):
+    with pytest.raises(ProtocolError) as caught:
+        GenerationRequest.from_fields({"model": "m", "prompt": "x", "constraint": constraint})
+    assert caught.value.field == field
+
+
+def test_a_constraint_takes_no_stop_strings():
+    with pytest.raises(ProtocolError, match="stop"):
+        GenerationRequest.from_fields({"model": "m", "prompt": "x", "stop": ["}"], "constraint": {"type": "json_object"}})

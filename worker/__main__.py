@@ -13,6 +13,7 @@ from worker.config import WorkerSettings
 from worker.embedder import Embedder
 from worker.embedding_source import is_sentence_transformers_folder, resolve_embedding_model
 from worker.engine import Engine
+from worker.grammar import GrammarCompiler
 from worker.loader import load_model, pick_device
 from worker.prefix_cache import BLOCK_SIZE, PrefixStore
 from worker.prompt import PromptEncoder
@@ -35,7 +36,8 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
     unpenalized = prompts.stop_token_ids | frozenset(tokenizer.all_special_ids)
     prefixes = PrefixStore(max(settings.prefix_cache_tokens, BLOCK_SIZE)) if settings.prefix_cache_tokens else None
     runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized, prefixes)
-    engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length)
+    grammars = GrammarCompiler(tokenizer, prompts.stop_token_ids)  # warmed up now, not in a request's step
+    engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length, grammars)
     ready = protocol.Ready(WorkerServer.make_worker_id(), loaded.names, settings.max_batch, loaded.context_length,
                            limits.max_batch_tokens, prefixes.budget if prefixes else 0)
     return engine, ready

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from broker import protocol
 from broker.protocol import ErrorCode, FinishReason, GenerationRequest, ProtocolError
+from worker.grammar import GrammarCompiler, GrammarRefused
 from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
 from worker.sampling import TokenChoice
@@ -52,11 +53,19 @@ class Engine:
     """Admits requests, runs the scheduler's plan on the runner each step, and turns sampled tokens
     into events. The scheduler alone decides which sequences run."""
 
-    def __init__(self, runner: ModelRunner, prompts: PromptEncoder, scheduler: Scheduler, context_length: int) -> None:
+    def __init__(self, runner: ModelRunner, prompts: PromptEncoder, scheduler: Scheduler, context_length: int,
+                 grammars: GrammarCompiler | None = None) -> None:
         self.runner = runner
         self.prompts = prompts
         self.scheduler = scheduler
         self.context_length = context_length
+        self._grammars = grammars  # built on the first constrained request when not given
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.prompts.tokenizer, self.prompts.stop_token_ids)
+        return self._grammars
 
     @property
     def has_work(self) -> bool:
@@ -66,6 +75,7 @@ class Engine:
         """Queue a request; one that cannot run on this model is answered with an error at once."""
         try:
             prompt_ids = self.prompts.encode(request)
+            grammar = None if request.constraint is None else self.grammars.start(request.constraint)
         except ProtocolError as exc:
             return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
         if not prompt_ids:
@@ -82,7 +92,7 @@ class Engine:
             self._retire([previous])
         tokenizer = self.prompts.tokenizer
         self.scheduler.add(Sequence(request_id, request, prompt_ids, max_tokens,
-                                    Detokenizer(tokenizer, prompt_ids), StopMatcher(request.stop)))
+                                    Detokenizer(tokenizer, prompt_ids), StopMatcher(request.stop), grammar=grammar))
         return []
 
     def cancel(self, request_id: bytes) -> list[Event]:
@@ -136,13 +146,20 @@ class Engine:
             self._accept(decoding, self.runner.decode(decoding), events)
 
     def _accept(self, sequences: list[Sequence], choices: list[TokenChoice], events: list[Event]) -> None:
+        refused = []
         for sequence, choice in zip(sequences, choices):
-            delta = self._extend(sequence, choice)
+            try:
+                delta = self._extend(sequence, choice)
+            except GrammarRefused as exc:  # a bug must cost its own row, never the batch
+                log.error("request %s: %s", sequence.request_id.hex(), exc)
+                refused.append(sequence)
+                events.append(_error(sequence.request_id, ErrorCode.INTERNAL, f"the worker failed: {exc}"))
+                continue
             if delta is not None:
                 events.append(TokenEvent(sequence.request_id, delta))
             if sequence.finished:
                 events.append(self._done(sequence))
-        self._retire([s for s in sequences if s.finished])
+        self._retire([s for s in sequences if s.finished] + refused)
 
     def _extend(self, sequence: Sequence, choice: TokenChoice) -> protocol.TokenDelta | None:
         """Add one sampled token to `sequence`; returns the TOKEN frame it brings, if any.
@@ -154,10 +171,14 @@ class Engine:
         sequence.output_ids.append(choice.token_id)
         sequence.unsent_tokens += 1
         end_of_turn = choice.token_id in self.prompts.stop_token_ids
-        text, stopped = "", False
+        text, stopped, complete = "", False, False
+        if sequence.grammar is not None:
+            sequence.grammar.advance(choice.token_id)
+            # a complete constrained output ends here: its grammar allows nothing but the end of turn
+            complete = sequence.grammar.complete
         if not end_of_turn:
             text, stopped = sequence.stop_matcher.push(sequence.detokenizer.push(choice.token_id))
-        if end_of_turn or stopped:
+        if end_of_turn or stopped or complete:
             sequence.finish_reason = FinishReason.STOP
         elif len(sequence.output_ids) >= sequence.max_tokens:
             sequence.finish_reason = FinishReason.LENGTH

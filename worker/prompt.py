@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -37,7 +36,7 @@ class PromptEncoder:
         if not self.tokenizer.chat_template:
             raise ProtocolError("this model has no chat template; send a plain 'prompt' instead", "messages")
         try:
-            text = self.tokenizer.apply_chat_template([asdict(m) for m in request.messages], tokenize=False,
+            text = self.tokenizer.apply_chat_template([m.to_fields() for m in request.messages], tokenize=False,
                                                       add_generation_prompt=True)
         except TemplateError as exc:  # the template's own rule, e.g. "roles must alternate": the caller's to fix
             raise ProtocolError(f"the model's chat template rejects these messages: {exc}", "messages") from None

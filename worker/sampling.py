@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from worker.grammar import mask_logits
 from worker.sequence import Sequence
 
 # Below this a temperature is greedy: dividing by it would overflow the logits to inf.
@@ -55,6 +56,9 @@ class Sampler:
         if any(s.request.logprobs for s in sequences):
             raw_logprobs = F.log_softmax(logits, dim=-1)  # of the model's own distribution, before penalties
         scores = apply_penalties(logits, sequences, self.unpenalized_ids)
+        constrained = [row for row, s in enumerate(sequences) if s.grammar is not None]
+        if constrained:  # in place, only those rows: a free row's scores are the same with or without them
+            scores = mask_logits(scores, constrained, [sequences[row].grammar for row in constrained])
         greedy = scores.argmax(dim=-1).tolist()  # one call (and one device sync) for the whole batch
         choices = []
         for row, sequence in enumerate(sequences):

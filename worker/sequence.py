@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.protocol import FinishReason, GenerationRequest
+from worker.grammar import RowGrammar
 from worker.text import Detokenizer, StopMatcher
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ class Sequence:
     unsent_tokens: int = 0  # generated since the last TOKEN frame (held back: part of a character or a stop string)
     prefix: CachedPrefix | None = None  # cached KV its prompt starts with, found while it waits
     num_cached_tokens: int = 0  # prompt tokens taken from `prefix` instead of prefilled
+    grammar: RowGrammar | None = None  # where a constrained output stands; None: free
 
     @property
     def num_uncached_tokens(self) -> int:

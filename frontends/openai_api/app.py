@@ -195,7 +195,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     call = parse_chat(await _json_body(request), request.app[SETTINGS].max_n)
-    return await _generate(request, call, ChatResponses(call.model, include_usage=call.include_usage))
+    return await _generate(request, call, ChatResponses(call.model, include_usage=call.include_usage,
+                                                        tools=call.tools))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -319,11 +320,13 @@ async def _send_events(request: web.Request, response: web.StreamResponse, call:
             raise ApiError.from_bus(item, call.input_param)
         if isinstance(item, Done):
             done.append(item)
-            await _send_event(response, responses.finish_chunk(index, item))
+            for chunk in responses.finish_chunks(index, item):
+                await _send_event(response, chunk)
             if len(done) == len(call.requests):
                 break
         elif item.text or item.logprobs is not None:  # a frame that only counts tokens has nothing to show
-            await _send_event(response, responses.delta_chunk(index, item))
+            for chunk in responses.delta_chunks(index, item):
+                await _send_event(response, chunk)
         index, item = await anext(events)
     prompt_tokens = sum(d.prompt_tokens for d in done) // call.n
     cached_tokens = sum(d.cached_tokens for d in done) // call.n

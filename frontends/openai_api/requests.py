@@ -8,16 +8,27 @@ from typing import Any
 
 from broker.protocol import SEED_RANGE, GenerationRequest, ProtocolError
 from frontends.openai_api.errors import bad_request
+from frontends.openai_api.tools import (
+    ToolPlan,
+    assistant_calls_text,
+    parse_tools,
+    tool_result_text,
+    with_tools_prompt,
+)
 
 _COMMON_FIELDS = {
     "model", "temperature", "top_p", "stop", "n", "seed", "presence_penalty", "frequency_penalty", "stream",
     "stream_options", "logprobs", "user", "max_tokens", "top_k", "repetition_penalty",
 }
-CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+                                "tool_choice", "parallel_tool_calls"}
+# Accepted and dropped: they ask for bookkeeping on OpenAI's side and never change the output.
+IGNORED_FIELDS = frozenset({"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 _SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k",
                     "repetition_penalty")
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "user"}
+_MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
 MAX_LEGACY_LOGPROBS = 5
 
 
@@ -32,6 +43,7 @@ class ApiCall:
     stream: bool
     include_usage: bool
     logprobs: bool
+    tools: ToolPlan | None = None  # chat answers are tool calls or a reply, in the generic format
 
 
 def parse_chat(body: Any, max_n: int) -> ApiCall:
@@ -40,14 +52,47 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
         raise bad_request("'logprobs' must be a boolean", "logprobs")
     if body.get("top_logprobs") and not body.get("logprobs"):
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    plan = parse_tools(body)
+    constraint = _response_format(body.get("response_format", {"type": "text"}))
+    if plan is not None and constraint is not None:
+        raise bad_request("'response_format' cannot be combined with tool calls", "response_format")
+    messages = _messages(_required(body, "messages", list))
+    if plan is not None:
+        messages, constraint = with_tools_prompt(messages, plan), {"type": "json_schema", "schema": plan.schema()}
     fields = {
-        "messages": [_message(m, i) for i, m in enumerate(_required(body, "messages", list))],
+        "messages": messages,
         "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
         "logprobs": bool(body.get("logprobs")),
         "top_logprobs": body.get("top_logprobs"),
+        "constraint": constraint,
     }
     max_tokens_param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return _call(body, "messages", [fields], max_n, max_tokens_param)
+    return _call(body, "messages", [fields], max_n, max_tokens_param, plan)
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """The bus constraint for OpenAI's `response_format`; None for plain text."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise bad_request("'response_format.type' must be text, json_object or json_schema", "response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise bad_request("'response_format.json_schema' must be an object with a 'name'",
+                          "response_format.json_schema")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise bad_request("'response_format.json_schema.strict' must be a boolean", "response_format.json_schema.strict")
+    schema = spec.get("schema")
+    if schema is None:
+        return {"type": "json_object"}
+    if not isinstance(schema, dict):
+        raise bad_request("'response_format.json_schema.schema' must be a JSON schema object",
+                          "response_format.json_schema.schema")
+    # strict or not, the output always validates: it is constrained to the schema as given
+    return {"type": "json_schema", "schema": schema}
 
 
 def parse_completion(body: Any, max_n: int) -> ApiCall:
@@ -69,7 +114,7 @@ def parse_completion(body: Any, max_n: int) -> ApiCall:
 
 
 def _call(body: dict, input_param: str, per_input: list[dict], max_n: int,
-          max_tokens_param: str = "max_tokens") -> ApiCall:
+          max_tokens_param: str = "max_tokens", tools: ToolPlan | None = None) -> ApiCall:
     model = _required(body, "model", str)
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
@@ -99,7 +144,8 @@ def _call(body: dict, input_param: str, per_input: list[dict], max_n: int,
             # n choices with one seed must still differ, and stay reproducible
             seeded = {"seed": _choice_seed(seed, choice)} if has_seed else {}
             requests.append(_generation_request({"model": model, **sampling, **fields, **seeded}, max_tokens_param))
-    return ApiCall(model, input_param, requests, n, stream, bool(options.get("include_usage")), requests[0].logprobs)
+    return ApiCall(model, input_param, requests, n, stream, bool(options.get("include_usage")), requests[0].logprobs,
+                   tools)
 
 
 def _choice_seed(seed: int, choice: int) -> int:
@@ -115,6 +161,8 @@ def _generation_request(fields: dict, max_tokens_param: str) -> GenerationReques
         return GenerationRequest.from_fields(fields)
     except ProtocolError as exc:
         param = max_tokens_param if exc.field == "max_tokens" else exc.field
+        if exc.field and exc.field.startswith("constraint"):
+            param = "response_format"
         message = str(exc).replace("'max_tokens'", f"'{param}'")
         raise bad_request(message, param) from None
 
@@ -122,7 +170,7 @@ def _generation_request(fields: dict, max_tokens_param: str) -> GenerationReques
 def _object(body: Any, allowed: set[str]) -> dict:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    body = {k: v for k, v in body.items() if v is not None}  # null means "not given"
+    body = {k: v for k, v in body.items() if v is not None and k not in IGNORED_FIELDS}  # null means "not given"
     unsupported = sorted(set(body) - allowed)
     if unsupported:
         raise bad_request(f"'{unsupported[0]}' is not supported by this server", unsupported[0],
@@ -138,18 +186,37 @@ def _required(body: dict, name: str, kind: type | tuple) -> Any:
     return body[name]
 
 
-def _message(message: Any, index: int) -> dict[str, str]:
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise bad_request(f"{param} must be an object", param, "invalid_type")
-    role = _ROLES.get(message.get("role"))
-    if role is None:
-        raise bad_request(f"{param}.role must be one of system, developer, user, assistant", f"{param}.role")
-    extra = sorted(set(message) - {"role", "content"})
-    if extra:
-        raise bad_request(f"{param}.{extra[0]} is not supported by this server", f"{param}.{extra[0]}",
-                          "unsupported_parameter")
-    return {"role": role, "content": _content(message.get("content"), f"{param}.content")}
+def _messages(messages: list) -> list[dict[str, str]]:
+    """The chat as the bus carries it: tool calls and tool results written in the generic tool format,
+    and a participant's `name` passed on (to the templates that show it)."""
+    called: dict[str, str] = {}  # tool call id -> function name, for the results that follow
+    chat = []
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{param} must be an object", param, "invalid_type")
+        role = _ROLES.get(message.get("role"))
+        if role is None:
+            raise bad_request(f"{param}.role must be one of system, developer, user, assistant, tool",
+                              f"{param}.role")
+        extra = sorted(set(message) - _MESSAGE_FIELDS)
+        if extra:
+            raise bad_request(f"{param}.{extra[0]} is not supported by this server", f"{param}.{extra[0]}",
+                              "unsupported_parameter")
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise bad_request(f"{param}.name must be a string", f"{param}.name", "invalid_type")
+        if message.get("tool_calls") and message["role"] == "assistant":
+            content = assistant_calls_text(message["tool_calls"], f"{param}.tool_calls")
+            called.update({c.get("id"): c["function"]["name"] for c in message["tool_calls"]})
+        elif message["role"] == "assistant" and message.get("content") is None:
+            content = ""  # an assistant turn with neither text nor calls (some clients send it)
+        else:
+            content = _content(message.get("content"), f"{param}.content")
+        if message["role"] == "tool":
+            content = tool_result_text(message, content, called)
+        chat.append({"role": role, "content": content,
+                     **({"name": message["name"]} if message.get("name") is not None else {})})
+    return chat
 
 
 def _content(content: Any, param: str) -> str:
