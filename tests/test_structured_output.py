@@ -7,7 +7,6 @@ import asyncio
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 import jsonschema
 import openai
