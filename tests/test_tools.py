@@ -137,3 +137,32 @@ def test_a_streamed_reply_is_content_as_it_comes():
     assert cut.push('{"response": "Sun') == [{"content": "Sun"}] and cut.finish() == []
     other = ReplyStream()
     assert other.push("plain") == [] and other.finish() == [{"content": "plain"}]
+
+
+def test_parameters_with_their_own_definitions_still_resolve():
+    """pydantic writes nested models as `$defs` and `#/$defs/...` references; inside the answer's
+    schema they must resolve from its root, for two tools that both name a definition `Address`."""
+    import openai
+    from pydantic import BaseModel
+
+    class Address(BaseModel):
+        city: str
+        zip_code: str
+
+    class Ship(BaseModel):
+        to: Address
+        weight_kg: float
+
+    class Bill(BaseModel):
+        address: Address
+
+    tools = [openai.pydantic_function_tool(Ship), openai.pydantic_function_tool(Bill)]
+    assert "$defs" in tools[0]["function"]["parameters"]
+    schema = parse_tools({"tools": tools, "tool_choice": "required"}).schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    address = {"city": "Paris", "zip_code": "75001"}
+    jsonschema.validate({"tool_calls": [{"name": "Ship", "arguments": {"to": address, "weight_kg": 2.5}},
+                                        {"name": "Bill", "arguments": {"address": address}}]}, schema)
+    with pytest.raises(jsonschema.ValidationError):  # the nested model is enforced, not skipped
+        jsonschema.validate({"tool_calls": [{"name": "Ship", "arguments": {"to": {"city": 1}, "weight_kg": 2}}]},
+                            schema)

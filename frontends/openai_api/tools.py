@@ -62,20 +62,21 @@ class ToolPlan:
 
     def schema(self) -> dict[str, Any]:
         """The JSON schema every answer validates against."""
+        definitions: dict[str, Any] = {}
         calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                  "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]}}
-                 for f in self.functions]
+                  "properties": {"name": {"const": f["name"]},
+                                 "arguments": _hoist_definitions(f["parameters"], f"{index}_", definitions)}}
+                 for index, f in enumerate(self.functions)]
         call_list: dict[str, Any] = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
                                      "minItems": 1}
         if not self.parallel:
             call_list["maxItems"] = 1
         with_calls = {"type": "object", "additionalProperties": False, "required": ["tool_calls"],
                       "properties": {"tool_calls": call_list}}
-        if self.calls_required:
-            return with_calls
         text = {"type": "object", "additionalProperties": False, "required": ["response"],
                 "properties": {"response": {"type": "string"}}}
-        return {"anyOf": [with_calls, text]}
+        schema = with_calls if self.calls_required else {"anyOf": [with_calls, text]}
+        return {**schema, "$defs": definitions} if definitions else schema
 
     def parse(self, text: str) -> Reply:
         """The answer as content or calls (a call's arguments as the model wrote them). An answer cut
@@ -86,6 +87,32 @@ class ToolPlan:
         if partial.calls:
             return Reply(None, tuple(ToolCall(new_call_id(), name, arguments) for name, arguments in partial.calls))
         return Reply(text)
+
+
+def _hoist_definitions(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any]) -> dict[str, Any]:
+    """`parameters` without its own `$defs` (or `definitions`), which move to `definitions` under
+    `prefix`ed names, its `$ref`s rewritten to match: nested deep in the answer's schema, a reference
+    like `#/$defs/Address` (as pydantic writes them) must still resolve from the root."""
+    moved = {**parameters.get("$defs", {}), **parameters.get("definitions", {})}
+    if not moved:
+        return parameters
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            rewritten = {key: rewrite(value) for key, value in node.items() if key not in ("$defs", "definitions")}
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                for root in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(root):
+                        rewritten["$ref"] = "#/$defs/" + prefix + ref.removeprefix(root)
+            return rewritten
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        return node
+
+    for name, definition in moved.items():
+        definitions[prefix + name] = rewrite(definition)
+    return rewrite(parameters)
 
 
 def new_call_id() -> str:
