@@ -29,6 +29,9 @@ def start_api(address: str):
                 break
         except OSError:
             time.sleep(0.1)
+    else:
+        stop(process)
+        raise TimeoutError(f"the API at {url} never became healthy")
     return process, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 

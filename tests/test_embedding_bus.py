@@ -164,7 +164,7 @@ def test_api_input_shapes_become_embeds_of_at_most_the_bus_limit():
     assert parse_embeddings({"model": "e", "input": [1, 2, 3]}).requests[0].inputs == ((1, 2, 3),)
     assert parse_embeddings({"model": "e", "input": [[1], [2, 3]]}).requests[0].inputs == ((1,), (2, 3))
     call = parse_embeddings({"model": "e", "input": ["t"] * 300, "encoding_format": "base64", "user": "u"})
-    assert [len(r.inputs) for r in call.requests] == [128, 128, 44] and call.encoding_format == "base64"
+    assert [len(r.inputs) for r in call.requests] == [32] * 9 + [12] and call.encoding_format == "base64"
     for body, param in [({"model": "e", "input": ""}, "input"), ({"model": "e", "input": []}, "input"),
                         ({"model": "e", "input": [[]]}, "input"), ({"model": "e", "input": ["a", 1]}, "input"),
                         ({"model": "e", "input": ["a"] * 2049}, "input"), ({"model": "e"}, "input"),

@@ -280,7 +280,8 @@ def test_a_cut_link_loses_only_that_hosts_streams_and_the_worker_rejoins(fleet):
             future.result(timeout=120)
         lost = [r for r in results if r.error is not None]
         assert len(lost) == on_cut_host and all("worker" in r.error.lower() for r in lost), [r.error for r in lost]
-        assert all(r.ended_at - cut_at <= protocol.HEARTBEAT_LIVENESS * INTERVAL + 1.0 for r in lost), \
+        # The protocol's promise (lost after 3 silent intervals), with room for a loaded machine.
+        assert all(r.ended_at - cut_at <= (protocol.HEARTBEAT_LIVENESS + 2) * INTERVAL for r in lost), \
             [round(r.ended_at - cut_at, 2) for r in lost]
         served = [r for r in results if r.error is None]
         assert served and all(r.finish_reason == "length" for r in served)

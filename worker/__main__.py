@@ -7,6 +7,8 @@ prepare_openmp_environment()  # OpenMP reads it once, when torch loads: before t
 import logging
 import signal
 
+from transformers import PreTrainedTokenizerBase
+
 from broker import protocol
 from broker.settings import load_settings
 from worker.config import WorkerSettings
@@ -36,11 +38,20 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
     unpenalized = prompts.stop_token_ids | frozenset(tokenizer.all_special_ids)
     prefixes = PrefixStore(max(settings.prefix_cache_tokens, BLOCK_SIZE)) if settings.prefix_cache_tokens else None
     runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized, prefixes)
-    grammars = GrammarCompiler(tokenizer, prompts.stop_token_ids)  # warmed up now, not in a request's step
-    engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length, grammars)
+    engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length, grammar_compiler(tokenizer, prompts))
     ready = protocol.Ready(WorkerServer.make_worker_id(), loaded.names, settings.max_batch, loaded.context_length,
                            limits.max_batch_tokens, prefixes.budget if prefixes else 0)
     return engine, ready
+
+
+def grammar_compiler(tokenizer: PreTrainedTokenizerBase, prompts: PromptEncoder) -> GrammarCompiler | None:
+    """Built and warmed up now, not in a request's step; None when the tokenizer cannot have one
+    (the model serves on, and a constrained request is told why it cannot be)."""
+    try:
+        return GrammarCompiler(tokenizer, prompts.stop_token_ids)
+    except ValueError as exc:
+        logging.getLogger(__name__).warning("no constrained decoding for this model: %s", exc)
+        return None
 
 
 def build_embedder(settings: WorkerSettings) -> tuple[Embedder, protocol.Ready]:

@@ -63,8 +63,12 @@ class Engine:
 
     @property
     def grammars(self) -> GrammarCompiler:
+        """The grammar compiler; ProtocolError when this model's tokenizer cannot have one."""
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.prompts.tokenizer, self.prompts.stop_token_ids)
+            try:
+                self._grammars = GrammarCompiler(self.prompts.tokenizer, self.prompts.stop_token_ids)
+            except ValueError as exc:  # llguidance reads fast tokenizers only
+                raise ProtocolError(f"this model cannot constrain its output: {exc}", "constraint") from None
         return self._grammars
 
     @property

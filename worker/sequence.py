@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.protocol import FinishReason, GenerationRequest
-from worker.grammar import RowGrammar
 from worker.text import Detokenizer, StopMatcher
 
 if TYPE_CHECKING:
+    from worker.grammar import RowGrammar
     from worker.prefix_cache import CachedPrefix
 
 
