@@ -139,7 +139,11 @@ def mask_logits(scores: torch.Tensor, rows: list[int], grammars: list[RowGrammar
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=width, bitorder="little")  # [R, width]
     forbidden = torch.ones(len(rows), scores.shape[1], dtype=torch.bool)  # [R, V]: past the vocabulary too
     forbidden[:, :width] = torch.from_numpy(bits == 0)
+    # A grammar in error allows nothing: its row is left as it is (sampling from all -inf would fail
+    # the whole batch), and its matcher then refuses whatever token comes, which fails that row alone.
+    allows_some = (~forbidden.all(dim=1)).tolist()
     forbidden = forbidden.to(scores.device)
     for index, row in enumerate(rows):
-        scores[row].masked_fill_(forbidden[index], float("-inf"))
+        if allows_some[index]:
+            scores[row].masked_fill_(forbidden[index], float("-inf"))
     return scores
