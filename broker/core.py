@@ -318,7 +318,7 @@ class BrokerCore:
     def _on_request(self, identity: bytes, message: Message, now: float) -> None:
         request_id = message.request_id
         if len(request_id) != protocol.REQUEST_ID_SIZE:
-            raise protocol.ProtocolError("REQUEST needs a 16-byte request id")
+            raise protocol.ProtocolError(f"{message.command.value} needs a 16-byte request id")
         if request_id in self.requests:
             self._on_duplicate(identity, request_id, now)
             return

@@ -291,8 +291,8 @@ class BusClient:
 
     async def embed(self, model: str, inputs: list[str] | list[list[int]],
                     dimensions: int | None = None) -> protocol.Embeddings:
-        """Vectors for texts (or token-id lists), in one answer. Never streamed, so it is always safe
-        to send again and is, like a request that has produced no token yet."""
+        """Vectors for texts (or token-id lists), in one answer. Never streamed: like a request that
+        has produced no token yet, it is always safe to send again after a broker restart."""
         try:
             request = EmbeddingRequest.from_fields({"model": model, "input": inputs, "dimensions": dimensions})
         except protocol.ProtocolError as exc:
