@@ -27,7 +27,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from bench.load import run_level
-from bench.stack import LocalStack, _free_port
+from bench.stack import LocalStack, free_port
 from broker import keys, protocol, sockets
 from broker.auth import CurveKeys, Role
 from broker.protocol import Command
@@ -89,7 +89,7 @@ def relay_worker(address: str, keys_dir: Path | None, tokens_per_request: int) -
 
 def relay_rate(settings: CurveBenchSettings, keys_dir: Path | None) -> float:
     """Frames per second relayed by the broker (requests, tokens and DONEs together)."""
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     broker_args = ["--keys-dir", str(keys_dir)] if keys_dir else []
     broker = subprocess.Popen([sys.executable, "-m", "broker", "--bind", address, "--metrics-port", "0",
                                "--max-queue", str(settings.relay_requests), *broker_args],

@@ -13,7 +13,7 @@ from broker.auth import CurveKeys
 from frontends.client import SyncBusClient
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -25,8 +25,8 @@ class LocalStack:
     `keys_dir`: a key folder from `broker.keys` with a `worker` and a `client` key: the bus uses CURVE."""
 
     def __init__(self, worker_args: list[str], num_workers: int = 1, keys_dir: Path | None = None) -> None:
-        self._bus = f"tcp://127.0.0.1:{_free_port()}"
-        port = _free_port()
+        self._bus = f"tcp://127.0.0.1:{free_port()}"
+        port = free_port()
         self.api_url = f"http://127.0.0.1:{port}/v1"
         self.num_workers = num_workers
         self._curve = None if keys_dir is None else CurveKeys.load(keys_dir / "issued" / "client.key_secret",

@@ -532,6 +532,10 @@ class ModelInfo:
     context_length: int
     tasks: tuple[str, ...] = (Task.GENERATE.value,)  # what the model's workers do, together
 
+    @property
+    def can_chat(self) -> bool:
+        return Task.GENERATE.value in self.tasks
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
@@ -636,7 +640,7 @@ class EmbeddingRequest:
         raw = _get(fields, "input", list, required=True)
         if all(isinstance(item, str) for item in raw):
             inputs: tuple = tuple(raw)
-        elif all(isinstance(item, list) and all(_is_token_id(t) for t in item) for item in raw):
+        elif all(isinstance(item, list) and all(is_token_id(t) for t in item) for item in raw):
             inputs = tuple(tuple(item) for item in raw)
         else:
             raise ProtocolError("'input' must be an array of strings or an array of arrays of token ids "
@@ -651,7 +655,7 @@ class EmbeddingRequest:
         return fields
 
 
-def _is_token_id(value: Any) -> bool:
+def is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 

@@ -10,7 +10,6 @@ import sys
 
 from pydantic import Field
 
-from broker.protocol import Task
 from broker.settings import (
     DEFAULT_BROKER_ADDRESS,
     BusPeerSettings,
@@ -94,7 +93,7 @@ class Chat:
     def ensure_model(self) -> str:
         if self.model is None:
             # The first model that chats: embedding models are listed too.
-            served = [info for info in self.client.models() if Task.GENERATE.value in info.tasks]
+            served = [info for info in self.client.models() if info.can_chat]
             if not served:
                 raise BusError("no model is served right now")
             self.model = served[0].name

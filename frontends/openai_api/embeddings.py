@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from broker.protocol import MAX_COUNT, MAX_EMBED_INPUTS, EmbeddingRequest, ProtocolError
+from broker.protocol import MAX_EMBED_INPUTS, EmbeddingRequest, ProtocolError, is_token_id
 from frontends.openai_api.errors import bad_request
 from frontends.openai_api.requests import _object, _required
 
@@ -64,9 +64,9 @@ def _inputs(value: str | list) -> list[str] | list[tuple[int, ...]]:
         raise bad_request(f"'input' must be {shapes}, with 1 to {MAX_INPUTS} entries", "input")
     if all(isinstance(item, str) for item in value):
         texts = value
-    elif all(_is_token_id(item) for item in value):
+    elif all(is_token_id(item) for item in value):
         return [tuple(value)]
-    elif all(isinstance(item, list) and item and all(_is_token_id(t) for t in item) for item in value):
+    elif all(isinstance(item, list) and item and all(is_token_id(t) for t in item) for item in value):
         return [tuple(item) for item in value]
     else:
         raise bad_request(f"'input' must be {shapes}", "input")
@@ -75,6 +75,3 @@ def _inputs(value: str | list) -> list[str] | list[tuple[int, ...]]:
         raise bad_request(f"'input[{empty}]' is empty: an empty string has no embedding", "input")
     return texts
 
-
-def _is_token_id(value: Any) -> bool:
-    return type(value) is int and 0 <= value <= MAX_COUNT

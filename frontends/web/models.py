@@ -6,7 +6,7 @@ from typing import Any
 
 import gradio as gr
 
-from broker.protocol import Task
+from broker.protocol import ModelInfo
 from frontends.client import BusError
 from frontends.web.bus import LoopLocalBus
 from frontends.web.sessions import Sessions
@@ -18,9 +18,9 @@ def describe(info: Any) -> str:
     return f"{info.name} — {workers}, {info.in_flight}/{info.capacity} busy"
 
 
-def chat_models(infos: list) -> list:
+def chat_models(infos: list[ModelInfo]) -> list[ModelInfo]:
     """The models that can chat: embedding models are listed by the broker too."""
-    return [info for info in infos if Task.GENERATE.value in info.tasks]
+    return [info for info in infos if info.can_chat]
 
 
 class ModelList:
