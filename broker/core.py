@@ -385,21 +385,23 @@ class BrokerCore:
     def _dispatch(self, models: tuple[str, ...], now: float) -> None:
         """Serve the queues of these models (one worker's aliases share its slots), the request that
         has waited longest first, whichever name it used."""
-        candidates = set(models)
+        # A queue per model and request kind: an EMBED waiting for a full embedding worker does not
+        # hold up a REQUEST for a free generating worker under the same name, nor the other way round.
+        candidates = {(model, command) for model in models for command in TASK_OF_COMMAND}
         while candidates:
-            waiting = [m for m in candidates if self.requests.num_queued(m)]
-            if not waiting:
+            heads = [request for model, command in candidates
+                     if (request := self.requests.oldest_queued(model, command)) is not None]
+            if not heads:
                 return
-            model = min(waiting, key=lambda m: self.requests.oldest_queued(m).enqueued_at)
-            request = self.requests.oldest_queued(model)
-            task = TASK_OF_COMMAND[request.command]
+            request = min(heads, key=lambda r: r.enqueued_at)
+            model, task = request.model, TASK_OF_COMMAND[request.command]
             worker = self._choose(model, task, request)
             if worker is None:
                 if self.workers.serving(model) and not self.workers.serving(model, task):
                     # Queued while workers were announcing; those that came do other work.
                     self._end(request, ErrorCode.BAD_REQUEST, self._wrong_task(model, task))
                     continue
-                candidates.discard(model)
+                candidates.discard((model, request.command))
                 continue
             self.requests.assign(request, worker.identity)
             worker.prefixes.remember(request.parts)

@@ -75,9 +75,10 @@ class RequestTable:
     def num_queued(self, model: str) -> int:
         return len(self._queues.get(model, ()))
 
-    def oldest_queued(self, model: str) -> Request | None:
-        queue = self._queues.get(model)
-        return queue[0] if queue else None
+    def oldest_queued(self, model: str, command: Command | None = None) -> Request | None:
+        """The request for `model` that has waited longest (of one kind: `command`)."""
+        queue = self._queues.get(model, ())
+        return next((request for request in queue if command in (None, request.command)), None)
 
     def on_worker(self, worker: bytes) -> list[Request]:
         """The requests a worker holds (running or cancelling), oldest first."""

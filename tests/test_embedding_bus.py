@@ -123,6 +123,20 @@ def test_an_embed_of_a_lost_worker_goes_to_another_and_cancel_reaches_the_worker
     assert summary(bus.send(CLIENT, Command.CANCEL, rid(1))) == [(other, "CANCEL", rid(1))]
 
 
+def test_one_name_for_both_tasks_queues_each_kind_on_its_own():
+    """An EMBED waiting for the full embedding worker holds up no REQUEST while a generating worker
+    of the same name is free, and the other way round."""
+    bus = Bus()
+    bus.send(EMBEDDER, Command.READY, b"", protocol.Ready("e", ("both",), 1, tasks=(Task.EMBED,)).to_fields())
+    bus.ready(GENERATOR, "both")
+    assert summary(embed(bus, rid(1), model="both")) == [(EMBEDDER, "EMBED", rid(1))]
+    assert summary(embed(bus, rid(2), model="both")) == []  # the embedding worker is full
+    assert summary(bus.request(rid(3), model="both")) == [(GENERATOR, "REQUEST", rid(3))]
+    assert summary(bus.request(rid(4), model="both")) == []  # now the generating worker is full too
+    assert summary(answer(bus, rid(1))) == [(CLIENT, "EMBEDDINGS", rid(1)), (EMBEDDER, "EMBED", rid(2))]
+    assert summary(bus.done(GENERATOR, rid(3))) == [(CLIENT, "DONE", rid(3)), (GENERATOR, "REQUEST", rid(4))]
+
+
 def test_requests_queued_while_workers_announce_end_when_the_model_turns_out_not_to_embed():
     bus = Bus()  # in its first heartbeat intervals: requests for unseen models wait
     assert summary(embed(bus, rid(1), model="g")) == []
