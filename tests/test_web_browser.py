@@ -113,6 +113,8 @@ def test_chat_in_a_real_browser(page_url, default_bus):
             temperature = page.locator("#temperature input[type=number]")
             temperature.fill("0")
             temperature.press("Enter")
+            # The slider takes the typed value once the page has handled it: only then is the reply greedy.
+            page.wait_for_function("document.querySelector('#temperature input[type=range]').value === '0'")
 
             def reply() -> str:
                 # all_inner_texts never waits: the last reply may vanish between a count and a read.
