@@ -228,6 +228,7 @@ class Constraint:
         if (self.type == "json_schema") != (self.schema is not None):
             raise ProtocolError("'constraint.schema' is required with type json_schema, and only then",
                                 "constraint.schema")
+        _canonical_json(self.schema)  # a schema that is not JSON is refused here, at the broker
 
     @property
     def key(self) -> str:
@@ -306,8 +307,6 @@ class GenerationRequest:
         _check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.constraint is not None and self.stop:  # a stop string could cut the output short of valid
             raise ProtocolError("'stop' cannot be combined with 'constraint'", "stop")
-        if self.constraint is not None:
-            self.constraint.key  # a schema that is not JSON fails here, at the broker
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:

@@ -56,6 +56,8 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
     constraint = _response_format(body.get("response_format", {"type": "text"}))
     if plan is not None and constraint is not None:
         raise bad_request("'response_format' cannot be combined with tool calls", "response_format")
+    if (plan is not None or constraint is not None) and body.get("stop"):  # a stop string could cut it short of valid
+        raise bad_request("'stop' cannot be combined with 'response_format' or 'tools'", "stop")
     messages = _messages(_required(body, "messages", list))
     if plan is not None:
         messages, constraint = with_tools_prompt(messages, plan), {"type": "json_schema", "schema": plan.schema()}
