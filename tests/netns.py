@@ -82,13 +82,17 @@ class Network:
         self.switch = f"{tag}-switch"
         self.hosts: list[Host] = []
         _ip("netns", "add", self.switch)
-        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.switch, "link", "set", "br0", "up")
+        try:
+            _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.switch, "link", "set", "br0", "up")
+        except subprocess.CalledProcessError:
+            self.close()
+            raise
 
     def add_host(self, name: str, last_octet: int) -> Host:
         host = Host(f"{self.tag}-{name}", f"{SUBNET_PREFIX}{last_octet}", f"to-{name}"[:15])
-        self.hosts.append(host)
         _ip("netns", "add", host.namespace)
+        self.hosts.append(host)  # from here on, `close` deletes it
         _ip("-n", self.switch, "link", "add", host.port_name, "type", "veth", "peer", "name", "eth0",
             "netns", host.namespace)
         _ip("-n", self.switch, "link", "set", host.port_name, "master", "br0", "up")
