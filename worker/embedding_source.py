@@ -10,7 +10,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from worker.model_source import ModelSource, _fingerprint, default_cache_dir
+from worker.model_source import ModelSource, _fingerprint, default_cache_dir, publish
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,7 @@ def extracted_zip(archive: Path, name: str, cache_dir: Path) -> Path:
     try:
         with zipfile.ZipFile(archive) as files:
             files.extractall(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another worker finished the same extraction first
-            if not (target / "config.json").is_file():
-                raise
+        publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

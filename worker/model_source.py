@@ -88,16 +88,21 @@ def converted_gguf(gguf: Path, cache_dir: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists() and not (target / "config.json").is_file():  # a copy someone damaged: replace it
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished the same conversion first
-            if not (target / "config.json").is_file():
-                raise
+        publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Move a finished model folder into the cache in one rename, so no process sees half of it."""
+    if target.exists() and not (target / "config.json").is_file():  # a copy someone damaged: replace it
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished the same work first
+        if not (target / "config.json").is_file():
+            raise
 
 
 def _fingerprint(path: Path, sample: int = 1 << 20) -> str:
