@@ -31,6 +31,9 @@ MAX_ERROR_MESSAGE = 2000  # characters of an ERROR's message; longer ones are cu
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer
 MAX_EMBED_INPUTS = 128  # inputs of one EMBED; its answer (inputs x dimensions x 4 bytes) must fit in a body
 CONSTRAINT_TYPES = ("json_object", "json_schema")
+TOOL_CHOICES = ("auto", "required")  # auto: a reply or calls; required: calls only
+MAX_TOOLS = 128
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class Command(str, enum.Enum):
@@ -87,6 +90,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
+    TOOL_CALLS = "tool_calls"  # the answer ended with tool calls
 
 
 class ProtocolError(ValueError):
@@ -199,17 +203,145 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class ChatMessage:
-    role: str
-    content: str
-    name: str | None = None  # the participant's name, for chat templates that show it
+class ToolCall:
+    """A call an assistant made: its id, the function's name and the arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
 
     def to_fields(self) -> dict[str, str]:
-        """The entry as the wire and chat templates see it: a name only when there is one."""
-        fields = {"role": self.role, "content": self.content}
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
+
+    @classmethod
+    def from_fields(cls, value: Any, name: str) -> ToolCall:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"'{name}' must be a map with 'id', 'name' and 'arguments'", name)
+        fields = []
+        for key in ("id", "name", "arguments"):
+            if not isinstance(value.get(key), str):
+                raise ProtocolError(f"'{name}.{key}' must be a string", f"{name}.{key}")
+            fields.append(value[key])
+        return cls(*fields)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str  # system, user, assistant or tool
+    content: str
+    name: str | None = None  # the participant's name, for chat templates that show it
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    def to_fields(self) -> dict[str, Any]:
+        """The entry as the wire carries it: optional fields only when set."""
+        fields: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.name is not None:
             fields["name"] = self.name
+        if self.tool_calls:
+            fields["tool_calls"] = [call.to_fields() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            fields["tool_call_id"] = self.tool_call_id
         return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    """A tool the model may call: its name, what it does, and a JSON schema of its arguments."""
+
+    name: str
+    parameters: dict[str, Any]
+    description: str | None = None
+
+    def to_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"name": self.name, "parameters": self.parameters}
+        if self.description is not None:
+            fields["description"] = self.description
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Tools:
+    """The tools a request offers, and how the answer may use them.
+
+    `choice` auto: a text reply or calls; required: calls only. `function` names the one function
+    every call must be (it implies required). `parallel`: more than one call in an answer."""
+
+    functions: tuple[Function, ...]
+    choice: str = "auto"
+    function: str | None = None
+    parallel: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.functions or len(self.functions) > MAX_TOOLS:
+            raise ProtocolError(f"'tools.functions' takes 1 to {MAX_TOOLS} functions", "tools.functions")
+        names = [f.name for f in self.functions]
+        if len(set(names)) != len(names):
+            raise ProtocolError("each of 'tools.functions' must have its own name", "tools.functions")
+        if self.choice not in TOOL_CHOICES:
+            raise ProtocolError(f"'tools.choice' must be one of {', '.join(TOOL_CHOICES)}, got {_quote(self.choice)}",
+                                "tools.choice")
+        if self.function is not None and self.function not in names:
+            raise ProtocolError(f"'tools.function' names no function: {_quote(self.function)}", "tools.function")
+        for function in self.functions:
+            _canonical_json(function.parameters, "tools.functions")
+
+    @property
+    def calls_required(self) -> bool:
+        return self.choice == "required" or self.function is not None
+
+    @property
+    def callable(self) -> tuple[Function, ...]:
+        """The functions an answer may call."""
+        return tuple(f for f in self.functions if self.function in (None, f.name))
+
+    @property
+    def key(self) -> str:
+        """Equal tools give equal keys (compiled grammars are cached by it)."""
+        return _canonical_json(self.to_fields(), "tools")
+
+    def to_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"functions": [f.to_fields() for f in self.functions], "choice": self.choice,
+                                  "parallel": self.parallel}
+        if self.function is not None:
+            fields["function"] = self.function
+        return fields
+
+    @classmethod
+    def from_fields(cls, value: Any) -> Tools:
+        if not isinstance(value, dict):
+            raise ProtocolError("'tools' must be a map", "tools")
+        unknown = sorted(map(str, set(value) - {"functions", "choice", "function", "parallel"}))
+        if unknown:
+            raise ProtocolError(f"unknown field 'tools.{unknown[0][:64]}'", "tools")
+        functions = value.get("functions")
+        if not isinstance(functions, list):
+            raise ProtocolError("'tools.functions' must be an array", "tools.functions")
+        choice, function, parallel = value.get("choice", "auto"), value.get("function"), value.get("parallel", True)
+        if not isinstance(choice, str):
+            raise ProtocolError("'tools.choice' must be a string", "tools.choice")
+        if function is not None and not isinstance(function, str):
+            raise ProtocolError("'tools.function' must be a string", "tools.function")
+        if not isinstance(parallel, bool):
+            raise ProtocolError("'tools.parallel' must be a boolean", "tools.parallel")
+        return cls(tuple(_function(index, f) for index, f in enumerate(functions)), choice, function, parallel)
+
+
+def _function(index: int, value: Any) -> Function:
+    name = f"tools.functions[{index}]"
+    if not isinstance(value, dict):
+        raise ProtocolError(f"'{name}' must be a map with 'name' and 'parameters'", name)
+    unknown = sorted(map(str, set(value) - {"name", "parameters", "description"}))
+    if unknown:
+        raise ProtocolError(f"unknown field '{name}.{unknown[0][:64]}'", name)
+    if not isinstance(value.get("name"), str) or not value["name"]:
+        raise ProtocolError(f"'{name}.name' must be a non-empty string", f"{name}.name")
+    if not isinstance(value.get("parameters"), dict):
+        raise ProtocolError(f"'{name}.parameters' must be a JSON schema map", f"{name}.parameters")
+    description = value.get("description")
+    if description is not None and not isinstance(description, str):
+        raise ProtocolError(f"'{name}.description' must be a string", f"{name}.description")
+    return Function(value["name"], value["parameters"], description)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,12 +360,12 @@ class Constraint:
         if (self.type == "json_schema") != (self.schema is not None):
             raise ProtocolError("'constraint.schema' is required with type json_schema, and only then",
                                 "constraint.schema")
-        _canonical_json(self.schema)  # a schema that is not JSON is refused here, at the broker
+        _canonical_json(self.schema, "constraint.schema")  # a schema that is not JSON is refused here, at the broker
 
     @property
     def key(self) -> str:
         """The same constraint always has the same key (compiled grammars are cached by it)."""
-        return self.type + ":" + _canonical_json(self.schema)
+        return self.type + ":" + _canonical_json(self.schema, "constraint.schema")
 
     def to_fields(self) -> dict[str, Any]:
         return {"type": self.type} if self.schema is None else {"type": self.type, "schema": self.schema}
@@ -254,13 +386,13 @@ class Constraint:
             raise ProtocolError(str(exc).replace(f"'{exc.field}'", f"'{name}'"), name) from None
 
 
-def _canonical_json(value: Any) -> str:
+def _canonical_json(value: Any, field: str) -> str:
     import json  # only for keys; the wire stays msgpack
 
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as exc:  # bin values or non-string keys: no JSON schema has them
-        raise ProtocolError(f"'constraint.schema' is not JSON: {exc}", "constraint.schema") from None
+        raise ProtocolError(f"'{field}' is not JSON: {exc}", field) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +414,7 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     constraint: Constraint | None = None
+    tools: Tools | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -307,6 +440,13 @@ class GenerationRequest:
         _check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.constraint is not None and self.stop:  # a stop string could cut the output short of valid
             raise ProtocolError("'stop' cannot be combined with 'constraint'", "stop")
+        if self.tools is not None:
+            if self.messages is None:
+                raise ProtocolError("'tools' needs 'messages'", "tools")
+            if self.constraint is not None:
+                raise ProtocolError("'tools' cannot be combined with 'constraint'", "tools")
+            if self.stop:
+                raise ProtocolError("'stop' cannot be combined with 'tools'", "stop")
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:
@@ -335,6 +475,7 @@ class GenerationRequest:
             logprobs=_get(fields, "logprobs", bool, False),
             top_logprobs=_get(fields, "top_logprobs", int, 0),
             constraint=None if fields.get("constraint") is None else Constraint.from_fields(fields["constraint"]),
+            tools=None if fields.get("tools") is None else Tools.from_fields(fields["tools"]),
         )
 
     def to_fields(self) -> dict[str, Any]:
@@ -344,6 +485,8 @@ class GenerationRequest:
         fields["stop"] = list(self.stop)
         if self.constraint is not None:
             fields["constraint"] = self.constraint.to_fields()
+        if self.tools is not None:
+            fields["tools"] = self.tools.to_fields()
         return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -352,14 +495,19 @@ def _chat_message(index: int, value: Any) -> ChatMessage:
     if not isinstance(value, dict):
         raise ProtocolError(f"'{name}' must be a map with 'role' and 'content'", name)
     role, content = value.get("role"), value.get("content")
-    if role not in ("system", "user", "assistant"):
-        raise ProtocolError(f"'{name}.role' must be system, user or assistant, got {_quote(role)}", f"{name}.role")
+    if role not in CHAT_ROLES:
+        raise ProtocolError(f"'{name}.role' must be one of {', '.join(CHAT_ROLES)}, got {_quote(role)}",
+                            f"{name}.role")
     if not isinstance(content, str):
         raise ProtocolError(f"'{name}.content' must be a string", f"{name}.content")
-    participant = value.get("name")
-    if participant is not None and not isinstance(participant, str):
-        raise ProtocolError(f"'{name}.name' must be a string", f"{name}.name")
-    return ChatMessage(role, content, participant)
+    for key in ("name", "tool_call_id"):
+        if value.get(key) is not None and not isinstance(value[key], str):
+            raise ProtocolError(f"'{name}.{key}' must be a string", f"{name}.{key}")
+    calls = value.get("tool_calls", [])
+    if not isinstance(calls, list) or (calls and role != "assistant"):
+        raise ProtocolError(f"'{name}.tool_calls' must be an array, in an assistant message", f"{name}.tool_calls")
+    tool_calls = tuple(ToolCall.from_fields(call, f"{name}.tool_calls[{i}]") for i, call in enumerate(calls))
+    return ChatMessage(role, content, value.get("name"), tool_calls, value.get("tool_call_id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,24 +539,53 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call: `id` and `name` come once, with its first piece; `arguments`
+    is the next stretch of its JSON text."""
+
+    index: int  # which call of the answer, from 0
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+    def to_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"index": self.index, "arguments": self.arguments}
+        if self.id is not None:
+            fields["id"], fields["name"] = self.id, self.name
+        return fields
+
+    @classmethod
+    def from_fields(cls, entry: Any) -> ToolCallDelta:
+        if not isinstance(entry, dict):
+            raise ProtocolError("each 'tool_calls' entry must be a map", "tool_calls")
+        return cls(_get(entry, "index", int, required=True), _get(entry, "arguments", str, ""),
+                   _get(entry, "id", str), _get(entry, "name", str))
+
+
+@dataclass(frozen=True, slots=True)
 class TokenDelta:
-    """Body of TOKEN: newly generated text (never a split UTF-8 character)."""
+    """Body of TOKEN: newly generated text (never a split UTF-8 character). With tools, `text` is the
+    reply's text and `tool_calls` the pieces of calls the new tokens wrote."""
 
     text: str
     num_tokens: int = 1
     logprobs: tuple[TokenLogprob, ...] | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
     def to_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"text": self.text, "num_tokens": self.num_tokens}
         if self.logprobs is not None:
             fields["logprobs"] = [lp.to_fields() for lp in self.logprobs]
+        if self.tool_calls:
+            fields["tool_calls"] = [call.to_fields() for call in self.tool_calls]
         return fields
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> TokenDelta:
         raw = _get(fields, "logprobs", list)
         logprobs = None if raw is None else tuple(TokenLogprob.from_fields(e) for e in raw)
-        return cls(_get(fields, "text", str, ""), _get(fields, "num_tokens", int, 1), logprobs)
+        calls = tuple(ToolCallDelta.from_fields(entry) for entry in _get(fields, "tool_calls", list, []))
+        return cls(_get(fields, "text", str, ""), _get(fields, "num_tokens", int, 1), logprobs, calls)
 
 
 @dataclass(frozen=True, slots=True)

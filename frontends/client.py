@@ -103,6 +103,7 @@ class Completion:
     logprobs: tuple[protocol.TokenLogprob, ...] | None = None
     cached_tokens: int = 0  # prompt tokens the worker took from its prefix cache
     worker_id: str = ""  # the worker that served it
+    tool_calls: tuple[protocol.ToolCallDelta, ...] = ()  # the pieces of its tool calls, in order
 
 
 class StreamOwner(Protocol):
@@ -167,14 +168,16 @@ class Stream:
         """Read the stream to its end and return the whole answer."""
         texts: list[str] = []
         logprobs: list[protocol.TokenLogprob] | None = None
+        calls: list[protocol.ToolCallDelta] = []
         async for delta in self:
             texts.append(delta.text)
+            calls += delta.tool_calls
             if delta.logprobs is not None:
                 logprobs = (logprobs or []) + list(delta.logprobs)
         assert self.done is not None
         return Completion("".join(texts), self.done.finish_reason, self.done.prompt_tokens,
                           self.done.completion_tokens, None if logprobs is None else tuple(logprobs),
-                          self.done.cached_tokens, self.done.worker_id)
+                          self.done.cached_tokens, self.done.worker_id, tuple(calls))
 
     async def cancel(self) -> None:
         """Stop the request on the bus; the worker frees its slot at its next step.

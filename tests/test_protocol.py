@@ -136,3 +136,57 @@ def test_malformed_constraints_are_refused(constraint, field):
 def test_a_constraint_takes_no_stop_strings():
     with pytest.raises(ProtocolError, match="stop"):
         GenerationRequest.from_fields({"model": "m", "prompt": "x", "stop": ["}"], "constraint": {"type": "json_object"}})
+
+
+WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+CHAT = [{"role": "user", "content": "Weather?"}]
+
+
+def test_tools_calls_and_results_round_trip():
+    history = [*CHAT, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Rome"}'}]},
+        {"role": "tool", "content": "Sunny", "tool_call_id": "call_1", "name": "get_weather"}]
+    request = GenerationRequest.from_fields({"model": "m", "messages": history, "tools": {
+        "functions": [WEATHER, {"name": "add", "parameters": {}, "description": "Adds"}], "function": "add",
+        "parallel": False}})
+    assert GenerationRequest.from_fields(request.to_fields()) == request
+    assert request.tools.calls_required and [f.name for f in request.tools.callable] == ["add"]
+    assert request.messages[1].tool_calls[0].arguments == '{"city": "Rome"}'
+    assert request.messages[2].tool_call_id == "call_1"
+    delta = protocol.TokenDelta("", 3, None, (protocol.ToolCallDelta(0, "", "call_x", "add"),
+                                              protocol.ToolCallDelta(0, '{"a": 1}')))
+    assert protocol.TokenDelta.from_fields(delta.to_fields()) == delta
+    assert protocol.Done.from_fields({"finish_reason": "tool_calls"}).finish_reason is protocol.FinishReason.TOOL_CALLS
+
+
+@pytest.mark.parametrize("tools, field", [
+    ([WEATHER], "tools"),
+    ({"functions": []}, "tools.functions"),
+    ({"functions": [WEATHER, WEATHER]}, "tools.functions"),
+    ({"functions": [{"name": "f"}]}, "tools.functions[0].parameters"),
+    ({"functions": [{**WEATHER, "strict": True}]}, "tools.functions[0]"),
+    ({"functions": [WEATHER], "choice": "none"}, "tools.choice"),
+    ({"functions": [WEATHER], "function": "add"}, "tools.function"),
+    ({"functions": [WEATHER], "parallel": 1}, "tools.parallel"),
+    ({"functions": [{**WEATHER, "parameters": {"const": b"\x00"}}]}, "tools.functions"),
+])
+def test_malformed_tools_are_refused(tools, field):
+    with pytest.raises(ProtocolError) as caught:
+        GenerationRequest.from_fields({"model": "m", "messages": CHAT, "tools": tools})
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"prompt": "x", "tools": {"functions": [WEATHER]}}, "tools"),
+    ({"messages": CHAT, "tools": {"functions": [WEATHER]}, "constraint": {"type": "json_object"}}, "tools"),
+    ({"messages": CHAT, "tools": {"functions": [WEATHER]}, "stop": ["x"]}, "stop"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c", "name": "f", "arguments": ""}]}]},
+     "messages[0].tool_calls"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c"}]}]}, "messages[0].tool_calls[0].name"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": 5}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
+])
+def test_tools_go_with_chats_and_nothing_that_could_break_a_call(fields, field):
+    with pytest.raises(ProtocolError) as caught:
+        GenerationRequest.from_fields({"model": "m", **fields})
+    assert caught.value.field == field

@@ -1,15 +1,15 @@
-"""The generic tool format: tool plans, their schemas, the history as the model reads it, and answers parsed."""
+"""OpenAI's tool fields on the bus: what `tools`, `tool_choice` and `parallel_tool_calls` become,
+the history's calls and results as the bus carries them, and bad fields answered with 400s."""
 
 from __future__ import annotations
 
-import json
-
-import jsonschema
 import pytest
 
+from broker.protocol import GenerationRequest, ToolCall, ToolCallDelta
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.requests import parse_chat
-from frontends.openai_api.tools import ReplyStream, parse_tools
+from frontends.openai_api.responses import ChatResponses
+from frontends.openai_api.tools import call_delta, parse_tools, whole_calls
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -18,39 +18,24 @@ ADD = {"type": "function", "function": {
     "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
                                   "required": ["a", "b"]}}}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
-CALL = {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
 
 
-def test_auto_allows_a_reply_or_calls_and_nothing_else():
-    plan = parse_tools({"tools": [WEATHER, ADD]})
-    schema = plan.schema()
-    jsonschema.validate({"response": "It is sunny."}, schema)
-    jsonschema.validate({"tool_calls": [CALL["tool_calls"][0], {"name": "add", "arguments": {"a": 1, "b": 2}}]}, schema)
-    for wrong in ({"tool_calls": [{"name": "get_weather", "arguments": {}}]},  # arguments against its parameters
-                  {"tool_calls": [{"name": "delete_all", "arguments": {}}]},
-                  {"tool_calls": []}, {"response": "x", "tool_calls": []}, {"text": "x"}):
-        with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(wrong, schema)
-    assert '"get_weather"' in plan.system_prompt() and '{"response"' in plan.system_prompt()
-
-
-def test_required_named_and_single_choices():
+def test_choices_become_the_bus_tools():
+    auto = parse_tools({"tools": [WEATHER, ADD]})
+    assert [f.name for f in auto.functions] == ["get_weather", "add"] and auto.choice == "auto" and auto.parallel
+    assert auto.functions[0].description == "Weather in a city" and not auto.calls_required
     required = parse_tools({"tools": [WEATHER, ADD], "tool_choice": "required", "parallel_tool_calls": False})
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"response": "hi"}, required.schema())
-    with pytest.raises(jsonschema.ValidationError):  # one call at most
-        jsonschema.validate({"tool_calls": CALL["tool_calls"] * 2}, required.schema())
+    assert required.calls_required and not required.parallel
     named = parse_tools({"tools": [WEATHER, ADD], "tool_choice": {"type": "function", "function": {"name": "add"}}})
-    jsonschema.validate({"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]}, named.schema())
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(CALL, named.schema())
-    assert "get_weather" not in named.system_prompt()
+    assert named.function == "add" and named.calls_required and [f.name for f in named.callable] == ["add"]
+    assert len(named.functions) == 2  # the model still sees every tool
     assert parse_tools({"tools": [WEATHER], "tool_choice": "none"}) is None
     assert parse_tools({}) is None
 
 
 @pytest.mark.parametrize("body, param", [
     ({"tools": []}, "tools"),
+    ({"tools": [WEATHER] * 129}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
     ({"tools": [WEATHER, WEATHER]}, "tools"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
@@ -64,33 +49,33 @@ def test_bad_tool_fields_are_400(body, param):
     assert caught.value.status == 400 and caught.value.param == param
 
 
-def test_answers_parse_into_calls_or_content():
-    plan = parse_tools({"tools": [WEATHER, ADD]})
-    reply = plan.parse(json.dumps(CALL))
-    assert reply.content is None and [c.name for c in reply.tool_calls] == ["get_weather"]
-    assert json.loads(reply.tool_calls[0].arguments) == {"city": "Paris"} and reply.tool_calls[0].id.startswith("call_")
-    assert plan.parse('{"response": "Sunny."}').content == "Sunny."
-    assert plan.parse('{"response": "Sun').content == "Sun"  # cut by max_tokens: what there is
-    assert plan.parse("plain words").content == "plain words"  # neither form: as it came
-
-
-def test_the_history_reaches_the_bus_in_the_generic_format():
+def test_the_history_reaches_the_bus_as_calls_and_results():
     call = parse_chat({"model": "m", "tools": [WEATHER], "messages": [
-        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?", "name": "alice"},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "Sunny"}]},
     ]}, max_n=1)
     (request,) = call.requests
     system, user, assistant, result = request.messages
-    assert system.role == "system" and system.content.startswith("Be brief.") and "get_weather" in system.content
-    assert (user.role, user.content) == ("user", "Weather in Paris?")
-    assert json.loads(assistant.content) == {"tool_calls": [{"id": "call_1", "name": "get_weather",
-                                                             "arguments": {"city": "Paris"}}]}
-    assert result.role == "user" and json.loads(result.content) == {
-        "tool_response": {"tool_call_id": "call_1", "name": "get_weather", "content": "Sunny"}}
-    assert request.constraint.type == "json_schema" and call.tools is not None
+    assert (system.role, system.content) == ("system", "Be brief.")
+    assert (user.role, user.content, user.name) == ("user", "Weather in Paris?", "alice")
+    assert assistant.content == "" and assistant.tool_calls == (ToolCall("call_1", "get_weather", '{"city": "Paris"}'),)
+    assert (result.role, result.content, result.tool_call_id, result.name) == ("tool", "Sunny", "call_1", "get_weather")
+    assert request.tools is not None and request.constraint is None
+    assert GenerationRequest.from_fields(request.to_fields()) == request  # as the broker and worker read it
+
+
+@pytest.mark.parametrize("message, param", [
+    ({"role": "tool", "content": "Sunny"}, "messages[0].tool_call_id"),
+    ({"role": "assistant", "tool_calls": [{"type": "function"}]}, "messages[0].tool_calls[0]"),
+    ({"role": "assistant", "tool_calls": "get_weather"}, "messages[0].tool_calls"),
+])
+def test_bad_history_is_400(message, param):
+    with pytest.raises(ApiError) as caught:
+        parse_chat({"model": "m", "messages": [message]}, max_n=1)
+    assert caught.value.param == param
 
 
 def test_response_formats_become_constraints():
@@ -103,66 +88,22 @@ def test_response_formats_become_constraints():
     assert constraint({"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}).schema == schema
     with pytest.raises(ApiError, match="cannot be combined"):
         parse_chat({"model": "m", "messages": ASK, "tools": [WEATHER], "response_format": {"type": "json_object"}}, 1)
+    with pytest.raises(ApiError, match="'stop' cannot be combined") as caught:
+        parse_chat({"model": "m", "messages": ASK, "tools": [WEATHER], "stop": "x"}, 1)
+    assert caught.value.param == "stop"
 
 
-CALLS_TEXT = ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Pa\\"ris \\u00e9"}}, '
-              '{"name": "add", "arguments": {"a": 1, "b": [2, {"c": "}"}]}}]}')
+def test_call_pieces_become_openai_deltas_and_calls():
+    pieces = [ToolCallDelta(0, "", "call_a", "get_weather"), ToolCallDelta(0, '{"city": '), ToolCallDelta(0, '"Rome"}'),
+              ToolCallDelta(1, "", "call_b", "add"), ToolCallDelta(1, '{"a": 1, "b": 2}')]
+    assert call_delta(pieces[0]) == {"index": 0, "id": "call_a", "type": "function",
+                                     "function": {"name": "get_weather", "arguments": ""}}
+    assert call_delta(pieces[1]) == {"index": 0, "function": {"arguments": '{"city": '}}
+    assert whole_calls(pieces) == [
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]
+    from broker.protocol import TokenDelta
 
-
-def test_a_streamed_answer_gives_each_call_its_id_and_name_then_its_arguments():
-    stream, deltas = ReplyStream(), []
-    for char in CALLS_TEXT:  # one character at a time: every cut a token could make
-        deltas += stream.push(char)
-    assert stream.finish() == [] and stream.has_calls
-    parts = [d["tool_calls"][0] for d in deltas]
-    openings = [p for p in parts if "id" in p]
-    assert [(p["index"], p["function"]["name"], p["function"]["arguments"]) for p in openings] == [
-        (0, "get_weather", ""), (1, "add", "")]
-    arguments = {}
-    for part in parts:
-        arguments[part["index"]] = arguments.get(part["index"], "") + part["function"]["arguments"]
-    assert [json.loads(a) for a in arguments.values()] == [{"city": 'Pa"ris é'}, {"a": 1, "b": [2, {"c": "}"}]}]
-    whole = parse_tools({"tools": [WEATHER, ADD]}).parse(CALLS_TEXT)
-    assert [c.arguments for c in whole.tool_calls] == list(arguments.values())
-
-
-def test_a_streamed_reply_is_content_as_it_comes():
-    text = '{"response": "caf\\u00e9 \\ud83d\\ude00 ok\\n"}'
-    stream, content = ReplyStream(), ""
-    for char in text:
-        for delta in stream.push(char):
-            content += delta["content"]
-    assert content == "café 😀 ok\n" and not stream.has_calls
-    cut = ReplyStream()
-    assert cut.push('{"response": "Sun') == [{"content": "Sun"}] and cut.finish() == []
-    other = ReplyStream()
-    assert other.push("plain") == [] and other.finish() == [{"content": "plain"}]
-
-
-def test_parameters_with_their_own_definitions_still_resolve():
-    """pydantic writes nested models as `$defs` and `#/$defs/...` references; inside the answer's
-    schema they must resolve from its root, for two tools that both name a definition `Address`."""
-    import openai
-    from pydantic import BaseModel
-
-    class Address(BaseModel):
-        city: str
-        zip_code: str
-
-    class Ship(BaseModel):
-        to: Address
-        weight_kg: float
-
-    class Bill(BaseModel):
-        address: Address
-
-    tools = [openai.pydantic_function_tool(Ship), openai.pydantic_function_tool(Bill)]
-    assert "$defs" in tools[0]["function"]["parameters"]
-    schema = parse_tools({"tools": tools, "tool_choice": "required"}).schema()
-    jsonschema.Draft202012Validator.check_schema(schema)
-    address = {"city": "Paris", "zip_code": "75001"}
-    jsonschema.validate({"tool_calls": [{"name": "Ship", "arguments": {"to": address, "weight_kg": 2.5}},
-                                        {"name": "Bill", "arguments": {"address": address}}]}, schema)
-    with pytest.raises(jsonschema.ValidationError):  # the nested model is enforced, not skipped
-        jsonschema.validate({"tool_calls": [{"name": "Ship", "arguments": {"to": {"city": 1}, "weight_kg": 2}}]},
-                            schema)
+    chunks = ChatResponses("m").delta_chunks(0, TokenDelta("Let me see.", 3, None, tuple(pieces[:2])))
+    assert [c["choices"][0]["delta"] for c in chunks] == [
+        {"content": "Let me see."}, {"tool_calls": [call_delta(pieces[0])]}, {"tool_calls": [call_delta(pieces[1])]}]

@@ -27,6 +27,8 @@ from worker.server import WorkerServer
 def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
     loaded = load_model(settings)
     tokenizer = loaded.tokenizer
+    if settings.chat_template is not None:
+        tokenizer.chat_template = settings.chat_template.read_text()
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     limits = SchedulerLimits(
         max_batch=settings.max_batch,
@@ -35,6 +37,7 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
         max_prefill_tokens=settings.max_prefill_tokens or (4096 if loaded.model.device.type == "cuda" else 512),
     )
     prompts = PromptEncoder(tokenizer, loaded.model.generation_config.eos_token_id)
+    logging.getLogger(__name__).info("tool calls in the %s format", prompts.tool_format.name)
     unpenalized = prompts.stop_token_ids | frozenset(tokenizer.all_special_ids)
     prefixes = PrefixStore(max(settings.prefix_cache_tokens, BLOCK_SIZE)) if settings.prefix_cache_tokens else None
     runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized, prefixes)

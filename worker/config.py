@@ -22,6 +22,8 @@ class WorkerSettings(BusPeerSettings):
                             "auto: embed for a sentence-transformers folder, else generate")
     shorten_embeddings: bool = Field(False, description="the embedding model was trained to be cut short (Matryoshka): "
                                                         "accept 'dimensions' below its own")
+    chat_template: Path | None = Field(None, description="a Jinja chat template file to use instead of the model's own "
+                                                         "(one that takes tools gets them natively)")
     model_names: list[str] = Field(default_factory=list, description="names to serve the model under (default: from the model)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and activations type")

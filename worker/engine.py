@@ -79,7 +79,12 @@ class Engine:
         """Queue a request; one that cannot run on this model is answered with an error at once."""
         try:
             prompt_ids = self.prompts.encode(request)
-            grammar = None if request.constraint is None else self.grammars.start(request.constraint)
+            grammar, answer = None, None
+            if request.constraint is not None:
+                grammar = self.grammars.start(request.constraint)
+            elif request.tools is not None:
+                grammar = self.grammars.start_tools(request.tools, self.prompts.tool_format)
+                answer = self.prompts.tool_format.reader()
         except ProtocolError as exc:
             return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
         if not prompt_ids:
@@ -96,7 +101,8 @@ class Engine:
             self._retire([previous])
         tokenizer = self.prompts.tokenizer
         self.scheduler.add(Sequence(request_id, request, prompt_ids, max_tokens,
-                                    Detokenizer(tokenizer, prompt_ids), StopMatcher(request.stop), grammar=grammar))
+                                    Detokenizer(tokenizer, prompt_ids), StopMatcher(request.stop), grammar=grammar,
+                                    answer=answer))
         return []
 
     def cancel(self, request_id: bytes) -> list[Event]:
@@ -188,14 +194,22 @@ class Engine:
             sequence.finish_reason = FinishReason.LENGTH
         if sequence.finished and not stopped:  # a stop string drops what follows it; other ends keep it
             text += _held_back_text(sequence, end_of_turn)
+        calls: tuple[protocol.ToolCallDelta, ...] = ()
+        if sequence.answer is not None:
+            text, calls = sequence.answer.push(text)
+            if sequence.finished:
+                rest, more_calls = sequence.answer.finish()
+                text, calls = text + rest, calls + more_calls
+                if sequence.answer.made_calls and sequence.finish_reason is FinishReason.STOP:
+                    sequence.finish_reason = FinishReason.TOOL_CALLS
         logprobs = None
         if sequence.request.logprobs:
             logprob = self.prompts.token_logprob
             logprobs = (logprob(choice.token_id, choice.logprob or 0.0,
                                 tuple(logprob(t, lp) for t, lp in choice.top)),)
-        if not text and logprobs is None and not sequence.finished:
+        if not text and not calls and logprobs is None and not sequence.finished:
             return None  # counted by the next frame
-        delta = protocol.TokenDelta(text, sequence.unsent_tokens, logprobs)
+        delta = protocol.TokenDelta(text, sequence.unsent_tokens, logprobs, calls)
         sequence.unsent_tokens = 0
         return delta
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
@@ -22,13 +22,16 @@ import llguidance.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from broker.protocol import Constraint, ProtocolError
+from broker.protocol import Constraint, ProtocolError, Tools
+
+if TYPE_CHECKING:
+    from worker.tool_formats import ToolFormat
 
 # This many distinct schemas stay compiled.
 MAX_CACHED_GRAMMARS = 256
 # The compact separators OpenAI's own structured outputs use; a flexible whitespace pattern would
-# let a sampled row spend its tokens on blank lines.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# let a sampled row spend its tokens on blank lines. Constrained answers and tool calls are written so.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarCompiler:
@@ -49,27 +52,38 @@ class GrammarCompiler:
 
     def compiled(self, constraint: Constraint) -> llguidance.LLMatcher:
         """`constraint` compiled, from the cache when it was seen before; ProtocolError says why it cannot be."""
-        key = constraint.key
-        if key in self._compiled:
-            self._compiled.move_to_end(key)
-            return self._compiled[key]
-        schema = {"type": "object"} if constraint.schema is None else closed_objects(constraint.schema)
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_OPTIONS)
-            matcher = llguidance.LLMatcher(self.tokenizer, grammar)
-            error = matcher.get_error() if matcher.is_error() else None
-        except (ValueError, TypeError, RuntimeError) as exc:
-            error = str(exc)
-        if error is not None:
-            raise ProtocolError(f"the JSON schema cannot be compiled: {error}", "constraint.schema")
-        self._compiled[key] = matcher
-        while len(self._compiled) > MAX_CACHED_GRAMMARS:
-            self._compiled.popitem(last=False)
-        return matcher
+
+        def grammar() -> str:
+            schema = {"type": "object"} if constraint.schema is None else closed_objects(constraint.schema)
+            return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
+
+        return self._compiled_grammar(constraint.key, grammar, "the JSON schema", "constraint.schema")
 
     def start(self, constraint: Constraint) -> RowGrammar:
         """A matcher at the start of `constraint`'s grammar, for one row."""
         return RowGrammar(self.compiled(constraint).deep_copy(), self.vocab_size)
+
+    def start_tools(self, tools: Tools, tool_format: ToolFormat) -> RowGrammar:
+        """A matcher at the start of the grammar of answers that may call `tools`, in `tool_format`."""
+        matcher = self._compiled_grammar(f"tools:{tool_format.name}:{tools.key}", lambda: tool_format.grammar(tools),
+                                         "the tools' parameters", "tools")
+        return RowGrammar(matcher.deep_copy(), self.vocab_size)
+
+    def _compiled_grammar(self, key: str, grammar: Any, what: str, field: str) -> llguidance.LLMatcher:
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
+        try:
+            matcher = llguidance.LLMatcher(self.tokenizer, grammar())
+            error = matcher.get_error() if matcher.is_error() else None
+        except (ValueError, TypeError, RuntimeError) as exc:
+            error = str(exc)
+        if error is not None:
+            raise ProtocolError(f"{what} cannot be compiled: {error}", field)
+        self._compiled[key] = matcher
+        while len(self._compiled) > MAX_CACHED_GRAMMARS:
+            self._compiled.popitem(last=False)
+        return matcher
 
 
 # Keywords whose values are schemas, lists of schemas, or maps of names to schemas.

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from broker.protocol import GenerationRequest, ProtocolError, TokenLogprob
+from worker.tool_formats import ToolFormat, format_for
 
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -22,6 +23,14 @@ def _byte_decoder(tokenizer: PreTrainedTokenizerBase) -> dict[str, int] | None:
     return {symbol: byte for byte, symbol in bytes_to_unicode().items()}
 
 
+def _tool_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The chat template used when tools are given (a tokenizer may keep one apart, as "tool_use")."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        return template.get("tool_use", template.get("default"))
+    return template
+
+
 class PromptEncoder:
     """Encodes prompts and knows which tokens end the model's turn."""
 
@@ -29,15 +38,17 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(self._end_of_turn_ids(generation_eos))
         self._byte_decoder = _byte_decoder(tokenizer)
+        self.tool_format: ToolFormat = format_for(_tool_template(tokenizer))
 
     def encode(self, request: GenerationRequest) -> list[int]:
         if request.prompt is not None:
             return self.tokenizer(request.prompt).input_ids
         if not self.tokenizer.chat_template:
             raise ProtocolError("this model has no chat template; send a plain 'prompt' instead", "messages")
+        messages, template_arguments = self.tool_format.template_input(request.messages, request.tools)
         try:
-            text = self.tokenizer.apply_chat_template([m.to_fields() for m in request.messages], tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      **template_arguments)
         except TemplateError as exc:  # the template's own rule, e.g. "roles must alternate": the caller's to fix
             raise ProtocolError(f"the model's chat template rejects these messages: {exc}", "messages") from None
         return self.tokenizer(text, add_special_tokens=False).input_ids

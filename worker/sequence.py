@@ -11,6 +11,7 @@ from worker.text import Detokenizer, StopMatcher
 if TYPE_CHECKING:
     from worker.grammar import RowGrammar
     from worker.prefix_cache import CachedPrefix
+    from worker.tool_formats import AnswerReader
 
 
 @dataclass(slots=True, eq=False)
@@ -29,6 +30,7 @@ class Sequence:
     prefix: CachedPrefix | None = None  # cached KV its prompt starts with, found while it waits
     num_cached_tokens: int = 0  # prompt tokens taken from `prefix` instead of prefilled
     grammar: RowGrammar | None = None  # where a constrained output stands; None: free
+    answer: AnswerReader | None = None  # with tools: reads the output into reply text and calls
 
     @property
     def num_uncached_tokens(self) -> int:

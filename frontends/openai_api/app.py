@@ -195,8 +195,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     call = parse_chat(await _json_body(request), request.app[SETTINGS].max_n)
-    return await _generate(request, call, ChatResponses(call.model, include_usage=call.include_usage,
-                                                        tools=call.tools))
+    return await _generate(request, call, ChatResponses(call.model, include_usage=call.include_usage))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -324,7 +323,7 @@ async def _send_events(request: web.Request, response: web.StreamResponse, call:
                 await _send_event(response, chunk)
             if len(done) == len(call.requests):
                 break
-        elif item.text or item.logprobs is not None:  # a frame that only counts tokens has nothing to show
+        elif item.text or item.logprobs is not None or item.tool_calls:  # a frame that only counts tokens: nothing to show
             for chunk in responses.delta_chunks(index, item):
                 await _send_event(response, chunk)
         index, item = await anext(events)

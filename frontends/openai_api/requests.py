@@ -8,13 +8,7 @@ from typing import Any
 
 from broker.protocol import SEED_RANGE, GenerationRequest, ProtocolError
 from frontends.openai_api.errors import bad_request
-from frontends.openai_api.tools import (
-    ToolPlan,
-    assistant_calls_text,
-    parse_tools,
-    tool_result_text,
-    with_tools_prompt,
-)
+from frontends.openai_api.tools import assistant_calls, parse_tools
 
 _COMMON_FIELDS = {
     "model", "temperature", "top_p", "stop", "n", "seed", "presence_penalty", "frequency_penalty", "stream",
@@ -27,7 +21,7 @@ IGNORED_FIELDS = frozenset({"metadata", "store", "service_tier", "prompt_cache_k
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 _SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k",
                     "repetition_penalty")
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "user"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
 MAX_LEGACY_LOGPROBS = 5
 
@@ -43,7 +37,6 @@ class ApiCall:
     stream: bool
     include_usage: bool
     logprobs: bool
-    tools: ToolPlan | None = None  # chat answers are tool calls or a reply, in the generic format
 
 
 def parse_chat(body: Any, max_n: int) -> ApiCall:
@@ -52,24 +45,23 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
         raise bad_request("'logprobs' must be a boolean", "logprobs")
     if body.get("top_logprobs") and not body.get("logprobs"):
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    plan = parse_tools(body)
+    tools = parse_tools(body)
     constraint = _response_format(body.get("response_format", {"type": "text"}))
-    if plan is not None and constraint is not None:
+    if tools is not None and constraint is not None:
         raise bad_request("'response_format' cannot be combined with tool calls", "response_format")
-    if (plan is not None or constraint is not None) and body.get("stop"):  # a stop string could cut it short of valid
+    if (tools is not None or constraint is not None) and body.get("stop"):  # a stop string could cut it short of valid
         raise bad_request("'stop' cannot be combined with 'response_format' or 'tools'", "stop")
     messages = _messages(_required(body, "messages", list))
-    if plan is not None:
-        messages, constraint = with_tools_prompt(messages, plan), {"type": "json_schema", "schema": plan.schema()}
     fields = {
         "messages": messages,
         "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
         "logprobs": bool(body.get("logprobs")),
         "top_logprobs": body.get("top_logprobs"),
         "constraint": constraint,
+        "tools": None if tools is None else tools.to_fields(),
     }
     max_tokens_param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return _call(body, "messages", [fields], max_n, max_tokens_param, plan)
+    return _call(body, "messages", [fields], max_n, max_tokens_param)
 
 
 def _response_format(value: Any) -> dict[str, Any] | None:
@@ -116,7 +108,7 @@ def parse_completion(body: Any, max_n: int) -> ApiCall:
 
 
 def _call(body: dict, input_param: str, per_input: list[dict], max_n: int,
-          max_tokens_param: str = "max_tokens", tools: ToolPlan | None = None) -> ApiCall:
+          max_tokens_param: str = "max_tokens") -> ApiCall:
     model = _required(body, "model", str)
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
@@ -146,8 +138,7 @@ def _call(body: dict, input_param: str, per_input: list[dict], max_n: int,
             # n choices with one seed must still differ, and stay reproducible
             seeded = {"seed": _choice_seed(seed, choice)} if has_seed else {}
             requests.append(_generation_request({"model": model, **sampling, **fields, **seeded}, max_tokens_param))
-    return ApiCall(model, input_param, requests, n, stream, bool(options.get("include_usage")), requests[0].logprobs,
-                   tools)
+    return ApiCall(model, input_param, requests, n, stream, bool(options.get("include_usage")), requests[0].logprobs)
 
 
 def _choice_seed(seed: int, choice: int) -> int:
@@ -165,6 +156,8 @@ def _generation_request(fields: dict, max_tokens_param: str) -> GenerationReques
         param = max_tokens_param if exc.field == "max_tokens" else exc.field
         if exc.field and exc.field.startswith("constraint"):
             param = "response_format"
+        elif exc.field and exc.field.startswith("tools"):
+            param = "tools"
         message = str(exc).replace("'max_tokens'", f"'{param}'")
         raise bad_request(message, param) from None
 
@@ -188,9 +181,9 @@ def _required(body: dict, name: str, kind: type | tuple) -> Any:
     return body[name]
 
 
-def _messages(messages: list) -> list[dict[str, str]]:
-    """The chat as the bus carries it: tool calls and tool results written in the generic tool format,
-    and a participant's `name` passed on (to the templates that show it)."""
+def _messages(messages: list) -> list[dict[str, Any]]:
+    """The chat as the bus carries it: a participant's `name`, an assistant's calls and a tool
+    result's call id passed on (a tool result also named after the call it answers)."""
     called: dict[str, str] = {}  # tool call id -> function name, for the results that follow
     chat = []
     for index, message in enumerate(messages):
@@ -205,19 +198,29 @@ def _messages(messages: list) -> list[dict[str, str]]:
         if extra:
             raise bad_request(f"{param}.{extra[0]} is not supported by this server", f"{param}.{extra[0]}",
                               "unsupported_parameter")
-        if message.get("name") is not None and not isinstance(message["name"], str):
-            raise bad_request(f"{param}.name must be a string", f"{param}.name", "invalid_type")
-        if message.get("tool_calls") and message["role"] == "assistant":
-            content = assistant_calls_text(message["tool_calls"], f"{param}.tool_calls")
-            called.update({c.get("id"): c["function"]["name"] for c in message["tool_calls"]})
-        elif message["role"] == "assistant" and message.get("content") is None:
-            content = ""  # an assistant turn with neither text nor calls (some clients send it)
+        for key in ("name", "tool_call_id"):
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise bad_request(f"{param}.{key} must be a string", f"{param}.{key}", "invalid_type")
+        entry: dict[str, Any] = {"role": role}
+        if message.get("tool_calls") and role == "assistant":
+            calls = assistant_calls(message["tool_calls"], f"{param}.tool_calls")
+            called.update({call.id: call.name for call in calls})
+            entry["tool_calls"] = [call.to_fields() for call in calls]
+            entry["content"] = "" if message.get("content") is None else _content(message["content"], f"{param}.content")
+        elif role == "assistant" and message.get("content") is None:
+            entry["content"] = ""  # an assistant turn with neither text nor calls (some clients send it)
         else:
-            content = _content(message.get("content"), f"{param}.content")
-        if message["role"] == "tool":
-            content = tool_result_text(message, content, called)
-        chat.append({"role": role, "content": content,
-                     **({"name": message["name"]} if message.get("name") is not None else {})})
+            entry["content"] = _content(message.get("content"), f"{param}.content")
+        name = message.get("name")
+        if role == "tool":
+            if message.get("tool_call_id") is None:
+                raise bad_request(f"{param}.tool_call_id is required in a tool message", f"{param}.tool_call_id",
+                                  "missing_required_parameter")
+            entry["tool_call_id"] = message["tool_call_id"]
+            name = name or called.get(message["tool_call_id"])
+        if name is not None:
+            entry["name"] = name
+        chat.append(entry)
     return chat
 
 

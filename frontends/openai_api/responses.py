@@ -12,7 +12,7 @@ import numpy as np
 from broker.protocol import Done, Embeddings, ModelInfo, TokenDelta, TokenLogprob
 from frontends.client import Completion
 from frontends.openai_api.errors import ApiError
-from frontends.openai_api.tools import Reply, ReplyStream, ToolPlan
+from frontends.openai_api.tools import call_delta, whole_calls
 
 
 def error_body(error: ApiError) -> dict[str, Any]:
@@ -39,13 +39,8 @@ def _fingerprint(worker_id: str) -> dict[str, str]:
 
 
 def _finish_reason(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
-
-
-def _reply_finish_reason(reason: str, made_calls: bool) -> str:
-    if made_calls and reason == "stop":
-        return "tool_calls"
-    return _finish_reason(reason)
+    """OpenAI's name for how a choice ended (a cancelled one is not seen by its caller)."""
+    return next((known for known in ("length", "tool_calls") if reason == known), "stop")
 
 
 def _chat_logprobs(entries: tuple[TokenLogprob, ...]) -> dict[str, Any]:
@@ -130,12 +125,6 @@ class ChatResponses(Responses):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, model: str, *, include_usage: bool = False, tools: ToolPlan | None = None) -> None:
-        super().__init__(model, include_usage=include_usage)
-        # With tools the answer is JSON in the generic format, read as it comes into content or calls.
-        self.tools = tools
-        self._replies: dict[int, ReplyStream] = {}
-
     def opening_chunks(self, num_choices: int) -> list[dict[str, Any]]:
         """A chat stream's first chunk for each choice: the role alone."""
         return [self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
@@ -146,34 +135,26 @@ class ChatResponses(Responses):
         return self._chunk({"index": index, "delta": {"content": delta.text}, "finish_reason": None,
                             "logprobs": logprobs})
 
-    def finish_chunk(self, index: int, done: Done, made_calls: bool = False) -> dict[str, Any]:
-        return self._chunk({"index": index, "delta": {}, "logprobs": None,
-                            "finish_reason": _reply_finish_reason(done.finish_reason.value, made_calls)})
-
     def delta_chunks(self, index: int, delta: TokenDelta) -> list[dict[str, Any]]:
-        """The chunks new text brings: one, or with tools as many as the answer's parts it completes."""
-        if self.tools is None:
-            return [self.delta_chunk(index, delta)]
-        reply = self._replies.setdefault(index, ReplyStream())
-        return [self._delta(index, part) for part in reply.push(delta.text)]
+        """The chunks a frame brings: its text, then each piece of a tool call on its own, as OpenAI sends them."""
+        chunks = [self.delta_chunk(index, delta)] if delta.text or delta.logprobs or not delta.tool_calls else []
+        return chunks + [self._chunk({"index": index, "delta": {"tool_calls": [call_delta(piece)]},
+                                      "finish_reason": None, "logprobs": None}) for piece in delta.tool_calls]
 
-    def finish_chunks(self, index: int, done: Done) -> list[dict[str, Any]]:
-        if self.tools is None:
-            return [self.finish_chunk(index, done)]
-        reply = self._replies.pop(index, ReplyStream())
-        return [*(self._delta(index, part) for part in reply.finish()), self.finish_chunk(index, done, reply.has_calls)]
-
-    def _delta(self, index: int, delta: dict[str, Any]) -> dict[str, Any]:
-        return self._chunk({"index": index, "delta": delta, "finish_reason": None, "logprobs": None})
+    def finish_chunk(self, index: int, done: Done) -> dict[str, Any]:
+        return self._chunk({"index": index, "delta": {}, "logprobs": None,
+                            "finish_reason": _finish_reason(done.finish_reason.value)})
 
     def _choice(self, index: int, completion: Completion) -> dict[str, Any]:
         logprobs = _chat_logprobs(completion.logprobs) if completion.logprobs is not None else None
-        reply = Reply(completion.text) if self.tools is None else self.tools.parse(completion.text)
-        message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
-        if reply.tool_calls:
-            message["tool_calls"] = [call.to_openai() for call in reply.tool_calls]
-        return {"index": index, "finish_reason": _reply_finish_reason(completion.finish_reason, bool(reply.tool_calls)),
-                "message": message, "logprobs": logprobs}
+        calls = whole_calls(list(completion.tool_calls))
+        # With calls, text that says nothing (the blank line before them) is no reply.
+        content = None if calls and not completion.text.strip() else completion.text
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+        return {"index": index, "finish_reason": _finish_reason(completion.finish_reason), "message": message,
+                "logprobs": logprobs}
 
 
 class CompletionResponses(Responses):
