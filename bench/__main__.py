@@ -9,6 +9,7 @@ embeddings: texts per second through `/v1/embeddings` against `SentenceTransform
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import platform
 from pathlib import Path
@@ -22,7 +23,7 @@ from bench.baseline import generate_tokens_per_second
 from bench.load import LevelResult, run_level
 from bench.report import draw_chart, table, write_json
 from bench.stack import LocalStack
-from bench.structured import StructuredResult, run_structured
+from bench.structured import StructuredResult, grammar_ms_per_step, run_structured
 from broker.settings import cli_config, load_settings
 from worker.loader import pick_device, pick_dtype
 from worker.model_source import resolve
@@ -70,7 +71,7 @@ async def sweep(settings: BenchSettings, base_url: str, model: str, concurrency_
     return levels
 
 
-def structured_run(settings: BenchSettings, base_url: str, model: str) -> StructuredResult | None:
+def structured_run(settings: BenchSettings, base_url: str, model: str, model_dir: Path) -> StructuredResult | None:
     concurrency = settings.structured_concurrency
     if not concurrency:
         return None
@@ -81,7 +82,7 @@ def structured_run(settings: BenchSettings, base_url: str, model: str) -> Struct
             return await run_structured(client, model, concurrency, count, settings.max_tokens, 100_000)
 
     print(f"  {concurrency} streams, half of them bound to a JSON schema, against all free ...", flush=True)
-    result = asyncio.run(run())
+    result = dataclasses.replace(asyncio.run(run()), grammar_ms_per_step=grammar_ms_per_step(model_dir, concurrency // 2))
     for line in result.lines():
         print("  " + line, flush=True)
     return result
@@ -112,7 +113,7 @@ def bench_chat(settings: BenchSettings) -> None:
     structured: StructuredResult | None = None
     if settings.api_url:
         levels = asyncio.run(sweep(settings, settings.api_url, model, settings.concurrency))
-        structured = structured_run(settings, settings.api_url, model)
+        structured = structured_run(settings, settings.api_url, model, source.location)
     else:
         worker_args = ["--max-batch", str(settings.max_batch), "--device", settings.device, "--dtype", settings.dtype,
                        *settings.worker_args]
@@ -121,7 +122,7 @@ def bench_chat(settings: BenchSettings) -> None:
         with LocalStack(worker_args) as stack:
             print(f"stack up at {stack.api_url}; sweeping {settings.concurrency} streams", flush=True)
             levels = asyncio.run(sweep(settings, stack.api_url, model, settings.concurrency))
-            structured = structured_run(settings, stack.api_url, model)
+            structured = structured_run(settings, stack.api_url, model, source.location)
         if settings.two_worker_concurrency:
             with LocalStack(worker_args, num_workers=2) as stack:
                 print(f"two workers up at {stack.api_url}; sweeping {settings.two_worker_concurrency} streams",

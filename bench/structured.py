@@ -45,6 +45,13 @@ class StructuredResult:
     ttft_free: float  # seconds, one request on an idle worker (median)
     ttft_cached_schema: float
     ttft_new_schema: float
+    grammar_ms_per_step: float = 0.0  # the constrained rows' masks and grammar advances, per decode step
+
+    @property
+    def step_ms(self) -> float:
+        """A decode step of all the streams, from the free runs' rate (a step makes one token a stream)."""
+        rate = statistics.mean(level.tokens_per_second for level in self.free)
+        return 1000 * self.concurrency / rate if rate else 0.0
 
     @property
     def ratio(self) -> float:
@@ -63,6 +70,9 @@ class StructuredResult:
             f"schema {rates(self.mixed)} tok/s: {100 * self.ratio:.0f}% of free (median of the rounds)",
             f"TTFT on an idle worker: free {self.ttft_free:.3f}s, cached schema {self.ttft_cached_schema:.3f}s, "
             f"new schema {self.ttft_new_schema:.3f}s",
+            f"grammar work of {self.concurrency // 2} constrained rows: {self.grammar_ms_per_step:.2f} ms a step, "
+            f"against a {self.step_ms:.0f} ms step of {self.concurrency} streams "
+            f"({100 * self.grammar_ms_per_step / self.step_ms if self.step_ms else 0:.1f}%)",
         ]
 
     def write_json(self, path: Path) -> None:
@@ -89,3 +99,30 @@ async def run_structured(client: AsyncOpenAI, model: str, concurrency: int, num_
 
     return StructuredResult(concurrency, free, mixed, await idle_ttft(None), await idle_ttft(cached),
                             await idle_ttft(lambda: with_schema(new_schema())))
+
+
+def grammar_ms_per_step(model_dir: Path, rows: int, steps: int = 64) -> float:
+    """What constrained rows add to a decode step, measured alone (no model, so a busy host's
+    noise in the model's steps does not hide it): masks for `rows` rows bound to the story schema,
+    then each row's grammar advanced by a token its mask allows."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from broker.protocol import Constraint
+    from worker.grammar import GrammarCompiler, mask_logits
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    compiler = GrammarCompiler(tokenizer, frozenset({tokenizer.eos_token_id}))
+    grammars = [compiler.start(Constraint("json_schema", STORY)) for _ in range(rows)]
+    generator = torch.Generator().manual_seed(0)
+    spent = 0.0
+    for _ in range(steps):
+        scores = torch.randn(2 * rows, compiler.vocab_size, generator=generator)  # as many free rows beside them
+        start = time.perf_counter()
+        mask_logits(scores, list(range(rows)), grammars)
+        for row, grammar in enumerate(grammars):
+            grammar.advance(int(scores[row].argmax()))
+        spent += time.perf_counter() - start
+    return 1000 * spent / steps

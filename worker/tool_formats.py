@@ -255,7 +255,7 @@ class _NativeReader(AnswerReader):
         if start is None:  # text so far; what may begin a call waits
             return text if final else text[:len(text) - self._held(text)], []
         calls = _read_calls(text, start + len(syntax.opener), syntax.arguments_key,
-                               between="}" + syntax.closer + syntax.between + syntax.opener)
+                            between="}" + syntax.closer + syntax.between + syntax.opener)
         return text[:start], calls
 
     def _calls_start(self) -> int | None:
