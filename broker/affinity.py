@@ -2,8 +2,8 @@
 
 The broker sees every request, so it needs no report from workers beyond their prefix cache budget
 (`Ready.prefix_cache_tokens`): it remembers, per worker, digests of the leading parts of the
-requests it sent there. A request's parts are its chat messages, after its tools when it has some
-(for a raw prompt: pieces of `PROMPT_PIECE` characters); each digest covers all parts up to and including its own, so a
+requests it sent there. A request's parts are its chat messages, after the functions it offers when
+it has some (for a raw prompt: pieces of `PROMPT_PIECE` characters); each digest covers all parts up to and including its own, so a
 conversation's next turn, which resends the earlier messages, matches the worker that served the
 last turn on every part the two share, and another conversation with the same system prompt matches
 only on that. A memory of a worker goes with its registry record: a worker that announces again (it
@@ -35,8 +35,8 @@ def request_parts(request: GenerationRequest) -> tuple[Part, ...]:
     """The chained digests of a request's leading parts, first part first."""
     if request.messages is not None:
         pieces = [json.dumps(m.to_fields(), sort_keys=True, ensure_ascii=False) for m in request.messages]
-        if request.tools is not None:  # templates show the tools first, in the system turn
-            pieces.insert(0, request.tools.key)
+        if request.tools is not None:  # shown to the model whatever the choice; most templates show them first
+            pieces.insert(0, json.dumps([f.to_fields() for f in request.tools.functions], sort_keys=True))
     else:
         prompt = request.prompt or ""
         pieces = [prompt[i:i + PROMPT_PIECE] for i in range(0, len(prompt), PROMPT_PIECE)]

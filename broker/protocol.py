@@ -503,7 +503,7 @@ def _chat_message(index: int, value: Any) -> ChatMessage:
     for key in ("name", "tool_call_id"):
         if value.get(key) is not None and not isinstance(value[key], str):
             raise ProtocolError(f"'{name}.{key}' must be a string", f"{name}.{key}")
-    calls = value.get("tool_calls", [])
+    calls = value.get("tool_calls") or []
     if not isinstance(calls, list) or (calls and role != "assistant"):
         raise ProtocolError(f"'{name}.tool_calls' must be an array, in an assistant message", f"{name}.tool_calls")
     tool_calls = tuple(ToolCall.from_fields(call, f"{name}.tool_calls[{i}]") for i, call in enumerate(calls))

@@ -102,6 +102,19 @@ def test_answers_follow_the_format_and_the_parameters(tokenizer, tool_format, ch
         assert not _allows(tokenizer, matcher, text), text
 
 
+def test_definitions_move_to_the_root_and_properties_stay(tokenizer):
+    """A function's own `$defs` (as pydantic writes nested models) must resolve from the root of the
+    answer's schema; a parameter that happens to be called `definitions` is a parameter."""
+    glossary = Function("define", {"type": "object", "required": ["definitions", "term"], "properties": {
+        "definitions": {"type": "array", "items": {"type": "string"}}, "term": {"$ref": "#/$defs/Term"}},
+        "$defs": {"Term": {"type": "string", "maxLength": 10}}})
+    matcher = _matcher(tokenizer, HERMES, Tools((glossary, ADD), "required"))
+    assert _allows(tokenizer, matcher, '<tool_call>\n{"name": "define", "arguments": {"definitions": ["a"], '
+                                       '"term": "word"}}\n</tool_call>')
+    assert not _allows(tokenizer, matcher, '<tool_call>\n{"name": "define", "arguments": {"definitions": ["a"], '
+                                           '"term": "a very long word"}}\n</tool_call>')
+
+
 def test_a_named_choice_allows_only_that_function(tokenizer):
     matcher = _matcher(tokenizer, HERMES, Tools((WEATHER, ADD), "required", "add"))
     assert _allows(tokenizer, matcher, HERMES_ADD) and not _allows(tokenizer, matcher, HERMES_CALL)
@@ -132,7 +145,9 @@ def _read(tool_format, text: str) -> tuple[str, list[tuple[str, str, str]], bool
      [("get_weather", '{"city": "Paris"}'), ("add", '{"a": 2, "b": 3}')]),
     (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa\\"ris \\u00e9}"', "",
      [("get_weather", '{"city": "Pa\\"ris \\u00e9}"')]),  # cut by max_tokens: the arguments so far
+    (HERMES, 'Hi <tool_call>\n{"name": "get_w', 'Hi <tool_call>\n{"name": "get_w', []),  # cut in a name
     (LLAMA3, "  " + LLAMA_CALL, "  ", [("get_weather", '{"city": "Paris"}')]),
+    (LLAMA3, "\x1c" + LLAMA_CALL, "\x1c" + LLAMA_CALL, []),  # only what the grammar lets start a call does
     (LLAMA3, 'Use {"name": "x"} here', 'Use {"name": "x"} here', []),
     (GENERIC, GENERIC_CALLS, "", [("get_weather", '{"city": "Paris"}')]),
     (GENERIC, '{"response": "caf\\u00e9 \\ud83d\\ude00 ok\\n"}', "café 😀 ok\n", []),
@@ -176,7 +191,7 @@ def test_the_generic_format_describes_the_tools_in_the_system_prompt(tokenizer):
     prompt = _prompt(tokenizer, None, Tools((WEATHER, ADD), "required", "add"))
     system = prompt.split("<|im_end|>")[0]
     assert system.startswith("<|im_start|>system\nBe brief.\n\nYou can call these tools") and '"add"' in system
-    assert '"get_weather"' not in system  # a named choice offers that function alone
+    assert '"get_weather"' in system  # a named choice still shows every function; its grammar allows one
     assert '{"tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}}]}' in prompt
     assert ('{"tool_response": {"tool_call_id": "call_1", "name": "get_weather", "content": "Sunny"}}' in prompt)
     assert "<tool_call>" not in _prompt(tokenizer, None, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import llguidance
@@ -69,7 +70,7 @@ class GrammarCompiler:
                                          "the tools' parameters", "tools")
         return RowGrammar(matcher.deep_copy(), self.vocab_size)
 
-    def _compiled_grammar(self, key: str, grammar: Any, what: str, field: str) -> llguidance.LLMatcher:
+    def _compiled_grammar(self, key: str, grammar: Callable[[], str], what: str, field: str) -> llguidance.LLMatcher:
         if key in self._compiled:
             self._compiled.move_to_end(key)
             return self._compiled[key]

@@ -15,6 +15,7 @@ system prompt and the answer a JSON object, either a reply or calls.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -26,6 +27,9 @@ import jinja2.meta
 
 from broker.protocol import ChatMessage, Function, ToolCallDelta, Tools
 from worker.grammar import JSON_STYLE, closed_objects
+from worker.streamed_json import NAME_START, CallsReader, StringReader
+
+log = logging.getLogger(__name__)
 
 # An answer's JSON is written in JSON_STYLE, its keys in the schema's order, so the start of each
 # part of it can be recognised as text.
@@ -147,7 +151,7 @@ class GenericFormat(ToolFormat):
 
 
 def _generic_system_prompt(tools: Tools) -> str:
-    listed = json.dumps([f.to_fields() for f in tools.callable], ensure_ascii=False)
+    listed = json.dumps([f.to_fields() for f in tools.functions], ensure_ascii=False)
     reply = "" if tools.calls_required else ', or with {"response": "<your answer>"} to answer the user directly'
     many = "one or more calls" if tools.parallel else "exactly one call"
     return (f"You can call these tools (JSON Schema parameters):\n{listed}\n"
@@ -175,11 +179,21 @@ _CALLS_START = '{"tool_calls": ['
 
 
 class _GenericReader(AnswerReader):
+    def __init__(self) -> None:
+        super().__init__()
+        self._reply: StringReader | None = None
+        self._calls: CallsReader | None = None
+
     def _read(self, final: bool) -> tuple[str, list[tuple[str, str]]]:
         text = self.text
-        if text.startswith(_REPLY_START):
-            return _string_prefix(text, len(_REPLY_START))[0], []
-        calls = _read_calls(text, len(_CALLS_START), "arguments", "}, ") if text.startswith(_CALLS_START) else []
+        if self._reply is None and self._calls is None:
+            if text.startswith(_REPLY_START):
+                self._reply = StringReader(len(_REPLY_START))
+            elif text.startswith(_CALLS_START):
+                self._calls = CallsReader(len(_CALLS_START), "arguments", between="}, ")
+        if self._reply is not None:
+            return self._reply.read(text), []
+        calls = self._calls.read(text) if self._calls is not None else []
         if calls:
             return "", calls
         return (text if final else ""), []  # text in neither form (cut short, or unconstrained): as it came
@@ -248,31 +262,52 @@ class _NativeReader(AnswerReader):
     def __init__(self, syntax: _CallSyntax) -> None:
         super().__init__()
         self.syntax = syntax
+        self._trigger = syntax.opener + NAME_START  # what starts a call, as the grammar writes it
+        self._calls: CallsReader | None = None
+        self._content = ""  # the text before the calls, once they start
+        self._searched = 0  # the trigger does not start before this
+        self._plain = False  # calls may come only first, and this answer started otherwise
 
     def _read(self, final: bool) -> tuple[str, list[tuple[str, str]]]:
-        syntax, text = self.syntax, self.text
-        start = self._calls_start()
-        if start is None:  # text so far; what may begin a call waits
-            return text if final else text[:len(text) - self._held(text)], []
-        calls = _read_calls(text, start + len(syntax.opener), syntax.arguments_key,
-                            between="}" + syntax.closer + syntax.between + syntax.opener)
-        return text[:start], calls
+        text = self.text
+        if self._calls is None:
+            start = self._calls_start()
+            if start is None:  # text so far; what may begin a call waits
+                return (text if final else text[:len(text) - self._held()]), []
+            self._content = text[:start]
+            self._calls = CallsReader(start + len(self.syntax.opener), self.syntax.arguments_key,
+                                      between="}" + self.syntax.closer + self.syntax.between + self.syntax.opener)
+        calls = self._calls.read(text)
+        if final and not calls:
+            return text, []  # cut before a call's name was whole: the text as it came
+        return self._content, calls
 
     def _calls_start(self) -> int | None:
-        syntax, text = self.syntax, self.text
-        if syntax.after_text:
-            start = text.find(syntax.opener + _NAME_START)
-            return None if start < 0 else start
-        stripped = len(text) - len(text.lstrip())
-        return stripped if text.startswith(_NAME_START, stripped) else None
+        text = self.text
+        if self.syntax.after_text:
+            start = text.find(self._trigger, self._searched)
+            if start < 0:
+                self._searched = max(0, len(text) - len(self._trigger) + 1)
+                return None
+            return start
+        if self._plain:
+            return None
+        lead = text.lstrip(_BLANKS)
+        if lead.startswith(NAME_START):
+            return len(text) - len(lead)
+        self._plain = not NAME_START.startswith(lead)
+        return None
 
-    def _held(self, text: str) -> int:
-        """How much of the end of `text` may be the start of a call."""
-        trigger = self.syntax.opener + _NAME_START
+    def _held(self) -> int:
+        """How much of the end of the text may be the start of a call."""
+        text = self.text
         if not self.syntax.after_text:
-            return len(text) if trigger.startswith(text.lstrip()) else 0
-        return max((size for size in range(1, min(len(trigger), len(text)) + 1)
-                    if text.endswith(trigger[:size])), default=0)
+            return 0 if self._plain else len(text)
+        return max((size for size in range(1, min(len(self._trigger), len(text)) + 1)
+                    if text.endswith(self._trigger[:size])), default=0)
+
+
+_BLANKS = " \t\n"  # what may come before a call that starts an answer (as the grammar allows it)
 
 
 HERMES = NativeFormat("hermes", _CallSyntax(opener="<tool_call>\n", closer="\n</tool_call>", between="\n",
@@ -291,6 +326,8 @@ def format_for(template: str | None) -> ToolFormat:
         return HERMES
     if "<|python_tag|>" in template or "ipython" in template:
         return LLAMA3
+    log.warning("the chat template takes tools, but writes calls in a format not known here: tools are "
+                "offered in the generic format instead")
     return GENERIC
 
 
@@ -343,7 +380,7 @@ def _hoist_definitions(parameters: dict[str, Any], prefix: str, definitions: dic
 
     def rewrite(node: Any) -> Any:
         if isinstance(node, dict):
-            rewritten = {key: rewrite(value) for key, value in node.items() if key not in ("$defs", "definitions")}
+            rewritten = {key: rewrite(value) for key, value in node.items()}
             ref = node.get("$ref")
             if isinstance(ref, str):
                 for root in ("#/$defs/", "#/definitions/"):
@@ -354,9 +391,14 @@ def _hoist_definitions(parameters: dict[str, Any], prefix: str, definitions: dic
             return [rewrite(item) for item in node]
         return node
 
+    def without_definitions(schema: dict[str, Any]) -> dict[str, Any]:
+        """Only a schema's own `$defs` go: a property may well be called `definitions`."""
+        return {key: value for key, value in schema.items() if key not in ("$defs", "definitions")}
+
     for name, definition in moved.items():
-        definitions[prefix + name] = rewrite(definition)
-    return rewrite(parameters)
+        definitions[prefix + name] = rewrite(without_definitions(definition) if isinstance(definition, dict)
+                                             else definition)
+    return rewrite(without_definitions(parameters))
 
 
 def _json_lexeme(schema: dict[str, Any]) -> str:
@@ -372,73 +414,3 @@ def _regex(literal: str) -> str:
 
 
 _REGEX_SPECIAL = set("\\.^$*+?()[]{}|/")
-
-
-_NAME_START = '{"name": "'
-
-
-def _read_calls(text: str, position: int, arguments_key: str, between: str) -> list[tuple[str, str]]:
-    """The calls written from `position` on, each `{"name": "...", "<arguments_key>": ...}` and the
-    next after `between`, as (name, arguments so far); a call is listed once its name is whole."""
-    calls = []
-    arguments_start = f', "{arguments_key}": '
-    while text.startswith(_NAME_START, position):
-        name, name_end = _string_prefix(text, position + len(_NAME_START))
-        if name_end is None or not text.startswith(arguments_start, name_end + 1):
-            break
-        start = name_end + 1 + len(arguments_start)
-        end = _value_end(text, start)
-        calls.append((name, text[start:len(text) if end is None else end]))
-        if end is None or not text.startswith(between, end):
-            break
-        position = end + len(between)
-    return calls
-
-
-def _string_prefix(text: str, start: int) -> tuple[str, int | None]:
-    """The decoded JSON string that starts at `start` (after its opening quote), as far as it is
-    written, and the index of its closing quote (None: not written yet)."""
-    position, safe = start, start  # safe: where the text so far ends on a whole character
-    while position < len(text):
-        char = text[position]
-        if char == '"':
-            return json.loads(f'"{text[start:position]}"'), position
-        if char == "\\":
-            position += 6 if text.startswith("u", position + 1) else 2
-            if position > len(text):
-                break  # an escape not yet whole
-        else:
-            position += 1
-        safe = position
-    decoded = json.loads(f'"{text[start:safe]}"')
-    if decoded and "\ud800" <= decoded[-1] <= "\udbff":  # half a surrogate pair: wait for the other half
-        decoded = decoded[:-1]
-    return decoded, None
-
-
-def _value_end(text: str, start: int) -> int | None:
-    """The index just past the JSON value that starts at `start`, or None when it is not whole yet."""
-    depth, in_string, escaped = 0, False, False
-    for position in range(start, len(text)):
-        char = text[position]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-                if depth == 0:
-                    return position + 1
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            depth += 1
-        elif char in "}],":
-            if depth == 0:
-                return position  # a bare number or literal, ended by what follows it
-            if char != ",":
-                depth -= 1
-                if depth == 0:
-                    return position + 1
-    return None

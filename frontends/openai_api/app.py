@@ -319,8 +319,7 @@ async def _send_events(request: web.Request, response: web.StreamResponse, call:
             raise ApiError.from_bus(item, call.input_param)
         if isinstance(item, Done):
             done.append(item)
-            for chunk in responses.finish_chunks(index, item):
-                await _send_event(response, chunk)
+            await _send_event(response, responses.finish_chunk(index, item))
             if len(done) == len(call.requests):
                 break
         elif item.text or item.logprobs is not None or item.tool_calls:  # a frame that only counts tokens: nothing to show

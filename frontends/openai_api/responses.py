@@ -40,7 +40,10 @@ def _fingerprint(worker_id: str) -> dict[str, str]:
 
 def _finish_reason(reason: str) -> str:
     """OpenAI's name for how a choice ended (a cancelled one is not seen by its caller)."""
-    return next((known for known in ("length", "tool_calls") if reason == known), "stop")
+    for known in ("length", "tool_calls"):
+        if reason == known:
+            return known
+    return "stop"
 
 
 def _chat_logprobs(entries: tuple[TokenLogprob, ...]) -> dict[str, Any]:
@@ -95,10 +98,6 @@ class Responses:
 
     def finish_chunk(self, index: int, done: Done) -> dict[str, Any]:
         raise NotImplementedError
-
-    def finish_chunks(self, index: int, done: Done) -> list[dict[str, Any]]:
-        """The chunks that end a choice: what was held back, then its finish_reason."""
-        return [self.finish_chunk(index, done)]
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
                     worker_id: str = "") -> dict[str, Any]:

@@ -21,7 +21,7 @@ _TOOL_CHOICES = ("none", "auto", "required")
 
 
 def parse_tools(body: dict[str, Any]) -> Tools | None:
-    """The plan for `tools`, `tool_choice` and `parallel_tool_calls`; None when no tool is offered."""
+    """The bus `tools` for `tools`, `tool_choice` and `parallel_tool_calls`; None when no tool is offered."""
     tools = body.get("tools")
     choice = body.get("tool_choice", "auto" if tools else "none")
     parallel = body.get("parallel_tool_calls", True)
