@@ -87,7 +87,13 @@ def test_ctrl_c_before_a_reply_starts_cancels_it_and_forgets_the_turn(capsys):
     address = free_address()
     with SyncBusClient(address, heartbeat_interval=60) as client:
         chat = Chat(client, CliSettings(broker=address, model="any"))
-        interrupt = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+
+        def interrupt_the_send() -> None:  # once the reply waits on its send, however slow the host
+            while not client.open_streams:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        interrupt = threading.Thread(target=interrupt_the_send, daemon=True)
         interrupt.start()
         try:
             chat.reply("Hello there")
