@@ -6,6 +6,7 @@ Ctrl-C while a reply streams cancels it on the bus; Ctrl-C or Ctrl-D at the prom
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from pydantic import Field
@@ -101,6 +102,8 @@ class Chat:
 
 
 def main() -> None:
+    # Ctrl-C cancels a reply even when the chat was started with SIGINT ignored (from a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     settings = load_settings(CliSettings)
     with SyncBusClient(settings.broker, curve=settings.curve()) as client:
         chat = Chat(client, settings)

@@ -94,6 +94,8 @@ def test_ctrl_c_before_a_reply_starts_cancels_it_and_forgets_the_turn(capsys):
             os.kill(os.getpid(), signal.SIGINT)
 
         interrupt = threading.Thread(target=interrupt_the_send, daemon=True)
+        # Ctrl-C raises KeyboardInterrupt, as at an interactive terminal, even if the suite started with SIGINT ignored.
+        handler = signal.signal(signal.SIGINT, signal.default_int_handler)
         interrupt.start()
         try:
             chat.reply("Hello there")
@@ -101,6 +103,7 @@ def test_ctrl_c_before_a_reply_starts_cancels_it_and_forgets_the_turn(capsys):
             pytest.fail("Ctrl-C escaped the reply")
         finally:
             interrupt.join()
+            signal.signal(signal.SIGINT, handler)
         assert "[cancelled]" in capsys.readouterr().out
         assert chat.history == []
         for _ in range(3000):  # the interrupted call is cancelled on the client's loop thread

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from frontends.client import SyncBusClient
+from frontends.web.chat import EMPTY_REPLY
 from tests.helpers import TINY_MODEL
 from tests.processes import ROOT, running_web
 
@@ -183,8 +184,10 @@ def test_a_message_sent_at_once_goes_to_the_model_the_dropdown_shows(tiny_page_u
 
                 watch(reply, until=lambda: reply().strip() != "" and in_flight(bus.address) == 0)
                 answer = reply()
-                # Every note the chat shows (no model selected, context too long, ...) starts with ⚠️.
-                assert "⚠️" not in answer, f"{url} (logs in: {logs_in}, list held: {holds}) answered {answer!r}"
+                # Every note the chat shows (no model selected, context too long, ...) starts with ⚠️; the
+                # tiny model's random weights may write only blank lines, which is still an answer from it.
+                answered = "⚠️" not in answer or EMPTY_REPLY in answer
+                assert answered, f"{url} (logs in: {logs_in}, list held: {holds}) answered {answer!r}"
                 shown = page.locator("#model input").input_value()
                 assert shown.startswith(f"{TINY_MODEL} — 1 worker"), shown
                 page.close()
