@@ -31,9 +31,6 @@ from worker.streamed_json import NAME_START, CallsReader, StringReader
 
 log = logging.getLogger(__name__)
 
-# An answer's JSON is written in JSON_STYLE, its keys in the schema's order, so the start of each
-# part of it can be recognised as text.
-
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
@@ -154,9 +151,10 @@ def _generic_system_prompt(tools: Tools) -> str:
     listed = json.dumps([f.to_fields() for f in tools.functions], ensure_ascii=False)
     reply = "" if tools.calls_required else ', or with {"response": "<your answer>"} to answer the user directly'
     many = "one or more calls" if tools.parallel else "exactly one call"
+    only = f" Call {tools.function}." if tools.function is not None else ""
     return (f"You can call these tools (JSON Schema parameters):\n{listed}\n"
             f'Respond with a JSON object: {{"tool_calls": [{{"name": "<tool name>", "arguments": '
-            f"{{...}}}}]}} with {many}{reply}.")
+            f"{{...}}}}]}} with {many}{reply}.{only}")
 
 
 def _generic_message(message: ChatMessage) -> dict[str, Any]:
@@ -174,6 +172,8 @@ def _generic_message(message: ChatMessage) -> dict[str, Any]:
     return fields
 
 
+# An answer's JSON is written in JSON_STYLE, its keys in the schema's order, so the start of each
+# part of it can be recognised as text.
 _REPLY_START = '{"response": "'
 _CALLS_START = '{"tool_calls": ['
 
