@@ -8,8 +8,6 @@ import json
 from pathlib import Path
 
 import jsonschema
-import llguidance
-import llguidance.hf
 import openai
 import pytest
 from langchain_core.messages import HumanMessage, ToolMessage
@@ -33,6 +31,7 @@ from tests.test_openai_api import Api
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
 from worker.engine import DoneEvent, TokenEvent
+from worker.grammar import GrammarCompiler, GrammarRefused
 from worker.model_source import default_model_dir
 from worker.prompt import PromptEncoder
 from worker.tool_formats import GENERIC, HERMES, LLAMA3, format_for
@@ -65,16 +64,20 @@ def test_each_template_gets_its_format(tokenizer):
 # -- grammars
 
 
-def _matcher(tokenizer, tool_format, tools: Tools) -> llguidance.LLMatcher:
-    grammar_tokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=[tokenizer.eos_token_id])
-    matcher = llguidance.LLMatcher(grammar_tokenizer, tool_format.grammar(tools), log_level=0)
-    assert not matcher.is_error(), matcher.get_error()
-    return matcher
+@pytest.fixture(scope="module")
+def compiler(tokenizer) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer, frozenset({tokenizer.eos_token_id}))
 
 
-def _allows(tokenizer, matcher: llguidance.LLMatcher, text: str) -> bool:
-    row = matcher.deep_copy()
-    return all(row.consume_token(t) for t in tokenizer(text, add_special_tokens=False).input_ids) and row.is_accepting()
+def _allows(tokenizer, compiler: GrammarCompiler, tool_format, tools: Tools, text: str) -> bool:
+    """Whether `text` is a whole answer the worker's grammar for `tools` in `tool_format` accepts."""
+    row = compiler.start_tools(tools, tool_format)
+    try:
+        for token in tokenizer(text, add_special_tokens=False).input_ids:
+            row.advance(token)
+    except GrammarRefused:
+        return False
+    return row.matcher.is_accepting()
 
 
 HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -94,30 +97,32 @@ GENERIC_CALLS = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "
     (GENERIC, "auto", True, ['{"response": "It is sunny."}', GENERIC_CALLS], ["It is sunny.", '{"response": 1}']),
     (GENERIC, "required", False, [GENERIC_CALLS], ['{"response": "It is sunny."}']),
 ])
-def test_answers_follow_the_format_and_the_parameters(tokenizer, tool_format, choice, parallel, allowed, refused):
-    matcher = _matcher(tokenizer, tool_format, Tools((WEATHER, ADD), choice, parallel=parallel))
+def test_answers_follow_the_format_and_the_parameters(tokenizer, compiler, tool_format, choice, parallel, allowed,
+                                                      refused):
+    tools = Tools((WEATHER, ADD), choice, parallel=parallel)
     for text in allowed:
-        assert _allows(tokenizer, matcher, text), text
+        assert _allows(tokenizer, compiler, tool_format, tools, text), text
     for text in refused:
-        assert not _allows(tokenizer, matcher, text), text
+        assert not _allows(tokenizer, compiler, tool_format, tools, text), text
 
 
-def test_definitions_move_to_the_root_and_properties_stay(tokenizer):
+def test_definitions_move_to_the_root_and_properties_stay(tokenizer, compiler):
     """A function's own `$defs` (as pydantic writes nested models) must resolve from the root of the
     answer's schema; a parameter that happens to be called `definitions` is a parameter."""
     glossary = Function("define", {"type": "object", "required": ["definitions", "term"], "properties": {
         "definitions": {"type": "array", "items": {"type": "string"}}, "term": {"$ref": "#/$defs/Term"}},
         "$defs": {"Term": {"type": "string", "maxLength": 10}}})
-    matcher = _matcher(tokenizer, HERMES, Tools((glossary, ADD), "required"))
-    assert _allows(tokenizer, matcher, '<tool_call>\n{"name": "define", "arguments": {"definitions": ["a"], '
+    tools = Tools((glossary, ADD), "required")
+    assert _allows(tokenizer, compiler, HERMES, tools, '<tool_call>\n{"name": "define", "arguments": {"definitions": ["a"], '
                                        '"term": "word"}}\n</tool_call>')
-    assert not _allows(tokenizer, matcher, '<tool_call>\n{"name": "define", "arguments": {"definitions": ["a"], '
+    assert not _allows(tokenizer, compiler, HERMES, tools, '<tool_call>\n{"name": "define", "arguments": {"definitions": ["a"], '
                                            '"term": "a very long word"}}\n</tool_call>')
 
 
-def test_a_named_choice_allows_only_that_function(tokenizer):
-    matcher = _matcher(tokenizer, HERMES, Tools((WEATHER, ADD), "required", "add"))
-    assert _allows(tokenizer, matcher, HERMES_ADD) and not _allows(tokenizer, matcher, HERMES_CALL)
+def test_a_named_choice_allows_only_that_function(tokenizer, compiler):
+    named = Tools((WEATHER, ADD), "required", "add")
+    assert _allows(tokenizer, compiler, HERMES, named, HERMES_ADD)
+    assert not _allows(tokenizer, compiler, HERMES, named, HERMES_CALL)
 
 
 # -- readers

@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 from broker.protocol import (
-    MAX_TOOLS,
     Function,
     ProtocolError,
     ToolCall,
@@ -33,12 +32,8 @@ def parse_tools(body: dict[str, Any]) -> Tools | None:
         return None
     if not isinstance(tools, list) or not tools:
         raise bad_request("'tools' must be a non-empty array", "tools", "invalid_type")
-    if len(tools) > MAX_TOOLS:
-        raise bad_request(f"'tools' takes at most {MAX_TOOLS} tools", "tools")
     functions = tuple(_function(tool, index) for index, tool in enumerate(tools))
     names = [f.name for f in functions]
-    if len(set(names)) != len(names):
-        raise bad_request("each tool must have its own name", "tools")
     if isinstance(choice, dict):
         name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
         if choice.get("type") != "function" or name not in names:
@@ -55,8 +50,8 @@ def parse_tools(body: dict[str, Any]) -> Tools | None:
 def _tools(functions: tuple[Function, ...], choice: str, name: str | None, parallel: bool) -> Tools:
     try:
         return Tools(functions, choice, name, parallel)
-    except ProtocolError as exc:  # a schema that is not JSON, e.g. with bytes in it
-        raise bad_request(str(exc), "tools") from None
+    except ProtocolError as exc:  # too many, names alike, or a schema that is not JSON: as OpenAI names the field
+        raise bad_request(str(exc).replace("'tools.functions'", "'tools'"), "tools") from None
 
 
 def _function(tool: Any, index: int) -> Function:
