@@ -17,7 +17,7 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from broker.protocol import GenerationRequest
+from broker.protocol import ChatMessage, GenerationRequest
 
 PROMPT_PIECE = 256  # characters per part of a raw prompt
 CHARS_PER_TOKEN = 4  # to size a worker's memory in characters from its budget in tokens
@@ -34,7 +34,7 @@ class Part:
 def request_parts(request: GenerationRequest) -> tuple[Part, ...]:
     """The chained digests of a request's leading parts, first part first."""
     if request.messages is not None:
-        pieces = [json.dumps(m.to_fields(), sort_keys=True, ensure_ascii=False) for m in request.messages]
+        pieces = [_message_piece(m) for m in request.messages]
         if request.tools is not None:  # shown to the model whatever the choice; most templates show them first
             pieces.insert(0, json.dumps([f.to_fields() for f in request.tools.functions], sort_keys=True))
     else:
@@ -46,6 +46,12 @@ def request_parts(request: GenerationRequest) -> tuple[Part, ...]:
         digest = hashlib.blake2b(digest + piece.encode("utf-8", "surrogatepass"), digest_size=12).digest()
         parts.append(Part(digest, len(piece)))
     return tuple(parts)
+
+
+def _message_piece(message: ChatMessage) -> str:
+    """Everything of a message a template may show, joined (this runs in the broker's loop: no JSON)."""
+    calls = (f"{call.id}\x01{call.name}\x01{call.arguments}" for call in message.tool_calls)
+    return "\x00".join((message.role, message.name or "", message.tool_call_id or "", message.content, *calls))
 
 
 class PrefixMemory:
