@@ -76,6 +76,23 @@ def in_flight(address: str) -> int:
         return sum(w.in_flight for w in client.workers())
 
 
+def set_number(page, element: str, value: str, attempts: int = 3) -> None:
+    """Type `value` into a Gradio slider's number box until its range input shows it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(attempts):
+        box = page.locator(f"{element} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+        try:
+            page.wait_for_function(f"document.querySelector('{element} input[type=range]').value === '{value}'",
+                                   timeout=10_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+
+
 def watch(read: Callable[[], str], until: Callable[[], bool], timeout: float = 60.0) -> list[str]:
     """Poll `read()` until `until()`; returns each distinct non-empty value seen, in order."""
     seen: list[str] = []
@@ -111,11 +128,9 @@ def test_chat_in_a_real_browser(page_url, default_bus):
             page.locator("#model input").click()
             page.get_by_role("option", name=default_bus.model).click()
             page.get_by_text("Parameters").click()
-            temperature = page.locator("#temperature input[type=number]")
-            temperature.fill("0")
-            temperature.press("Enter")
             # The slider takes the typed value once the page has handled it: only then is the reply greedy.
-            page.wait_for_function("document.querySelector('#temperature input[type=range]').value === '0'")
+            # A page still settling may drop the first entry; typing it again is what a user would do.
+            set_number(page, "#temperature", "0")
 
             def reply() -> str:
                 # all_inner_texts never waits: the last reply may vanish between a count and a read.
