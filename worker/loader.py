@@ -14,9 +14,14 @@ from transformers import (
 )
 
 from worker.config import WorkerSettings
+from worker.int4 import add_int4_weights, int4_supported
 from worker.model_source import resolve
 
 log = logging.getLogger(__name__)
+
+# Measured on 2 cores, bfloat16: one row decodes 3x faster on 4-bit weights, 8 rows 1.3x, 16 rows
+# as fast as on bfloat16 weights, which are faster beyond.
+DEFAULT_INT4_ROWS = 8
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,14 +45,28 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
         return _DTYPES[requested]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # With AMX a batch of 16 decodes 1.7x faster in bfloat16; without, bfloat16 is slow on a CPU.
-    return torch.bfloat16 if cpu_has_amx() else torch.float32
+    # Where the CPU computes in bfloat16 natively, it decodes 1.3x (one row) to 1.7x (32 rows) faster
+    # than float32, reading half the bytes; elsewhere bfloat16 is emulated, and slow.
+    return torch.bfloat16 if cpu_has_bfloat16() else torch.float32
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later)."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x, hence the care
-    return bool(check and check())
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions: AMX tiles (Intel Sapphire Rapids and later) or
+    AVX-512 BF16 (Intel Cooper Lake, AMD Zen 4 and later)."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(check is not None and check() for check in checks)  # private in torch 2.x, hence the care
+
+
+def pick_int4_rows(requested: int | None, device: torch.device, dtype: torch.dtype) -> int:
+    """Rows up to which a step reads 4-bit weights: by default where the kernel computes in the
+    model's own type (bfloat16 on a CPU), never in float32, whose results are exact across batches."""
+    if not int4_supported(device):
+        if requested:
+            raise ValueError("--int4-rows needs a CPU device and torch's packed 4-bit kernel")
+        return 0
+    if requested is None:
+        return DEFAULT_INT4_ROWS if dtype == torch.bfloat16 else 0
+    return requested
 
 
 def quantization(settings: WorkerSettings, dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -68,12 +87,18 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
     log.info("loading %s on %s as %s%s", source.location, device, dtype,
              f" ({'8' if settings.load_8bit else '4'}-bit)" if quantization_config else "")
     tokenizer = AutoTokenizer.from_pretrained(source.location)
+    int4_rows = pick_int4_rows(settings.int4_rows, device, dtype) if quantization_config is None else 0
+    # 4-bit codes are read off float32 weights (a GGUF's own, unrounded); the model then runs in `dtype`.
     model = AutoModelForCausalLM.from_pretrained(
-        source.location, dtype=dtype, quantization_config=quantization_config,
+        source.location, dtype=torch.float32 if int4_rows else dtype, quantization_config=quantization_config,
         device_map=str(device) if quantization_config else None,
     )
+    if int4_rows:
+        # Explicitly asked for: every layer; by default only those a GGUF stored in 4 bits.
+        layers, eligible = add_int4_weights(model, int4_rows, dtype, on_grid_only=settings.int4_rows is None)
+        log.info("decode steps of up to %d rows read 4-bit weights in %d of %d layers", int4_rows, layers, eligible)
     if quantization_config is None:
-        model.to(device)
+        model.to(device, dtype)
     model.eval()
     context_length = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     names = tuple(settings.model_names) or (source.default_name,)
