@@ -31,7 +31,7 @@ def bus(tiny_model_dir) -> Iterator[Bus]:
 
 @pytest.fixture(scope="session")
 def default_bus() -> Iterator[Bus]:
-    """The real default model, SmolLM2-135M-Instruct (capacity 16)."""
+    """The real default model, SmolLM2-135M-Instruct (capacity 64)."""
     from worker.model_source import DEFAULT_MODEL_NAME
 
     with serving(None, DEFAULT_MODEL_NAME) as running:

@@ -18,7 +18,7 @@ def test_terminal_chat_streams_cancels_and_resets(default_bus):
         chat.expect(f"chat with {bus.model}")
         chat.expect_exact("you> ")
         chat.sendline("/models")
-        chat.expect(f"{bus.model}  workers=1 capacity=16")
+        chat.expect(f"{bus.model}  workers=1 capacity=64")
         chat.expect_exact("you> ")
         chat.sendline("What is the capital of France?")
         chat.expect("Paris")

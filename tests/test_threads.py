@@ -34,3 +34,19 @@ def test_the_defaults_can_be_set_before_torch_is_loaded():
 
 def test_the_worker_entry_point_sets_them():
     assert _run("import os, worker.__main__; print(os.environ.get('GOMP_SPINCOUNT'))") == "1000"
+
+
+def test_small_steps_leave_a_core_to_the_bus_unless_the_threads_are_set():
+    code = """
+import torch
+from worker.threads import StepThreads
+torch.set_num_threads(2)
+seen = []
+for threads in (0, 2):
+    steps = StepThreads(threads, small_step_rows=8)
+    for rows in (1, 8, 9, 1):
+        steps.use(rows)
+        seen.append(torch.get_num_threads())
+print(seen)
+"""
+    assert _run(code) == "[1, 1, 2, 1, 2, 2, 2, 2]"

@@ -22,6 +22,7 @@ from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler, SchedulerLimits
 from worker.server import WorkerServer
+from worker.threads import StepThreads
 
 
 def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
@@ -40,7 +41,8 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
     logging.getLogger(__name__).info("tool calls in the %s format", prompts.tool_format.name)
     unpenalized = prompts.stop_token_ids | frozenset(tokenizer.all_special_ids)
     prefixes = PrefixStore(max(settings.prefix_cache_tokens, BLOCK_SIZE)) if settings.prefix_cache_tokens else None
-    runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized, prefixes)
+    threads = StepThreads(settings.threads) if loaded.model.device.type == "cpu" else None
+    runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized, prefixes, threads)
     engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length, grammar_compiler(tokenizer, prompts))
     ready = protocol.Ready(WorkerServer.make_worker_id(), loaded.names, settings.max_batch, loaded.context_length,
                            limits.max_batch_tokens, prefixes.budget if prefixes else 0)

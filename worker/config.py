@@ -32,14 +32,14 @@ class WorkerSettings(BusPeerSettings):
     int4_rows: int | None = Field(None, ge=0, description="decode steps of at most this many rows read 4-bit copies of "
                                                            "the weights (CPU; several times faster for few streams); "
                                                            "default: 8 in bfloat16 on a CPU, else 0 (off)")
-    max_batch: int = Field(16, ge=1, description="sequences run at once: the capacity announced to the broker")
+    max_batch: int = Field(64, ge=1, description="sequences run at once: the capacity announced to the broker")
     max_batch_tokens: int = Field(0, ge=0, description="KV cache budget in tokens: rows x the longest prompt + max_tokens; 0 = max-batch x context. "
                                                        "Embedding workers: padded tokens per forward pass; 0 = 2048 on a CPU, 16384 on a GPU")
     max_prefill_tokens: int = Field(0, ge=0, description="prompt tokens prefilled per step, longer prompts in chunks; 0 = 512 on a CPU, 4096 on a GPU")
     prefix_cache_tokens: int = Field(8192, ge=0, description="tokens of finished prompts' and answers' KV cache kept "
                                                             "for prompts that start alike (least recently used out first); 0 = off")
     cache_dir: Path | None = Field(None, description="where converted GGUF models are kept (default: ~/.cache/tokenbus)")
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = one per physical core (torch's default); "
-                                               "1 when several workers share a small host")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = one per physical core (torch's default), one "
+                                               "fewer for steps of at most 8 rows; 1 when several workers share a small host")
     heartbeat_interval: float = Field(protocol.HEARTBEAT_INTERVAL, gt=0, description="seconds between heartbeats")
     log_level: str = Field("INFO", description="logging level")

@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicLayer
 from worker.prefix_cache import PrefixStore
 from worker.sampling import Sampler, TokenChoice
 from worker.sequence import Sequence
+from worker.threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,9 @@ class ModelRunner:
     """Owns the model and the batch's KV cache; samples through a `Sampler`."""
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, unpenalized_ids: frozenset[int] = frozenset(),
-                 prefixes: PrefixStore | None = None) -> None:
+                 prefixes: PrefixStore | None = None, threads: StepThreads | None = None) -> None:
         self.model = model
+        self.threads = threads  # CPU only: threads per pass by its size
         self.prefixes = prefixes
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
@@ -155,6 +157,7 @@ class ModelRunner:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached_width:]
         cache = self._cache_from_prefixes(sequences, cached_width)
+        self._use_threads(input_ids.numel())
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         _check_filled(cache, cached_width + width)
@@ -194,6 +197,7 @@ class ModelRunner:
         input_ids = torch.tensor([sequence.prompt_ids[start:end]], device=self.device)
         mask = torch.ones((1, end), dtype=torch.long, device=self.device)  # [1, L]: the chunks so far
         positions = torch.arange(start, end, device=self.device)[None]
+        self._use_threads(end - start)
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         _check_filled(cache, end)
@@ -252,6 +256,7 @@ class ModelRunner:
         rows = self._rows
         last = torch.tensor([s.output_ids[-1] for s in rows], device=self.device)[:, None]  # [B, 1]
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        self._use_threads(len(rows))
         logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=self._positions[:, None],
                             cache=self._cache, use_cache=True).logits[:, -1]
         self._positions = self._positions + 1
@@ -260,6 +265,10 @@ class ModelRunner:
             return choices
         by_sequence = dict(zip(rows, choices))
         return [by_sequence[s] for s in sequences]
+
+    def _use_threads(self, rows: int) -> None:
+        if self.threads is not None:
+            self.threads.use(rows)
 
     def _append_rows(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor,
                      positions: torch.Tensor) -> None:
