@@ -35,6 +35,7 @@ test: setup browser netns-tools
 
 bench: setup
 	$(PY) -m bench
+	$(PY) -m bench.peers
 	$(PY) -m bench.conversations
 	$(PY) -m bench.curve
 

@@ -41,10 +41,10 @@ class BenchSettings(BaseSettings):
     requests_per_level: int = Field(2, ge=1, description="requests per level, as a multiple of its concurrency")
     min_requests: int = Field(4, ge=1, description="at least this many requests per level")
     max_tokens: int = Field(64, ge=2, description="new tokens per request (greedy)")
-    max_batch: int = Field(32, ge=1, description="worker --max-batch for the local stack")
     device: str = Field("auto", description="worker --device, and the device of the plain generate baseline")
     dtype: str = Field("auto", description="worker --dtype, and the dtype of the plain generate baseline")
-    worker_args: list[str] = Field([], description="more flags for the local worker (e.g. --load-8bit)")
+    worker_args: list[str] = Field([], description="flags for the local worker (e.g. --load-8bit); without any, it "
+                                                   "runs with its defaults, as `make serve` starts it")
     skip_generate: bool = Field(False, description="skip the plain generate baseline")
     structured_concurrency: int = Field(
         16, ge=0, description="streams for the run with half the requests bound to a JSON schema; 0 skips it")
@@ -111,17 +111,20 @@ def bench_chat(settings: BenchSettings) -> None:
         generate_tps = generate_tokens_per_second(source.location, settings.max_tokens, device, dtype)
     two_workers: list[LevelResult] = []
     structured: StructuredResult | None = None
+    worker_rss_mib = None
     if settings.api_url:
         levels = asyncio.run(sweep(settings, settings.api_url, model, settings.concurrency))
         structured = structured_run(settings, settings.api_url, model, source.location)
     else:
-        worker_args = ["--max-batch", str(settings.max_batch), "--device", settings.device, "--dtype", settings.dtype,
-                       *settings.worker_args]
-        if settings.model:
-            worker_args += ["--model", settings.model]
+        worker_args = [*settings.worker_args]
+        for flag, value in (("--device", settings.device), ("--dtype", settings.dtype), ("--model", settings.model)):
+            if value not in (None, "auto"):
+                worker_args += [flag, value]
         with LocalStack(worker_args) as stack:
             print(f"stack up at {stack.api_url}; sweeping {settings.concurrency} streams", flush=True)
             levels = asyncio.run(sweep(settings, stack.api_url, model, settings.concurrency))
+            worker_rss_mib = stack.worker_memory_mib()[0]
+            print(f"  worker resident memory: {worker_rss_mib:.0f} MiB", flush=True)
             structured = structured_run(settings, stack.api_url, model, source.location)
         if settings.two_worker_concurrency:
             with LocalStack(worker_args, num_workers=2) as stack:
@@ -130,12 +133,14 @@ def bench_chat(settings: BenchSettings) -> None:
                 two_workers = asyncio.run(sweep(settings, stack.api_url, model, settings.two_worker_concurrency))
     print()
     print(table(levels, generate_tps, two_workers))
+    if worker_rss_mib is not None:
+        print(f"\nworker resident memory after the sweep: {worker_rss_mib:.0f} MiB")
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     if structured is not None:
         print("\n" + "\n".join(structured.lines()))
         structured.write_json(settings.output_dir / "structured.json")
     recorded = settings.model_dump(mode="json") | {"machine": platform.processor() or platform.machine()}
-    write_json(settings.output_dir / "bench.json", levels, generate_tps, recorded, two_workers)
+    write_json(settings.output_dir / "bench.json", levels, generate_tps, recorded, two_workers, worker_rss_mib)
     draw_chart(settings.output_dir / "bench.png", levels, generate_tps,
                f"{model}, {settings.max_tokens} new tokens, greedy", two_workers)
     print(f"\nwrote {settings.output_dir / 'bench.json'} and {settings.output_dir / 'bench.png'}")

@@ -37,8 +37,9 @@ def table(levels: list[LevelResult], generate_tps: float, two_workers: list[Leve
 
 
 def write_json(path: Path, levels: list[LevelResult], generate_tps: float, settings: dict,
-               two_workers: list[LevelResult] = ()) -> None:
+               two_workers: list[LevelResult] = (), worker_rss_mib: float | None = None) -> None:
     path.write_text(json.dumps({"settings": settings, "generate_tokens_per_second": generate_tps,
+                                "worker_rss_mib": worker_rss_mib,
                                 "levels": [asdict(level) for level in levels],
                                 "two_workers": [asdict(level) for level in two_workers]}, indent=2))
 

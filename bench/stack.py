@@ -51,6 +51,12 @@ class LocalStack:
         self._wait_for_workers(timeout=300)
         return self
 
+    def worker_memory_mib(self) -> list[float]:
+        """Resident memory of each worker process now."""
+        import psutil
+
+        return [psutil.Process(p.pid).memory_info().rss / 2**20 for p in self._processes[1:1 + self.num_workers]]
+
     def __exit__(self, *exc: object) -> None:
         for process in reversed(self._processes):
             process.terminate()

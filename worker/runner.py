@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from worker.fast_decode import LlamaDecoder
 from worker.prefix_cache import PrefixStore
 from worker.sampling import Sampler, TokenChoice
 from worker.sequence import Sequence
@@ -90,6 +91,7 @@ class ModelRunner:
                  prefixes: PrefixStore | None = None, threads: StepThreads | None = None) -> None:
         self.model = model
         self.threads = threads  # CPU only: threads per pass by its size
+        self.decoder = LlamaDecoder(model) if LlamaDecoder.supports(model) else None  # else transformers' forward
         self.prefixes = prefixes
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
@@ -257,8 +259,11 @@ class ModelRunner:
         last = torch.tensor([s.output_ids[-1] for s in rows], device=self.device)[:, None]  # [B, 1]
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
         self._use_threads(len(rows))
-        logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=self._positions[:, None],
-                            cache=self._cache, use_cache=True).logits[:, -1]
+        if self.decoder is not None:
+            logits = self.decoder.step(last, self._mask, self._positions[:, None], self._cache)
+        else:
+            logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=self._positions[:, None],
+                                cache=self._cache, use_cache=True).logits[:, -1]
         self._positions = self._positions + 1
         choices = self.sampler.sample(logits, rows)
         if sequences == rows:
