@@ -15,6 +15,7 @@ from transformers import (
 
 from worker.config import WorkerSettings
 from worker.int4 import add_int4_weights, int4_supported
+from worker.onednn import onednn_packing_supported, pack_linear_layers
 from worker.model_source import resolve
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
         log.info("decode steps of up to %d rows read 4-bit weights in %d of %d layers", int4_rows, layers, eligible)
     if quantization_config is None:
         model.to(device, dtype)
+        if onednn_packing_supported(device, dtype):
+            log.info("%d linear layers on packed oneDNN weights", pack_linear_layers(model))
     model.eval()
     context_length = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     names = tuple(settings.model_names) or (source.default_name,)
