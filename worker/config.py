@@ -31,7 +31,8 @@ class WorkerSettings(BusPeerSettings):
     load_4bit: bool = Field(False, description="quantize weights to 4 bits (NF4) with bitsandbytes")
     int4_rows: int | None = Field(None, ge=0, description="decode steps of at most this many rows read 4-bit copies of "
                                                            "the weights (CPU; several times faster for few streams); "
-                                                           "default: 8 in bfloat16 on a CPU, else 0 (off)")
+                                                           "default: 8 in bfloat16 on a CPU for models stored in float32 "
+                                                           "(converted GGUFs), else 0 (off)")
     max_batch: int = Field(64, ge=1, description="sequences run at once: the capacity announced to the broker")
     max_batch_tokens: int = Field(0, ge=0, description="KV cache budget in tokens: rows x the longest prompt + max_tokens; 0 = max-batch x context. "
                                                        "Embedding workers: padded tokens per forward pass; 0 = 2048 on a CPU, 16384 on a GPU")

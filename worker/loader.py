@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -15,8 +16,8 @@ from transformers import (
 
 from worker.config import WorkerSettings
 from worker.int4 import add_int4_weights, int4_supported
-from worker.onednn import onednn_packing_supported, pack_linear_layers
 from worker.model_source import resolve
+from worker.onednn import onednn_packing_supported, pack_linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,17 @@ def cpu_has_bfloat16() -> bool:
     return any(check is not None and check() for check in checks)  # private in torch 2.x, hence the care
 
 
-def pick_int4_rows(requested: int | None, device: torch.device, dtype: torch.dtype) -> int:
-    """Rows up to which a step reads 4-bit weights: by default where the kernel computes in the
-    model's own type (bfloat16 on a CPU), never in float32, whose results are exact across batches."""
+def pick_int4_rows(requested: int | None, device: torch.device, dtype: torch.dtype, stored: torch.dtype | None) -> int:
+    """Rows up to which a step reads 4-bit weights. By default only where the kernel computes in the
+    model's own type (bfloat16 on a CPU; never float32, whose results are exact across batches) and
+    the stored weights are float32, as a converted GGUF's are: 4-bit codes can only be found again in
+    those, and a half-precision model is not loaded at twice its size for nothing."""
     if not int4_supported(device):
         if requested:
             raise ValueError("--int4-rows needs a CPU device and torch's packed 4-bit kernel")
         return 0
     if requested is None:
-        return DEFAULT_INT4_ROWS if dtype == torch.bfloat16 else 0
+        return DEFAULT_INT4_ROWS if dtype == torch.bfloat16 and stored == torch.float32 else 0
     return requested
 
 
@@ -88,10 +91,14 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
     log.info("loading %s on %s as %s%s", source.location, device, dtype,
              f" ({'8' if settings.load_8bit else '4'}-bit)" if quantization_config else "")
     tokenizer = AutoTokenizer.from_pretrained(source.location)
-    int4_rows = pick_int4_rows(settings.int4_rows, device, dtype) if quantization_config is None else 0
+    stored = getattr(AutoConfig.from_pretrained(source.location), "dtype", None)
+    if isinstance(stored, str):
+        stored = _DTYPES.get(stored)
+    int4_rows = pick_int4_rows(settings.int4_rows, device, dtype, stored) if quantization_config is None else 0
     # 4-bit codes are read off float32 weights (a GGUF's own, unrounded); the model then runs in `dtype`.
+    load_dtype = torch.float32 if int4_rows and stored == torch.float32 else dtype
     model = AutoModelForCausalLM.from_pretrained(
-        source.location, dtype=torch.float32 if int4_rows else dtype, quantization_config=quantization_config,
+        source.location, dtype=load_dtype, quantization_config=quantization_config,
         device_map=str(device) if quantization_config else None,
     )
     if int4_rows:
