@@ -11,13 +11,16 @@ pytestmark = pytest.mark.skipif(not onednn_packing_supported(torch.device("cpu")
                                 reason="this torch has no oneDNN packed linear")
 
 
-def test_packed_layers_give_the_same_products():
+def test_packed_layers_give_the_same_products_and_free_only_untied_weights():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 32)).to(torch.bfloat16)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 32),
+                                torch.nn.Embedding(96, 64)).to(torch.bfloat16)
+    model[0].weight = model[2].weight  # tied, as an output layer to its token embeddings
     plain = [model[0].weight.clone(), model[1].weight.clone()]
     assert pack_linear_layers(model) == 2
-    assert all(isinstance(layer, PackedLinear) for layer in model)
-    assert torch.equal(model[0].weight, plain[0])  # what tied embeddings read is still the weight
+    assert isinstance(model[0], PackedLinear) and isinstance(model[1], PackedLinear)
+    assert model[0].weight is model[2].weight and torch.equal(model[0].weight, plain[0])  # still shared
+    assert model[1].weight.numel() == 0  # nobody else reads it: freed
     with torch.inference_mode():
         for shape in [(1, 64), (9, 64), (3, 70, 64)]:  # a decode step, a batch, a prefill
             x = torch.randn(*shape, dtype=torch.bfloat16)
