@@ -20,7 +20,8 @@ from pydantic_settings import BaseSettings
 
 from bench import embeddings
 from bench.baseline import generate_tokens_per_second
-from bench.load import LevelResult, run_level
+from bench import load
+from bench.load import LevelResult
 from bench.report import draw_chart, table, write_json
 from bench.stack import LocalStack
 from bench.structured import StructuredResult, grammar_ms_per_step, run_structured
@@ -57,18 +58,9 @@ class BenchSettings(BaseSettings):
 
 
 async def sweep(settings: BenchSettings, base_url: str, model: str, concurrency_levels: list[int]) -> list[LevelResult]:
-    client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
-    await run_level(client, model, 1, 1, 8, first_index=10_000)  # warm-up
-    levels, first_index = [], 0
-    for concurrency in concurrency_levels:
-        count = max(settings.min_requests, settings.requests_per_level * concurrency)
-        level = await run_level(client, model, concurrency, count, settings.max_tokens, first_index)
-        first_index += count
-        print(f"  {concurrency:>3} streams: {level.tokens_per_second:7.1f} tok/s, TTFT p50 {level.ttft_p50:.2f}s, "
-              f"{level.failures} failed", flush=True)
-        levels.append(level)
-    await client.close()
-    return levels
+    async with AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) as client:
+        return await load.sweep(client, model, concurrency_levels, settings.max_tokens, settings.min_requests,
+                                settings.requests_per_level)
 
 
 def structured_run(settings: BenchSettings, base_url: str, model: str, model_dir: Path) -> StructuredResult | None:

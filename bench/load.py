@@ -88,3 +88,19 @@ async def run_level(client: AsyncOpenAI, model: str, concurrency: int, num_reque
         ttft_p50=statistics.median(ttfts), ttft_p95=ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
         decode_rate_p50=statistics.median([r.decode_rate for r in good] or [0.0]),
     )
+
+
+async def sweep(client: AsyncOpenAI, model: str, concurrency_levels: list[int], max_tokens: int,
+                min_requests: int, requests_per_level: int) -> list[LevelResult]:
+    """A warm-up request, then one level per concurrency, each of `requests_per_level` times its
+    concurrency requests (at least `min_requests`), every request with its own prompt."""
+    await run_level(client, model, 1, 1, 8, first_index=10_000)
+    levels, first_index = [], 0
+    for concurrency in concurrency_levels:
+        count = max(min_requests, requests_per_level * concurrency)
+        level = await run_level(client, model, concurrency, count, max_tokens, first_index)
+        first_index += count
+        print(f"  {concurrency:>3} streams: {level.tokens_per_second:7.1f} tok/s, TTFT p50 {level.ttft_p50:.2f}s, "
+              f"{level.failures} failed", flush=True)
+        levels.append(level)
+    return levels

