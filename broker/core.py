@@ -117,7 +117,7 @@ class BrokerCore:
             self._reject(identity, message.request_id, exc, now, answer=True)
         except Exception as exc:  # a bug must cost one message, never the broker
             log.exception("failed to handle a message from %s", identity.hex())
-            if message.command is Command.REQUEST:
+            if message.command in REQUEST_BODIES:  # REQUEST and EMBED: their client waits for an ending
                 self._abort(identity, message.request_id, exc)
         return self._flush()
 

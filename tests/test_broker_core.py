@@ -308,3 +308,17 @@ def test_a_heartbeat_names_the_requests_the_broker_does_not_know(bus):
     out = bus.send(CLIENT, Command.HEARTBEAT, b"", {"request_ids": [rid(1), rid(2)]})
     assert summary(out) == [(CLIENT, "ERROR", rid(2), "unknown_request")]
     assert out[-1].command is Command.HEARTBEAT
+
+
+@pytest.mark.parametrize("command, fields", [(Command.REQUEST, {"model": "m", "prompt": "hi"}),
+                                             (Command.EMBED, {"model": "m", "input": ["hi"]})])
+def test_a_request_the_broker_fails_on_still_gets_its_ending(command, fields, monkeypatch):
+    bus = Bus()
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(bus.core, "_on_request", broken)  # a fault inside the broker's own handling
+    out = bus.send(CLIENT, command, rid(1), fields)
+    assert summary(out) == [(CLIENT, "ERROR", rid(1), "internal_error")]
+    assert "a bug" in out[0].body["message"]

@@ -8,8 +8,9 @@ keeps both, and every call picks by its number of rows.
 
 Quantizing the float32 weights that a Q4_0/Q4_1 GGUF dequantizes to finds that file's own codes
 again (each group's smallest and largest weight are its codes 0 and 15). By default only such
-layers get a 4-bit copy, so no weight is rounded twice: a Q4_1 file's tensors do, its 8-bit token
-embeddings (the output layer too, when tied) and any float model's do not.
+layers get a 4-bit copy, so no weight is rounded to 4 bits twice: a Q4_1 file's tensors do, its
+8-bit token embeddings (the output layer too, when tied) and any float model's do not. Scales and
+offsets are held in the type the kernel computes in (bfloat16), like the model's other weights.
 """
 
 from __future__ import annotations
