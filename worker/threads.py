@@ -36,8 +36,8 @@ def set_torch_threads(threads: int) -> None:
 
 
 # Measured on 2 cores through the whole stack (bfloat16, 4-bit weights for small steps): one stream
-# made 29.5 tok/s on one thread against 21-22 on two; 16 streams the same on either; 32 streams 247
-# on two against 212 on one.
+# made 29.5 tok/s on one thread against 21-22 on two; 16 streams 233-239 on two against 216-218 on
+# one; 32 streams 247 on two against 212 on one.
 SMALL_STEP_ROWS = 8
 
 
