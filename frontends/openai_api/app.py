@@ -18,9 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from broker.protocol import Done, EmbeddingRequest, Embeddings
 from frontends.client import BusClient, BusError, Completion, Stream
 from frontends.openai_api.config import ApiSettings
+from frontends.openai_api.context import BUS, METRICS, RECORDER, SETTINGS, STARTED, cors_headers, json_body
 from frontends.openai_api.embeddings import parse_embeddings
-from frontends.openai_api.errors import ApiError, bad_request
-from frontends.openai_api.metrics import ApiMetrics, RequestMetrics
+from frontends.openai_api.errors import ApiError
+from frontends.openai_api.metrics import ApiMetrics
 from frontends.openai_api.requests import ApiCall, parse_chat, parse_completion
 from frontends.openai_api.responses import (
     ChatResponses,
@@ -35,11 +36,6 @@ from frontends.streams import Outcome, merged_outcomes
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", ApiSettings)
-BUS = web.AppKey("bus", BusClient)
-METRICS = web.AppKey("metrics", ApiMetrics)
-STARTED = web.AppKey("started", int)
-RECORDER = web.RequestKey("recorder", RequestMetrics)
 CLIENT_GONE = "499"  # the status metrics record for a client that left before the answer was complete
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -111,7 +107,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    headers = _cors_headers(request)
+    headers = cors_headers(request)
     if request.method == "OPTIONS" and headers:
         return web.Response(status=204, headers={
             **headers, "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
@@ -121,14 +117,6 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not response.prepared:  # a stream set its own headers before the first byte
         response.headers.update(headers)
     return response
-
-
-def _cors_headers(request: web.Request) -> dict[str, str]:
-    origins = request.app[SETTINGS].cors_origins
-    origin = request.headers.get("Origin")
-    if origin and ("*" in origins or origin in origins):
-        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-    return {}
 
 
 @web.middleware
@@ -194,12 +182,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    call = parse_chat(await _json_body(request), request.app[SETTINGS].max_n)
+    call = parse_chat(await json_body(request), request.app[SETTINGS].max_n)
     return await _generate(request, call, ChatResponses(call.model, include_usage=call.include_usage))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    call = parse_completion(await _json_body(request), request.app[SETTINGS].max_n)
+    call = parse_completion(await json_body(request), request.app[SETTINGS].max_n)
     prompts = [generation.prompt or "" for generation in call.requests]
     return await _generate(request, call, CompletionResponses(call.model, prompts, include_usage=call.include_usage))
 
@@ -232,7 +220,7 @@ async def _generate(request: web.Request, call: ApiCall, responses: Responses) -
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    call = parse_embeddings(await _json_body(request))
+    call = parse_embeddings(await json_body(request))
     bus = request.app[BUS]
     recorder = request[RECORDER]
     # One EMBED per slice of the inputs, all at once: on several workers they run side by side.
@@ -263,16 +251,6 @@ async def _embed_slice(bus: BusClient, model: str, request: EmbeddingRequest, of
         raise
 
 
-async def _json_body(request: web.Request) -> Any:
-    # JSON between systems is UTF-8 and application/json has no charset parameter (RFC 8259), so a
-    # charset in the header is not looked up: an unknown one would be a LookupError.
-    body = await request.read()
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, a number too long, or nested too deep
-        raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
-
-
 async def _collect_all(streams: list[Stream], input_param: str) -> list[Completion]:
     try:
         return list(await asyncio.gather(*(s.collect() for s in streams)))
@@ -290,7 +268,7 @@ async def _stream(request: web.Request, call: ApiCall, streams: list[Stream],
             raise ApiError.from_bus(item, call.input_param)
         request[RECORDER].served(call.model)  # a worker answered: a served model, fit to be a metrics label
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               **_cors_headers(request)})
+                                               **cors_headers(request)})
         await response.prepare(request)
         try:
             await _send_events(request, response, call, responses, index, item, events)

@@ -1,0 +1,37 @@
+"""What every route of the HTTP API shares: the app's state keys and reading a request."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from frontends.client import BusClient
+from frontends.openai_api.config import ApiSettings
+from frontends.openai_api.errors import bad_request
+from frontends.openai_api.metrics import ApiMetrics, RequestMetrics
+
+SETTINGS = web.AppKey("settings", ApiSettings)
+BUS = web.AppKey("bus", BusClient)
+METRICS = web.AppKey("metrics", ApiMetrics)
+STARTED = web.AppKey("started", int)
+RECORDER = web.RequestKey("recorder", RequestMetrics)
+
+
+async def json_body(request: web.Request) -> Any:
+    # JSON between systems is UTF-8 and application/json has no charset parameter (RFC 8259), so a
+    # charset in the header is not looked up: an unknown one would be a LookupError.
+    body = await request.read()
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, a number too long, or nested too deep
+        raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+
+
+def cors_headers(request: web.Request) -> dict[str, str]:
+    origins = request.app[SETTINGS].cors_origins
+    origin = request.headers.get("Origin")
+    if origin and ("*" in origins or origin in origins):
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    return {}
