@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from broker import protocol
-from broker.protocol import ErrorCode, FinishReason, GenerationRequest, ProtocolError
+from broker.protocol import ErrorCode, FinishReason, GenerationRequest, ProtocolError, TokenizeRequest
 from worker.grammar import GrammarCompiler, GrammarRefused
 from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
@@ -42,7 +42,15 @@ class ErrorEvent:
     error: protocol.Error
 
 
-Event = TokenEvent | DoneEvent | ErrorEvent
+@dataclass(frozen=True, slots=True)
+class TokensEvent:
+    """The answer to a TOKENIZE: its only event."""
+
+    request_id: bytes
+    tokens: protocol.Tokens
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent | TokensEvent
 
 
 def _error(request_id: bytes, code: ErrorCode, message: str) -> ErrorEvent:
@@ -104,6 +112,26 @@ class Engine:
                                     Detokenizer(tokenizer, prompt_ids), StopMatcher(request.stop), grammar=grammar,
                                     answer=answer))
         return []
+
+    def tokenize(self, request_id: bytes, request: TokenizeRequest) -> list[Event]:
+        """Encode a prompt or chat exactly as `add` would (or decode tokens), at once: no model step."""
+        tokenizer = self.prompts.tokenizer
+        try:
+            if request.tokens is not None:
+                ids = list(request.tokens)
+                unknown = [t for t in ids if t >= len(tokenizer)]
+                if unknown:
+                    return [_error(request_id, ErrorCode.BAD_REQUEST, f"'tokens' cannot be decoded: {unknown[0]} is "
+                                   f"not in the vocabulary of {len(tokenizer)} tokens")]
+                text = tokenizer.decode(ids, skip_special_tokens=False)
+            else:
+                ids = self.prompts.encode(GenerationRequest(request.model, messages=request.messages,
+                                                            prompt=request.prompt, tools=request.tools),
+                                          add_special_tokens=request.add_special_tokens)
+                text = ""
+        except ProtocolError as exc:
+            return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
+        return [TokensEvent(request_id, protocol.Tokens(tuple(ids), text, self.context_length))]
 
     def cancel(self, request_id: bytes) -> list[Event]:
         """Stop a request now: its row leaves the batch before the next step. A request that already
