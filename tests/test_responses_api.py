@@ -25,6 +25,7 @@ from frontends.openai_api.responses_api.request import parse_create
 from frontends.openai_api.responses_api.store import ResponseStore, StoredResponse
 from tests.helpers import TINY_MODEL, serving
 from tests.openai_schema import validate
+from tests.processes import free_address, spawn, stop
 from tests.test_openai_api import Api, post
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "The current weather in a city",
@@ -436,6 +437,36 @@ def test_metrics_count_the_endpoint(api):
     with urllib.request.urlopen(api.url + "/metrics") as response:
         text = response.read().decode()
     assert f'tokenbus_api_requests_total{{endpoint="/v1/responses",model="{TINY_MODEL}",status="200"}}' in text
+
+
+def test_no_broker_is_503():
+    server = Api(free_address()).wait(status=503)
+    try:
+        with pytest.raises(openai.InternalServerError) as error:
+            server.client().responses.create(model=TINY_MODEL, input="Hi")
+        assert error.value.status_code == 503
+    finally:
+        server.stop()
+
+
+def test_overload_is_429_and_counted(tiny_model_dir):
+    with serving(tiny_model_dir, TINY_MODEL, "--model-names", TINY_MODEL, "--max-batch", "1") as running:
+        stop(running.broker)
+        running.broker = spawn("broker", "--bind", running.address, "--max-queue", "0", log_name="broker")
+        server = Api(running.address).wait()
+        try:
+            client = server.client()
+            long_stream = client.responses.create(model=TINY_MODEL, input="Hi", max_output_tokens=480, stream=True)
+            next(iter(long_stream))
+            with pytest.raises(openai.RateLimitError):
+                client.responses.create(model=TINY_MODEL, input="Hi", max_output_tokens=2)
+            long_stream.close()
+            with urllib.request.urlopen(server.url + "/metrics") as response:
+                text = response.read().decode()
+            assert f'tokenbus_api_rejected_overloaded_total{{model="{TINY_MODEL}"}} 1.0' in text
+            assert f'tokenbus_api_requests_total{{endpoint="/v1/responses",model="{TINY_MODEL}",status="429"}}' in text
+        finally:
+            server.stop()
 
 
 # -- LangChain

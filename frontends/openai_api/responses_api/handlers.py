@@ -30,7 +30,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     try:
         stream = await request.app[BUS].generate(call.request)
     except BusError as error:  # not sent at all: no broker, or a message too large for the bus
-        raise ApiError.from_bus(error, INPUT_PARAM) from None
+        raise _api_error(request, call, error) from None
     try:
         async with aclosing(outcomes(stream)) as items:
             first = await anext(items)
@@ -109,6 +109,7 @@ async def _stream(request: web.Request, call: ResponsesCall, builder: ResponseBu
 
 
 def _api_error(request: web.Request, call: ResponsesCall, error: BusError) -> ApiError:
+    """The API error for a bus error, counted as an overload where it is one (only a served model is)."""
     if error.code.value in ("overloaded", "queue_timeout"):
         request[RECORDER].overloaded(call.model)
     return ApiError.from_bus(error, INPUT_PARAM)
