@@ -14,6 +14,7 @@ import aiohttp
 import jsonschema
 import openai
 import pytest
+from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
@@ -479,3 +480,14 @@ def test_langchain_chat_openai_with_the_responses_api(api):
     assert answer.text and answer.usage_metadata["output_tokens"] == 6
     streamed = "".join(chunk.text for chunk in chat.stream("Hello there"))
     assert streamed == answer.text
+
+
+def test_langchain_tool_round_trip_with_the_responses_api(api):
+    chat = ChatOpenAI(base_url=api.url + "/v1", api_key="none", model=TINY_MODEL, max_tokens=40, max_retries=0,
+                      use_responses_api=True)
+    question = HumanMessage(content="Weather in Paris?")
+    called = chat.bind_tools([WEATHER], tool_choice="get_weather").invoke([question])
+    (call,) = called.tool_calls
+    assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Rome")
+    answer = chat.invoke([question, called, ToolMessage(content="Sunny", tool_call_id=call["id"])])
+    assert answer.text and answer.usage_metadata["input_tokens"] > called.usage_metadata["input_tokens"]
