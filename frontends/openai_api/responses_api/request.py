@@ -49,6 +49,7 @@ class ResponsesCall:
 
 
 def parse_create(body: Any, store: ResponseStore) -> ResponsesCall:
+    """A create request; `store` holds the conversations `previous_response_id` may continue."""
     body = _fields(body)
     model = body.get("model")
     if not isinstance(model, str):
@@ -60,32 +61,42 @@ def parse_create(body: Any, store: ResponseStore) -> ResponsesCall:
     conversation = (*earlier, *input_messages(body["input"], called))
     instructions = _optional(body, "instructions", str)
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + list(conversation)
+    request = _bus_request(body, model, messages)
+    keep = _optional(body, "store", bool) is not False
+    stream = bool(_optional(body, "stream", bool))
+    return ResponsesCall(request, conversation, stream, keep, _echo(body, request, instructions, keep))
+
+
+def _bus_request(body: dict[str, Any], model: str, messages: list[dict[str, Any]]) -> GenerationRequest:
     if not body.get("tools") and body.get("tool_choice") in ("auto", "none"):
         body.pop("tool_choice")  # harmless without tools, and some clients always send it
     tools = parse_tools(body, flat=True)
     text = _optional(body, "text", dict) or {}
     if set(text) - {"format", "verbosity"}:  # verbosity: a hint this server has no way to follow
         raise bad_request("'text' takes only 'format' and 'verbosity'", "text", "unsupported_parameter")
-    text_format = text.get("format", {"type": "text"})
-    constraint = format_constraint(text_format, "text.format", None)
+    constraint = format_constraint(text.get("format", {"type": "text"}), "text.format", None)
     if tools is not None and constraint is not None:
         raise bad_request("'text.format' cannot be combined with tool calls", "text.format")
     fields = {"model": model, "messages": messages, "max_tokens": body.get("max_output_tokens"),
               "constraint": constraint, "tools": None if tools is None else tools.to_fields(),
               **{key: body[key] for key in ("temperature", "top_p") if key in body}}
-    request = generation_request(fields, "max_output_tokens", "text.format")
-    stream, keep = _optional(body, "stream", bool), _optional(body, "store", bool)
+    return generation_request(fields, "max_output_tokens", "text.format")
+
+
+def _echo(body: dict[str, Any], request: GenerationRequest, instructions: str | None, keep: bool) -> dict[str, Any]:
+    """The request's fields as the response object shows them, defaults filled in."""
     echo = {
-        "model": model, "instructions": instructions, "tools": [_tool_echo(tool) for tool in body.get("tools") or []],
+        "model": request.model, "instructions": instructions,
+        "tools": [_tool_echo(tool) for tool in body.get("tools") or []],
         "tool_choice": body.get("tool_choice", "auto"), "parallel_tool_calls": body.get("parallel_tool_calls", True),
-        "text": {"format": text_format}, "temperature": request.temperature, "top_p": request.top_p,
-        "max_output_tokens": request.max_tokens, "metadata": _metadata(body.get("metadata")),
-        "previous_response_id": body.get("previous_response_id"), "store": keep is not False,
-        "truncation": "disabled",
+        "text": {"format": (body.get("text") or {}).get("format", {"type": "text"})},
+        "temperature": request.temperature, "top_p": request.top_p, "max_output_tokens": request.max_tokens,
+        "metadata": _metadata(body.get("metadata")), "previous_response_id": body.get("previous_response_id"),
+        "store": keep, "truncation": "disabled",
     }
     if _optional(body, "user", str) is not None:  # the spec has no null user
         echo["user"] = body["user"]
-    return ResponsesCall(request, conversation, bool(stream), keep is not False, echo)
+    return echo
 
 
 def _fields(body: Any) -> dict[str, Any]:
