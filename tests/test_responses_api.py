@@ -491,3 +491,12 @@ def test_langchain_tool_round_trip_with_the_responses_api(api):
     assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Rome")
     answer = chat.invoke([question, called, ToolMessage(content="Sunny", tool_call_id=call["id"])])
     assert answer.text and answer.usage_metadata["input_tokens"] > called.usage_metadata["input_tokens"]
+
+
+def test_a_schema_the_worker_cannot_compile_is_400_saying_why(api):
+    for stream in (False, True):
+        status, body = post(api.url + "/v1/responses", {
+            "model": TINY_MODEL, "input": "Hi", "stream": stream, "text": {"format": {
+                "type": "json_schema", "name": "x", "schema": {"type": "string", "minLength": 3, "maxLength": 1}}}})
+        check_error(status, body, 400, None)  # the worker's verdict, as for chat
+        assert "cannot be compiled" in body["error"]["message"] and "minLength" in body["error"]["message"]
