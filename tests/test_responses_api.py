@@ -293,6 +293,10 @@ def test_get_and_delete_a_stored_response(api):
         assert created.id in body["error"]["message"]
     unstored = client.responses.create(model=TINY_MODEL, input="Hi", max_output_tokens=2, store=False)
     check_error(*get(api, unstored.id), 404, None)
+    other = client.responses.create(model=TINY_MODEL, input="Hi", max_output_tokens=2)
+    client.responses.delete(other.id)
+    with pytest.raises(openai.NotFoundError, match=other.id):
+        client.responses.retrieve(other.id)
 
 
 def test_unknown_previous_response_is_404_naming_it(api):

@@ -14,7 +14,7 @@ from broker.protocol import Done
 from frontends.client import BusError
 from frontends.openai_api.context import BUS, RECORDER, RESPONSES, cors_headers, json_body
 from frontends.openai_api.errors import ApiError
-from frontends.openai_api.responses_api.objects import Event, ResponseBuilder
+from frontends.openai_api.responses_api.objects import Event, ResponseBuilder, deletion
 from frontends.openai_api.responses_api.request import ResponsesCall, not_found, parse_create
 from frontends.openai_api.responses_api.store import StoredResponse
 from frontends.streams import Outcome, outcomes
@@ -61,7 +61,7 @@ async def delete_response(request: web.Request) -> web.Response:
     response_id = request.match_info["response_id"]
     if not request.app[RESPONSES].remove(response_id):
         raise not_found(response_id)
-    return web.json_response({"id": response_id, "object": "response", "deleted": True})
+    return web.json_response(deletion(response_id))
 
 
 async def _events(request: web.Request, call: ResponsesCall, builder: ResponseBuilder, item: Outcome,

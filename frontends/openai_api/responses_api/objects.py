@@ -16,6 +16,11 @@ from frontends.openai_api.errors import ApiError
 Event = dict[str, Any]
 
 
+def deletion(response_id: str) -> dict[str, Any]:
+    """What `DELETE /v1/responses/{id}` answers (OpenAI's spec gives it no schema; this is its API's shape)."""
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
