@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -32,9 +33,10 @@ log = logging.getLogger(__name__)
 
 BusRequest = GenerationRequest | EmbeddingRequest | TokenizeRequest
 
-# Seconds a request that has produced no token keeps being sent (again) while the broker is unreachable:
-# a restarted broker and its workers are back well within it.
+# Seconds a request keeps being sent (again) while the broker is unreachable: a restarted broker and
+# its workers are back well within it.
 RECONNECT_TIMEOUT = 10.0
+MAX_RESUMES = 3  # times one stream is resumed after faults before it fails with the fault's error
 
 
 class BusError(Exception):
@@ -122,7 +124,7 @@ class Stream:
     """The answer to one request: iterate for `TokenDelta`s; `done` is set at the end.
 
     `request_id` is the request's id on the bus now: a request sent again (see `BusClient`) gets a
-    fresh one.
+    fresh one, and `request` then carries the tokens already delivered (`resume_ids`).
     """
 
     def __init__(self, owner: StreamOwner, request: BusRequest, request_id: bytes) -> None:
@@ -138,7 +140,11 @@ class Stream:
         self.finished = False
         self.cancelled = False
         self.started_at = time.monotonic()
-        self.first_token_at: float | None = None  # when the first TOKEN arrived: from then on it is never resent
+        self.first_token_at: float | None = None  # when the first TOKEN arrived: from then on it is only resumed
+        self.delivered_ids: list[int] = []  # the answer's tokens that reached this client, from the TOKENs' ids
+        self.num_delivered = 0  # and their count, from `num_tokens`: an older worker sends no ids
+        self.num_resumes = 0
+        self.num_workers_lost = 0
 
     def __aiter__(self) -> AsyncIterator[protocol.TokenDelta]:
         return self
@@ -152,8 +158,10 @@ class Stream:
         if isinstance(item, BusError):
             self._finish()
             raise item
+        if isinstance(item, protocol.TokenDelta):
+            return item
         try:
-            if item.command is Command.TOKEN:
+            if item.command is Command.TOKEN:  # one that `deliver` could not read
                 return protocol.TokenDelta.from_fields(item.fields())
             self._finish()
             if item.command is Command.DONE:
@@ -200,9 +208,24 @@ class Stream:
 
     def deliver(self, item: Message | BusError) -> None:
         """An answer from the bus (or the client's own verdict on the request), in arrival order."""
-        if self.first_token_at is None and isinstance(item, Message) and item.command is Command.TOKEN:
-            self.first_token_at = time.monotonic()
+        if isinstance(item, Message) and item.command is Command.TOKEN:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            try:
+                delta = protocol.TokenDelta.from_fields(item.fields())
+            except protocol.ProtocolError:
+                self.num_delivered = -1  # its tokens are unknown: never resumed
+            else:
+                self.delivered_ids += delta.token_ids
+                self.num_delivered += delta.num_tokens
+                self._queue.put_nowait(delta)
+                return
         self._queue.put_nowait(item)
+
+    @property
+    def resumable(self) -> bool:
+        """A generation whose delivered tokens are all known (each TOKEN named its ids)."""
+        return isinstance(self.request, GenerationRequest) and len(self.delivered_ids) == self.num_delivered
 
     def _finish(self) -> None:
         self.finished = True
@@ -220,19 +243,22 @@ def _request(fields: dict[str, Any]) -> GenerationRequest:
 class BusClient:
     """An asyncio DEALER connection to the broker.
 
-    A request that has produced no token yet is safe to send again, and this client does so rather
-    than fail it, under a fresh request id (cancelling the old one): when its send finds no broker
-    connected, when the broker answers a heartbeat with `unknown_request` (it restarted and forgot
-    the request), and when the broker falls silent for its liveness (3 heartbeat intervals). It
-    keeps trying while the broker has been unreachable for less than `reconnect_timeout` seconds;
-    after that the stream fails with `BrokerUnreachable`. A stream that has produced a token is
-    never sent again: losing the broker then fails it (`BrokerUnreachable`), so an answer is never
-    silently restarted halfway.
+    A request cut by a fault is sent again rather than failed, under a fresh request id (cancelling
+    the old one): when its send finds no broker connected, when the broker answers a heartbeat with
+    `unknown_request` (it restarted and forgot the request), when the broker falls silent for its
+    liveness (3 heartbeat intervals), and when the broker reports its worker lost (`worker_lost`).
+    A request that has produced tokens is resumed: sent with the ids of the tokens delivered
+    (`resume_ids`), so that a worker continues the answer where it was cut, and the stream reads on
+    as if nothing happened. It keeps trying while the broker has been unreachable for less than
+    `reconnect_timeout` seconds; a stream is resumed at most `max_resumes` times, and never after a
+    second lost worker; otherwise it fails with the fault's error (`BrokerUnreachable`, `WorkerLost`).
     """
 
     def __init__(self, address: str, *, heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL,
-                 reconnect_timeout: float = RECONNECT_TIMEOUT, curve: CurveKeys | None = None) -> None:
+                 reconnect_timeout: float = RECONNECT_TIMEOUT, max_resumes: int = MAX_RESUMES,
+                 curve: CurveKeys | None = None) -> None:
         self.address = address
+        self.max_resumes = max_resumes
         self.curve = curve  # this client's keys and the broker's, for a broker that requires CURVE
         self.reconnect_timeout = reconnect_timeout
         self._interval = heartbeat_interval
@@ -414,10 +440,11 @@ class BusClient:
     # -- sending again
 
     def _retry(self, stream: Stream, cause: BusError) -> None:
-        """Send a request again if it has produced no token; otherwise fail its stream with `cause`."""
+        """Send a request again: from the start if it has produced no token, else resumed after the
+        tokens delivered; or fail its stream with `cause` when it may not be."""
         if stream.finished:
             return
-        if stream.first_token_at is not None:
+        if stream.first_token_at is not None and not self._resume(stream, cause):
             self._fail(stream, cause)
             return
         old_id = stream.request_id
@@ -427,6 +454,19 @@ class BusClient:
         task = asyncio.create_task(self._resend(stream, old_id, cause))
         self._resends.add(task)
         task.add_done_callback(self._resends.discard)
+
+    def _resume(self, stream: Stream, cause: BusError) -> bool:
+        """Make a started stream's request continue after its delivered tokens, if it may: its tokens
+        are known, it has resumes left, and it has not lost a worker before (a request that kills
+        every worker it reaches must not go round the fleet)."""
+        lost = isinstance(cause, WorkerLost)
+        if not stream.resumable or stream.num_resumes >= self.max_resumes or (lost and stream.num_workers_lost):
+            return False
+        stream.num_resumes += 1
+        stream.num_workers_lost += lost
+        assert isinstance(stream.request, GenerationRequest)
+        stream.request = dataclasses.replace(stream.request, resume_ids=tuple(stream.delivered_ids))
+        return True
 
     async def _resend(self, stream: Stream, old_id: bytes, cause: BusError) -> None:
         log.info("sending request %s again as %s (%s)", old_id.hex(), stream.request_id.hex(), cause.message)
@@ -456,9 +496,9 @@ class BusClient:
                 stream = self._streams.get(message.request_id)
                 if stream is None:
                     continue
-                forgotten = _forgotten(message)
-                if forgotten is not None:
-                    self._retry(stream, forgotten)
+                fault = _fault(message)
+                if fault is not None:
+                    self._retry(stream, fault)
                 else:
                     stream.deliver(message)
             elif message.command in (Command.MODELS, Command.WORKERS):
@@ -498,17 +538,20 @@ def _command(request: BusRequest) -> Command:
     return _COMMANDS[type(request)]
 
 
-def _forgotten(message: Message) -> BrokerUnreachable | None:
-    """The broker's `unknown_request` answer (it restarted and lost the request), as an error."""
+def _fault(message: Message) -> BrokerUnreachable | WorkerLost | None:
+    """An ERROR that a fault, not the request, caused: `unknown_request` (the broker restarted and lost
+    the request) or `worker_lost`; as the error the stream ends with when it is not sent again."""
     if message.command is not Command.ERROR:
         return None
     try:
         error = protocol.Error.from_fields(message.fields())
     except protocol.ProtocolError:
         return None  # the stream reports it
-    if error.code is not ErrorCode.UNKNOWN_REQUEST:
-        return None
-    return BrokerUnreachable(error.message)
+    if error.code is ErrorCode.UNKNOWN_REQUEST:
+        return BrokerUnreachable(error.message)
+    if error.code is ErrorCode.WORKER_LOST:
+        return WorkerLost(error.message)
+    return None
 
 
 class LoopThread:
@@ -545,10 +588,11 @@ class SyncBusClient:
     """A blocking wrapper: the asyncio client runs on a private event loop thread."""
 
     def __init__(self, address: str, *, heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL,
-                 reconnect_timeout: float = RECONNECT_TIMEOUT, curve: CurveKeys | None = None) -> None:
+                 reconnect_timeout: float = RECONNECT_TIMEOUT, max_resumes: int = MAX_RESUMES,
+                 curve: CurveKeys | None = None) -> None:
         self._loop = LoopThread("bus-client")
         self._client = BusClient(address, heartbeat_interval=heartbeat_interval, reconnect_timeout=reconnect_timeout,
-                                 curve=curve)
+                                 max_resumes=max_resumes, curve=curve)
         self._loop.call(self._client.start())
 
     def models(self) -> list[protocol.ModelInfo]:

@@ -1,6 +1,6 @@
 """A soak under faults: steady traffic from one bus client while a worker is killed, another frozen
-past its liveness, and the broker killed and restarted. Nothing may be lost or hang, and only
-streams cut after their first token may fail."""
+past its liveness, and the broker killed and restarted. Nothing may be lost, hang or fail: a stream
+cut after its first token is resumed elsewhere."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class Outcome:
     had_token: bool  # a token had arrived when it ended
     reason: str  # "ok", or the error's type and message
     num_sends: int = 1  # more than one: the client sent it again after a fault
+    num_resumes: int = 0  # of those, sent again after tokens had arrived: continued where it was cut
 
 
 async def one_request(client: BusClient, rng: random.Random) -> Outcome:
@@ -40,7 +41,7 @@ async def one_request(client: BusClient, rng: random.Random) -> Outcome:
         async for delta in stream:
             num_tokens += delta.num_tokens
         assert stream.done is not None and num_tokens == stream.done.completion_tokens, "tokens went missing"
-        return Outcome(True, True, "ok", stream.num_sends)
+        return Outcome(True, True, "ok", stream.num_sends, stream.num_resumes)
     except BusError as error:
         if stream is None:  # never sent
             return Outcome(False, False, f"{type(error).__name__}: {error.message}", 0)
@@ -141,8 +142,8 @@ async def test_traffic_survives_worker_kill_worker_freeze_and_broker_restart(tin
     outcomes = soak.outcomes
     failures = Counter(o.reason.split(":")[0] for o in outcomes if not o.ok)
     print(f"\n{len(outcomes)} requests, {sum(o.ok for o in outcomes)} answered in full "
-          f"({sum(o.ok and o.num_sends > 1 for o in outcomes)} after being sent again), failed: {dict(failures)}")
+          f"({sum(o.ok and o.num_sends > 1 for o in outcomes)} after being sent again, "
+          f"{sum(o.num_resumes > 0 for o in outcomes)} of them resumed mid-answer), failed: {dict(failures)}")
     assert not [o for o in outcomes if o.reason == "hung"], "a request never ended"
-    unstarted_failures = [o.reason for o in outcomes if not o.ok and not o.had_token]
-    assert not unstarted_failures, f"requests that had produced no token failed: {unstarted_failures[:5]}"
-    assert sum(o.ok for o in outcomes) > len(outcomes) // 2
+    assert not failures, [o.reason for o in outcomes if not o.ok][:5]
+    assert sum(o.num_resumes > 0 for o in outcomes), "no stream was cut mid-answer: the faults missed the traffic"

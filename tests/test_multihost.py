@@ -265,7 +265,7 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in the metrics")
 
 
-def test_a_cut_link_loses_only_that_hosts_streams_and_the_worker_rejoins(fleet):
+def test_a_cut_link_costs_no_stream_and_the_worker_rejoins(fleet):
     fleet.wait_for_both_workers()
     results = [StreamResult() for _ in range(6)]
     futures = [fleet.on_api_host(long_stream, fleet, result) for result in results]
@@ -273,18 +273,14 @@ def test_a_cut_link_loses_only_that_hosts_streams_and_the_worker_rejoins(fleet):
                "every stream has its first token")
     on_cut_host = fleet.probe.workers()[fleet.worker_id("worker-1")].in_flight
     assert on_cut_host > 0 and not any(r.ended_at for r in results), "the streams must still be running"
+    before = fleet.served()
     fleet.network.cut(fleet.hosts["gpu1"])
-    cut_at = time.monotonic()
     try:
         for future in futures:
             future.result(timeout=120)
-        lost = [r for r in results if r.error is not None]
-        assert len(lost) == on_cut_host and all("worker" in r.error.lower() for r in lost), [r.error for r in lost]
-        # The protocol's promise (lost after 3 silent intervals), with room for a loaded machine.
-        assert all(r.ended_at - cut_at <= (protocol.HEARTBEAT_LIVENESS + 2) * INTERVAL for r in lost), \
-            [round(r.ended_at - cut_at, 2) for r in lost]
-        served = [r for r in results if r.error is None]
-        assert served and all(r.finish_reason == "length" for r in served)
+        # the streams cut with the link go on on the other host, from where they were cut
+        assert [(r.error, r.finish_reason) for r in results] == [(None, "length")] * len(results)
+        assert fleet.served()["worker-2"] - before["worker-2"] == on_cut_host
         # The other host keeps serving while the first is away.
         assert fleet.on_api_host(ask, fleet).result() == "length"
         assert set(fleet.served()) == {"worker-2"}
