@@ -106,7 +106,12 @@ def test_stop_sequences_cut_the_text(api):
                                       stop_sequences=[stop])
     assert "".join(block.text for block in cut.content) == text[:text.index(stop)]
     assert cut.usage.output_tokens < 24
-    assert cut.stop_reason == "end_turn"  # the bus does not say whether the stop sequence or the end of turn ended it
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+    events = sse_events(api.url + "/v1/messages", {"model": TINY_MODEL, "messages": HELLO, "max_tokens": 24,
+                                                   "temperature": 0, "stop_sequences": ["zzz", stop], "stream": True})
+    assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": stop}
+    free = client(api).messages.create(model=TINY_MODEL, max_tokens=24, messages=HELLO, stop_sequences=["zzzz"])
+    assert free.stop_sequence is None and free.stop_reason in ("end_turn", "max_tokens")
 
 
 # -- tools

@@ -51,16 +51,18 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(stops)
         self._pending = ""
+        self.matched: str | None = None  # the stop string that was reached, once one is
 
     def push(self, text: str) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop string was reached (the rest is dropped)."""
         if not self._stops:
             return text, False
         pending = self._pending + text
-        hits = [i for i in (pending.find(stop) for stop in self._stops) if i >= 0]
+        hits = [(at, which) for which, at in enumerate(pending.find(stop) for stop in self._stops) if at >= 0]
         if hits:
-            self._pending = ""
-            return pending[:min(hits)], True
+            at, which = min(hits)  # the earliest; at a tie, the first listed
+            self._pending, self.matched = "", self._stops[which]
+            return pending[:at], True
         hold = self._longest_stop_prefix_suffix(pending)
         self._pending = pending[len(pending) - hold:]
         return pending[:len(pending) - hold], False

@@ -17,10 +17,12 @@ def message_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
 
 
-def stop_reason(reason: FinishReason | str) -> str:
-    """Anthropic's name for how an answer ended. The bus says `stop` for an end of turn and for a
-    stop sequence alike, so both are `end_turn`."""
-    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(FinishReason(reason).value, "end_turn")
+def stop_reason(reason: FinishReason | str, stop: str | None) -> dict[str, Any]:
+    """`stop_reason` and `stop_sequence`: how an answer ended, in Anthropic's words."""
+    if stop is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": stop}
+    kind = {"length": "max_tokens", "tool_calls": "tool_use"}.get(FinishReason(reason).value, "end_turn")
+    return {"stop_reason": kind, "stop_sequence": None}
 
 
 def usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
@@ -45,8 +47,7 @@ def message(message_id: str, model: str, completion: Completion) -> dict[str, An
     content += [{"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                  "input": tool_input(call["function"]["arguments"])} for call in calls]
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop_reason(completion.finish_reason), "stop_sequence": None,
-            "usage": usage(completion.prompt_tokens, completion.completion_tokens)}
+            **stop_reason(completion.finish_reason, completion.stop), "usage": usage(completion.prompt_tokens, completion.completion_tokens)}
 
 
 class MessageEvents:
@@ -89,7 +90,7 @@ class MessageEvents:
             events += [*self._start("text", {"type": "text", "text": ""}),
                        self._delta({"type": "text_delta", "text": held})]
         data = {"type": "message_delta",
-                "delta": {"stop_reason": stop_reason(done.finish_reason), "stop_sequence": None},
+                "delta": stop_reason(done.finish_reason, done.stop),
                 "usage": usage(done.prompt_tokens, done.completion_tokens)}
         return [*events, *self._stop(), ("message_delta", data), ("message_stop", {"type": "message_stop"})]
 
