@@ -23,7 +23,7 @@ from broker.requests import Request, RequestTable, State
 
 log = logging.getLogger(__name__)
 
-_WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.EMBEDDINGS, Command.ERROR)
+_WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.EMBEDDINGS, Command.TOKENS, Command.ERROR)
 _WORKER_COMMANDS = (Command.READY, *_WORKER_REPLIES, Command.DISCONNECT)
 _LOG_INTERVAL = 5.0  # seconds between warnings about malformed or refused messages
 EVERY_ROLE = frozenset(Role)  # a bus without authentication: every peer may do everything

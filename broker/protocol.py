@@ -25,6 +25,7 @@ HEARTBEAT_LIVENESS = 3  # intervals of silence after which a peer is dead
 CLIENT_TIMEOUT = 10.0  # seconds of silence after which a heartbeating client is gone (lenient: a busy
                        # frontend's event loop may lag, and a false alarm would cancel its requests)
 MAX_STOP_STRINGS = 4
+MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
 MAX_COUNT = 2**31 - 1  # largest max_tokens and top_k
 MAX_ERROR_MESSAGE = 2000  # characters of an ERROR's message; longer ones are cut
@@ -42,6 +43,7 @@ class Command(str, enum.Enum):
     # client -> broker
     REQUEST = "REQUEST"
     EMBED = "EMBED"
+    TOKENIZE = "TOKENIZE"
     CANCEL = "CANCEL"
     LIST_MODELS = "LIST_MODELS"
     LIST_WORKERS = "LIST_WORKERS"
@@ -49,6 +51,7 @@ class Command(str, enum.Enum):
     TOKEN = "TOKEN"
     DONE = "DONE"
     EMBEDDINGS = "EMBEDDINGS"
+    TOKENS = "TOKENS"
     ERROR = "ERROR"
     MODELS = "MODELS"
     WORKERS = "WORKERS"
@@ -83,7 +86,8 @@ class Task(str, enum.Enum):
     EMBED = "embed"  # EMBED: vectors, in one EMBEDDINGS
 
 
-TASK_OF_COMMAND = {Command.REQUEST: Task.GENERATE, Command.EMBED: Task.EMBED}
+# TOKENIZE goes to a generating worker: it holds the tokenizer and chat template that a REQUEST would use.
+TASK_OF_COMMAND = {Command.REQUEST: Task.GENERATE, Command.EMBED: Task.EMBED, Command.TOKENIZE: Task.GENERATE}
 
 
 class FinishReason(str, enum.Enum):
@@ -415,6 +419,14 @@ class GenerationRequest:
     top_logprobs: int = 0
     constraint: Constraint | None = None
     tools: Tools | None = None
+    # vLLM's extra sampling fields, which benchmark and eval tools send; left off the wire at their defaults
+    min_p: float = 0.0
+    min_tokens: int = 0  # no end of turn, stop token or stop string before this many tokens
+    ignore_eos: bool = False  # the end of turn is a token like any other: only max_tokens (or a stop) ends it
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -438,6 +450,14 @@ class GenerationRequest:
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("min_tokens", self.min_tokens, 0, MAX_COUNT)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ProtocolError(f"'min_tokens' ({self.min_tokens}) must not exceed 'max_tokens' ({self.max_tokens})",
+                                "min_tokens")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(map(is_token_id, self.stop_token_ids)):
+            raise ProtocolError(f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} token ids (integers 0 to "
+                                "2^31-1)", "stop_token_ids")
         if self.constraint is not None and self.stop:  # a stop string could cut the output short of valid
             raise ProtocolError("'stop' cannot be combined with 'constraint'", "stop")
         if self.tools is not None:
@@ -476,6 +496,13 @@ class GenerationRequest:
             top_logprobs=_get(fields, "top_logprobs", int, 0),
             constraint=None if fields.get("constraint") is None else Constraint.from_fields(fields["constraint"]),
             tools=None if fields.get("tools") is None else Tools.from_fields(fields["tools"]),
+            min_p=_number(fields, "min_p", 0.0),
+            min_tokens=_get(fields, "min_tokens", int, 0),
+            ignore_eos=_get(fields, "ignore_eos", bool, False),
+            stop_token_ids=tuple(_get(fields, "stop_token_ids", list, [])),
+            include_stop_str_in_output=_get(fields, "include_stop_str_in_output", bool, False),
+            skip_special_tokens=_get(fields, "skip_special_tokens", bool, True),
+            spaces_between_special_tokens=_get(fields, "spaces_between_special_tokens", bool, True),
         )
 
     def to_fields(self) -> dict[str, Any]:
@@ -483,11 +510,22 @@ class GenerationRequest:
         if self.messages is not None:
             fields["messages"] = [m.to_fields() for m in self.messages]
         fields["stop"] = list(self.stop)
+        fields["stop_token_ids"] = list(self.stop_token_ids)
         if self.constraint is not None:
             fields["constraint"] = self.constraint.to_fields()
         if self.tools is not None:
             fields["tools"] = self.tools.to_fields()
-        return {k: v for k, v in fields.items() if v is not None}
+        return {k: v for k, v in fields.items() if v is not None and not _default_extra(k, v)}
+
+
+_EXTRA_DEFAULTS = {"min_p": 0.0, "min_tokens": 0, "ignore_eos": False, "stop_token_ids": [],
+                   "include_stop_str_in_output": False, "skip_special_tokens": True,
+                   "spaces_between_special_tokens": True}
+
+
+def _default_extra(name: str, value: Any) -> bool:
+    """One of the extra sampling fields at its default: not sent."""
+    return name in _EXTRA_DEFAULTS and value == _EXTRA_DEFAULTS[name] and type(value) is type(_EXTRA_DEFAULTS[name])
 
 
 def _chat_message(index: int, value: Any) -> ChatMessage:
@@ -838,7 +876,90 @@ def is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
-REQUEST_BODIES = {Command.REQUEST: GenerationRequest, Command.EMBED: EmbeddingRequest}  # the body of each request kind
+# ---------------------------------------------------------------------------
+# Tokens: TOKENIZE (client -> broker -> worker), answered by one TOKENS
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeRequest:
+    """Body of TOKENIZE: a prompt, or chat messages (with tools) under the model's chat template,
+    to encode exactly as a REQUEST would; or `tokens` to decode back to text."""
+
+    model: str
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    tools: Tools | None = None
+    tokens: tuple[int, ...] | None = None
+    add_special_tokens: bool = True  # for a prompt: the tokenizer's BOS and the like, as a REQUEST adds them
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ProtocolError("'model' must be a non-empty string", "model")
+        if sum(x is not None for x in (self.prompt, self.messages, self.tokens)) != 1:
+            raise ProtocolError("exactly one of 'prompt', 'messages' or 'tokens' is required", "prompt")
+        if self.messages is not None and not self.messages:
+            raise ProtocolError("'messages' must not be empty", "messages")
+        if self.tools is not None and self.messages is None:
+            raise ProtocolError("'tools' needs 'messages'", "tools")
+        if self.tokens is not None and not all(map(is_token_id, self.tokens)):
+            raise ProtocolError("'tokens' must be an array of token ids (integers 0 to 2^31-1)", "tokens")
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> TokenizeRequest:
+        unknown = sorted(map(str, set(fields) - set(cls.__slots__)))
+        if unknown:
+            raise ProtocolError(f"unknown field {_quote(unknown[0])}", unknown[0][:64])
+        messages = _get(fields, "messages", list)
+        tokens = _get(fields, "tokens", list)
+        return cls(
+            model=_get(fields, "model", str, required=True),
+            prompt=_get(fields, "prompt", str),
+            messages=None if messages is None else tuple(_chat_message(i, m) for i, m in enumerate(messages)),
+            tools=None if fields.get("tools") is None else Tools.from_fields(fields["tools"]),
+            tokens=None if tokens is None else tuple(tokens),
+            add_special_tokens=_get(fields, "add_special_tokens", bool, True),
+        )
+
+    def to_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"model": self.model, "add_special_tokens": self.add_special_tokens}
+        if self.prompt is not None:
+            fields["prompt"] = self.prompt
+        if self.messages is not None:
+            fields["messages"] = [m.to_fields() for m in self.messages]
+        if self.tools is not None:
+            fields["tools"] = self.tools.to_fields()
+        if self.tokens is not None:
+            fields["tokens"] = list(self.tokens)
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Body of TOKENS: the token ids (given, or encoded), their text (given, or decoded) and the
+    model's context length."""
+
+    tokens: tuple[int, ...]
+    text: str
+    max_model_len: int
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"tokens": list(self.tokens), "text": self.text, "max_model_len": self.max_model_len}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Tokens:
+        tokens = _get(fields, "tokens", list, required=True)
+        if not all(map(is_token_id, tokens)):
+            raise ProtocolError("'tokens' must be an array of token ids", "tokens")
+        return cls(tuple(tokens), _get(fields, "text", str, ""), _get(fields, "max_model_len", int, required=True))
+
+
+# the body of each request kind
+REQUEST_BODIES = {Command.REQUEST: GenerationRequest, Command.EMBED: EmbeddingRequest,
+                  Command.TOKENIZE: TokenizeRequest}
 
 
 @dataclass(frozen=True, slots=True)

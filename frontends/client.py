@@ -26,9 +26,11 @@ import zmq.asyncio
 
 from broker import protocol, sockets
 from broker.auth import CurveKeys
-from broker.protocol import Command, EmbeddingRequest, ErrorCode, GenerationRequest, Message
+from broker.protocol import Command, EmbeddingRequest, ErrorCode, GenerationRequest, Message, TokenizeRequest
 
 log = logging.getLogger(__name__)
+
+BusRequest = GenerationRequest | EmbeddingRequest | TokenizeRequest
 
 # Seconds a request that has produced no token keeps being sent (again) while the broker is unreachable:
 # a restarted broker and its workers are back well within it.
@@ -124,13 +126,14 @@ class Stream:
     fresh one.
     """
 
-    def __init__(self, owner: StreamOwner, request: GenerationRequest | EmbeddingRequest, request_id: bytes) -> None:
+    def __init__(self, owner: StreamOwner, request: BusRequest, request_id: bytes) -> None:
         self._owner = owner
         self.request = request
         self.request_id = request_id
         self._queue: asyncio.Queue[Message | BusError] = asyncio.Queue()
         self.done: protocol.Done | None = None
         self.embeddings: protocol.Embeddings | None = None  # the answer to an EMBED, which has no TOKENs
+        self.tokens: protocol.Tokens | None = None  # the answer to a TOKENIZE, likewise
         self.sent_at: float | None = None  # when the REQUEST last went out: only then may a heartbeat name it
         self.num_sends = 0
         self.finished = False
@@ -159,6 +162,9 @@ class Stream:
                 raise StopAsyncIteration
             if item.command is Command.EMBEDDINGS:
                 self.embeddings = protocol.Embeddings.from_fields(item.fields())
+                raise StopAsyncIteration
+            if item.command is Command.TOKENS:
+                self.tokens = protocol.Tokens.from_fields(item.fields())
                 raise StopAsyncIteration
             raise error_from(protocol.Error.from_fields(item.fields()))
         except protocol.ProtocolError as exc:  # a malformed answer still ends the stream, loudly
@@ -268,9 +274,9 @@ class BusClient:
 
     # -- requests
 
-    async def generate(self, request: GenerationRequest | EmbeddingRequest) -> Stream:
-        """Send one request; the returned stream yields its tokens (an EMBED's stream yields none
-        and holds its answer in `embeddings` once read to the end)."""
+    async def generate(self, request: BusRequest) -> Stream:
+        """Send one request; the returned stream yields its tokens (an EMBED's or a TOKENIZE's stream
+        yields none and holds its answer in `embeddings` or `tokens` once read to the end)."""
         request_id = uuid.uuid4().bytes
         try:
             protocol.encode(_command(request), request_id, request.to_fields())
@@ -295,20 +301,45 @@ class BusClient:
 
     async def embed(self, model: str, inputs: list[str] | list[list[int]],
                     dimensions: int | None = None) -> protocol.Embeddings:
-        """Vectors for texts (or token-id lists), in one answer. Never streamed: like a request that
-        has produced no token yet, it is always safe to send again after a broker restart."""
+        """Vectors for texts (or token-id lists), in one answer."""
         try:
             request = EmbeddingRequest.from_fields({"model": model, "input": inputs, "dimensions": dimensions})
         except protocol.ProtocolError as exc:
             raise BadRequest(str(exc), exc.field) from None
+        stream = await self._answer(request)
+        assert stream.embeddings is not None
+        return stream.embeddings
+
+    async def tokenize(self, model: str, *, prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
+                       tools: dict[str, Any] | None = None, add_special_tokens: bool = True) -> protocol.Tokens:
+        """The token ids a REQUEST with this prompt, or these messages (and tools, as `GenerationRequest`
+        carries them), would start from: encoded by a worker of `model`, with its chat template."""
+        return await self._tokens({"model": model, "prompt": prompt, "messages": messages, "tools": tools,
+                                   "add_special_tokens": add_special_tokens})
+
+    async def detokenize(self, model: str, tokens: list[int]) -> str:
+        """The text of token ids, special tokens included, decoded by a worker of `model`."""
+        return (await self._tokens({"model": model, "tokens": tokens})).text
+
+    async def _tokens(self, fields: dict[str, Any]) -> protocol.Tokens:
+        try:
+            request = TokenizeRequest.from_fields({k: v for k, v in fields.items() if v is not None})
+        except protocol.ProtocolError as exc:
+            raise BadRequest(str(exc), exc.field) from None
+        stream = await self._answer(request)
+        assert stream.tokens is not None
+        return stream.tokens
+
+    async def _answer(self, request: EmbeddingRequest | TokenizeRequest) -> Stream:
+        """Send a request answered in one message, and wait for that answer. Like a request that has
+        produced no token yet, it is always safe to send again after a broker restart."""
         stream = await self.generate(request)
         try:
             async for _ in stream:
                 pass
         finally:
             await stream.cancel()  # a no-op once answered; stops it when the caller gives up waiting
-        assert stream.embeddings is not None
-        return stream.embeddings
+        return stream
 
     async def models(self) -> list[protocol.ModelInfo]:
         """The models served now, with their live workers."""
@@ -422,7 +453,7 @@ class BusClient:
             except protocol.ProtocolError as exc:
                 log.warning("dropping malformed message from the broker: %s", exc)
                 continue
-            if message.command in (Command.TOKEN, Command.DONE, Command.EMBEDDINGS, Command.ERROR):
+            if message.command in (Command.TOKEN, Command.DONE, Command.EMBEDDINGS, Command.TOKENS, Command.ERROR):
                 stream = self._streams.get(message.request_id)
                 if stream is None:
                     continue
@@ -461,8 +492,11 @@ class BusClient:
                 log.debug("heartbeat not sent: %s", exc)
 
 
-def _command(request: GenerationRequest | EmbeddingRequest) -> Command:
-    return Command.EMBED if isinstance(request, EmbeddingRequest) else Command.REQUEST
+_COMMANDS = {GenerationRequest: Command.REQUEST, EmbeddingRequest: Command.EMBED, TokenizeRequest: Command.TOKENIZE}
+
+
+def _command(request: BusRequest) -> Command:
+    return _COMMANDS[type(request)]
 
 
 def _forgotten(message: Message) -> BrokerUnreachable | None:
@@ -533,6 +567,12 @@ class SyncBusClient:
     def embed(self, model: str, inputs: list[str] | list[list[int]],
               dimensions: int | None = None) -> protocol.Embeddings:
         return self._loop.call(self._client.embed(model, inputs, dimensions))
+
+    def tokenize(self, model: str, **params: Any) -> protocol.Tokens:
+        return self._loop.call(self._client.tokenize(model, **params))
+
+    def detokenize(self, model: str, tokens: list[int]) -> str:
+        return self._loop.call(self._client.detokenize(model, tokens))
 
     @property
     def open_streams(self) -> tuple[Stream, ...]:

@@ -214,7 +214,7 @@ def test_a_malformed_reply_fails_the_request_and_frees_the_slot(bus):
     bus.ready(b"w1")
     bus.request(rid(1))
     bus.request(rid(2))
-    out = bus.core.receive(b"w1", [protocol.PROTOCOL_SIGNATURE, b"TOKENS", rid(1), b"\x80"], bus.now)
+    out = bus.core.receive(b"w1", [protocol.PROTOCOL_SIGNATURE, b"VECTORS", rid(1), b"\x80"], bus.now)
     assert summary(out) == [(b"w1", "ERROR", rid(1), "bad_request"), (b"w1", "CANCEL", rid(1)),
                             (CLIENT, "ERROR", rid(1), "internal_error"), (b"w1", "REQUEST", rid(2))]
 

@@ -32,7 +32,7 @@ def test_the_stop_string_reached_is_named():
     assert feed(matcher, ["zero one\n", "\ntwo"]) == ("zero ", True)
     assert matcher.matched == "one"  # the earliest in the text, not in the list
     tie = StopMatcher(["abc", "ab"])
-    assert feed(tie, ["xabcd"]) == ("x", True) and tie.matched == "abc"  # at a tie, the first listed
+    assert feed(tie, ["xabcd"]) == ("x", True) and tie.matched == "ab"  # at a tie, the shortest
 
 
 def test_stop_prefix_is_held_back_not_leaked():

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from broker import protocol
-from broker.protocol import ErrorCode, FinishReason, GenerationRequest, ProtocolError
+from broker.protocol import ErrorCode, FinishReason, GenerationRequest, ProtocolError, TokenizeRequest
 from worker.grammar import GrammarCompiler, GrammarRefused
 from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
@@ -42,7 +42,15 @@ class ErrorEvent:
     error: protocol.Error
 
 
-Event = TokenEvent | DoneEvent | ErrorEvent
+@dataclass(frozen=True, slots=True)
+class TokensEvent:
+    """The answer to a TOKENIZE: its only event."""
+
+    request_id: bytes
+    tokens: protocol.Tokens
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent | TokensEvent
 
 
 def _error(request_id: bytes, code: ErrorCode, message: str) -> ErrorEvent:
@@ -99,11 +107,33 @@ class Engine:
         previous = self.scheduler.find(request_id)
         if previous is not None:  # the broker sent it again (it lost track of this worker): start over
             self._retire([previous])
-        tokenizer = self.prompts.tokenizer
-        self.scheduler.add(Sequence(request_id, request, prompt_ids, max_tokens,
-                                    Detokenizer(tokenizer, prompt_ids), StopMatcher(request.stop), grammar=grammar,
-                                    answer=answer))
+        end_ids = frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else self.prompts.stop_token_ids)
+        detokenizer = Detokenizer(self.prompts.tokenizer, prompt_ids, request.skip_special_tokens,
+                                  request.spaces_between_special_tokens)
+        self.scheduler.add(Sequence(request_id, request, prompt_ids, max_tokens, detokenizer,
+                                    StopMatcher(request.stop, request.include_stop_str_in_output), grammar=grammar,
+                                    answer=answer, end_ids=end_ids))
         return []
+
+    def tokenize(self, request_id: bytes, request: TokenizeRequest) -> list[Event]:
+        """Encode a prompt or chat exactly as `add` would (or decode tokens), at once: no model step."""
+        tokenizer = self.prompts.tokenizer
+        try:
+            if request.tokens is not None:
+                ids = list(request.tokens)
+                unknown = [t for t in ids if t >= len(tokenizer)]
+                if unknown:
+                    return [_error(request_id, ErrorCode.BAD_REQUEST, f"'tokens' cannot be decoded: {unknown[0]} is "
+                                   f"not in the vocabulary of {len(tokenizer)} tokens")]
+                text = tokenizer.decode(ids, skip_special_tokens=False)
+            else:
+                ids = self.prompts.encode(GenerationRequest(request.model, messages=request.messages,
+                                                            prompt=request.prompt, tools=request.tools),
+                                          add_special_tokens=request.add_special_tokens)
+                text = ""
+        except ProtocolError as exc:
+            return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
+        return [TokensEvent(request_id, protocol.Tokens(tuple(ids), text, self.context_length))]
 
     def cancel(self, request_id: bytes) -> list[Event]:
         """Stop a request now: its row leaves the batch before the next step. A request that already
@@ -178,16 +208,19 @@ class Engine:
         or what may start a stop string), and a sequence that ends sends a last frame for the tokens
         still uncounted, so a stream's `num_tokens` add up to its DONE's `completion_tokens`.
         """
-        sequence.output_ids.append(choice.token_id)
+        request = sequence.request
+        token = choice.token_id
+        sequence.output_ids.append(token)
         sequence.unsent_tokens += 1
-        end_of_turn = choice.token_id in self.prompts.stop_token_ids
+        # before min_tokens the sampler never picks an ending token; ignore_eos leaves the end of turn out of them
+        end_of_turn = token in sequence.end_ids
         text, stopped, complete = "", False, False
         if sequence.grammar is not None:
-            sequence.grammar.advance(choice.token_id)
+            sequence.grammar.advance(token)
             # a complete constrained output ends here: its grammar allows nothing but the end of turn
             complete = sequence.grammar.complete
-        if not end_of_turn:
-            text, stopped = sequence.stop_matcher.push(sequence.detokenizer.push(choice.token_id))
+        if not end_of_turn or (request.include_stop_str_in_output and token in request.stop_token_ids):
+            text, stopped = sequence.stop_matcher.push(sequence.detokenizer.push(token), active=sequence.may_end)
         if end_of_turn or stopped or complete:
             sequence.finish_reason = FinishReason.STOP
         elif len(sequence.output_ids) >= sequence.max_tokens:

@@ -40,9 +40,10 @@ class PromptEncoder:
         self._byte_decoder = _byte_decoder(tokenizer)
         self.tool_format: ToolFormat = format_for(_tool_template(tokenizer))
 
-    def encode(self, request: GenerationRequest) -> list[int]:
+    def encode(self, request: GenerationRequest, add_special_tokens: bool = True) -> list[int]:
+        """`add_special_tokens`: for a prompt, the tokenizer's own (BOS and the like); a chat template writes its own."""
         if request.prompt is not None:
-            return self.tokenizer(request.prompt).input_ids
+            return self.tokenizer(request.prompt, add_special_tokens=add_special_tokens).input_ids
         if not self.tokenizer.chat_template:
             raise ProtocolError("this model has no chat template; send a plain 'prompt' instead", "messages")
         messages, template_arguments = self.tool_format.template_input(request.messages, request.tools)

@@ -56,6 +56,7 @@ class Sampler:
         if any(s.request.logprobs for s in sequences):
             raw_logprobs = F.log_softmax(logits, dim=-1)  # of the model's own distribution, before penalties
         scores = apply_penalties(logits, sequences, self.unpenalized_ids)
+        scores = mask_early_ends(scores, logits, sequences)
         constrained = [row for row, s in enumerate(sequences) if s.grammar is not None]
         if constrained:  # in place, only those rows: a free row's scores are the same with or without them
             scores = mask_logits(scores, constrained, [sequences[row].grammar for row in constrained])
@@ -66,7 +67,8 @@ class Sampler:
             if request.temperature < MIN_TEMPERATURE:
                 token = greedy[row]
             else:
-                probs = filtered_probs(scores[row] / request.temperature, request.top_k, request.top_p)
+                probs = filtered_probs(scores[row] / request.temperature, request.top_k, request.top_p,
+                                       request.min_p)
                 token = int(torch.multinomial(probs, 1, generator=self.generators[sequence]))
             choices.append(choice(token, raw_logprobs[row] if request.logprobs else None, request.top_logprobs))
         return choices
@@ -95,8 +97,21 @@ def apply_penalties(logits: torch.Tensor, sequences: list[Sequence], unpenalized
     return scores
 
 
-def filtered_probs(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Probabilities ([V]) of one row's `scores`, zero outside its top-k and its top-p nucleus."""
+def mask_early_ends(scores: torch.Tensor, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+    """No ending token (end of turn, stop token ids) for a row still short of its `min_tokens`.
+    `scores` is copied first when it is still the model's `logits`."""
+    for row, sequence in enumerate(sequences):
+        if sequence.may_end or not sequence.end_ids:
+            continue
+        if scores is logits:
+            scores = logits.clone()
+        scores[row, [i for i in sequence.end_ids if i < scores.shape[1]]] = float("-inf")
+    return scores
+
+
+def filtered_probs(scores: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Probabilities ([V]) of one row's `scores`, zero outside its top-k and its top-p nucleus, and
+    below `min_p` times the likeliest token's."""
     if top_k:
         kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -106,6 +121,8 @@ def filtered_probs(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
     return probs
 
 

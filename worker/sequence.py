@@ -31,6 +31,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens taken from `prefix` instead of prefilled
     grammar: RowGrammar | None = None  # where a constrained output stands; None: free
     answer: AnswerReader | None = None  # with tools: reads the output into reply text and calls
+    end_ids: frozenset[int] = frozenset()  # tokens that end it: the model's end of turn (unless ignored), its stop ids
 
     @property
     def num_uncached_tokens(self) -> int:
@@ -41,6 +42,11 @@ class Sequence:
     def num_reserved_tokens(self) -> int:
         """The most cache this sequence can ever hold."""
         return len(self.prompt_ids) + self.max_tokens
+
+    @property
+    def may_end(self) -> bool:
+        """Past `min_tokens`: an end-of-turn token, a stop token or a stop string may end it now."""
+        return len(self.output_ids) >= self.request.min_tokens
 
     @property
     def finished(self) -> bool:

@@ -26,9 +26,10 @@ from broker.protocol import (
     ErrorCode,
     Message,
     ProtocolError,
+    TokenizeRequest,
 )
 from worker.embedder import Embedder, EmbeddingEvent, EmbeddingsEvent
-from worker.engine import DoneEvent, Engine, ErrorEvent, Event, TokenEvent
+from worker.engine import DoneEvent, Engine, ErrorEvent, Event, TokenEvent, TokensEvent
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class WorkerServer:
         except protocol.ProtocolError as exc:
             log.warning("dropping malformed message from the broker: %s", exc)
             return
-        if message.command in (Command.REQUEST, Command.EMBED, Command.CANCEL):
+        if message.command in (*REQUEST_BODIES, Command.CANCEL):
             pipe.send_multipart(frames)
         elif message.command is Command.REANNOUNCE:
             # Messages sent before our last READY reached the broker may still ask for another one.
@@ -223,6 +224,8 @@ class WorkerServer:
         except ProtocolError as exc:
             return [ErrorEvent(message.request_id, protocol.Error(ErrorCode.BAD_REQUEST, str(exc)))]
         try:
+            if isinstance(request, TokenizeRequest):
+                return self.engine.tokenize(message.request_id, request)
             return self.engine.add(message.request_id, request)
         except Exception as exc:  # e.g. a chat template that raises on these messages
             log.exception("could not admit request %s", message.request_id.hex())
@@ -243,6 +246,8 @@ def event_frames(event: Event | EmbeddingEvent) -> list[bytes]:
             return protocol.encode(Command.TOKEN, request_id, delta.to_fields())
         case DoneEvent(request_id, done):
             return protocol.encode(Command.DONE, request_id, done.to_fields())
+        case TokensEvent(request_id, tokens):
+            return protocol.encode(Command.TOKENS, request_id, tokens.to_fields())
         case EmbeddingsEvent(request_id, embeddings):
             return protocol.encode(Command.EMBEDDINGS, request_id, embeddings.to_fields())
         case ErrorEvent(request_id, error):

@@ -19,8 +19,12 @@ class Detokenizer:
     and the delta is held back until the next token completes it.
     """
 
-    def __init__(self, decoder: Decoder, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, decoder: Decoder, prompt_ids: Sequence[int], skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True) -> None:
         self._decoder = decoder
+        self._options = {"skip_special_tokens": skip_special_tokens}
+        if not skip_special_tokens:  # only then does it matter; tokenizers that do not know it ignore it
+            self._options["spaces_between_special_tokens"] = spaces_between_special_tokens
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -42,27 +46,32 @@ class Detokenizer:
         return text[len(prefix):]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._decoder.decode(ids, skip_special_tokens=True)
+        return self._decoder.decode(ids, **self._options)
 
 
 class StopMatcher:
     """Finds caller stop strings in streamed text, holding back any tail that may begin one."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include_stop: bool = False) -> None:
         self._stops = tuple(stops)
+        self._include_stop = include_stop  # the stop string ends the text instead of being dropped
         self._pending = ""
         self.matched: str | None = None  # the stop string that was reached, once one is
 
-    def push(self, text: str) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string was reached (the rest is dropped)."""
+    def push(self, text: str, active: bool = True) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached (the rest is dropped).
+        Not `active` (before a request's `min_tokens`): no stop string counts, nothing is held."""
         if not self._stops:
             return text, False
         pending = self._pending + text
-        hits = [(at, which) for which, at in enumerate(pending.find(stop) for stop in self._stops) if at >= 0]
+        if not active:
+            self._pending = ""
+            return pending, False
+        hits = [(i, i + len(stop), stop) for stop in self._stops if (i := pending.find(stop)) >= 0]
         if hits:
-            at, which = min(hits)  # the earliest; at a tie, the first listed
-            self._pending, self.matched = "", self._stops[which]
-            return pending[:at], True
+            self._pending = ""
+            start, end, self.matched = min(hits)  # the earliest; at a tie, the shortest
+            return pending[:end if self._include_stop else start], True
         hold = self._longest_stop_prefix_suffix(pending)
         self._pending = pending[len(pending) - hold:]
         return pending[:len(pending) - hold], False

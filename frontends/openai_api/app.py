@@ -23,6 +23,7 @@ from frontends.openai_api.context import BUS, METRICS, RECORDER, SETTINGS, START
 from frontends.openai_api.embeddings import parse_embeddings
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.metrics import ApiMetrics
+from frontends.openai_api.tokens import detokenize, tokenize
 from frontends.openai_api.requests import ApiCall, parse_chat, parse_completion
 from frontends.openai_api.responses import (
     ChatResponses,
@@ -56,6 +57,8 @@ def create_app(settings: ApiSettings) -> web.Application:
         web.post("/v1/chat/completions", chat_completions),
         web.post("/v1/completions", completions),
         web.post("/v1/embeddings", embeddings),
+        web.post("/tokenize", tokenize),
+        web.post("/detokenize", detokenize),
         *anthropic_routes.ROUTES,
         web.get("/health", health),
         web.get("/metrics", metrics),

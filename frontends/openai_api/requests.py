@@ -10,9 +10,12 @@ from broker.protocol import SEED_RANGE, GenerationRequest, ProtocolError
 from frontends.openai_api.errors import bad_request
 from frontends.openai_api.tools import assistant_calls, parse_tools
 
+# vLLM's sampling extras, which benchmark and eval tools send; the bus carries them as they are
+VLLM_SAMPLING_FIELDS = ("min_p", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
+                        "skip_special_tokens", "spaces_between_special_tokens")
 _COMMON_FIELDS = {
     "model", "temperature", "top_p", "stop", "n", "seed", "presence_penalty", "frequency_penalty", "stream",
-    "stream_options", "logprobs", "user", "max_tokens", "top_k", "repetition_penalty",
+    "stream_options", "logprobs", "user", "max_tokens", "top_k", "repetition_penalty", *VLLM_SAMPLING_FIELDS,
 }
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
                                 "tool_choice", "parallel_tool_calls"}
@@ -20,7 +23,7 @@ CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logpro
 IGNORED_FIELDS = frozenset({"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 _SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k",
-                    "repetition_penalty")
+                    "repetition_penalty", *VLLM_SAMPLING_FIELDS)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
 MAX_LEGACY_LOGPROBS = 5
@@ -40,7 +43,7 @@ class ApiCall:
 
 
 def parse_chat(body: Any, max_n: int) -> ApiCall:
-    body = _object(body, CHAT_FIELDS)
+    body = object_body(body, CHAT_FIELDS)
     if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
         raise bad_request("'logprobs' must be a boolean", "logprobs")
     if body.get("top_logprobs") and not body.get("logprobs"):
@@ -90,7 +93,7 @@ def _response_format(value: Any) -> dict[str, Any] | None:
 
 
 def parse_completion(body: Any, max_n: int) -> ApiCall:
-    body = _object(body, COMPLETION_FIELDS)
+    body = object_body(body, COMPLETION_FIELDS)
     # Accepted only at the values that ask for nothing (null was dropped already).
     for param, harmless in (("echo", False), ("suffix", ""), ("best_of", 1)):
         if param in body and not (type(body[param]) is type(harmless) and body[param] == harmless):
@@ -162,7 +165,8 @@ def _generation_request(fields: dict, max_tokens_param: str) -> GenerationReques
         raise bad_request(message, param) from None
 
 
-def _object(body: Any, allowed: set[str]) -> dict:
+def object_body(body: Any, allowed: set[str]) -> dict:
+    """The body as a dict without its null fields and those ignored; a 400 for fields not in `allowed`."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
     body = {k: v for k, v in body.items() if v is not None and k not in IGNORED_FIELDS}  # null means "not given"
