@@ -156,6 +156,27 @@ def test_tool_use_streams_input_json_deltas(api):
     assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
 
 
+# -- count_tokens
+
+
+def test_count_tokens_is_the_size_of_the_prompt_answered(api):
+    anthropic_client = client(api)
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for tools in ({}, {"tools": [WEATHER]}, {"tools": [WEATHER], "tool_choice": FORCED}):
+        counted = anthropic_client.messages.count_tokens(model=TINY_MODEL, messages=question, system="Be brief.",
+                                                         **tools)
+        answer = anthropic_client.messages.create(model=TINY_MODEL, max_tokens=1, messages=question,
+                                                  system="Be brief.", **tools)
+        assert counted.input_tokens == answer.usage.input_tokens > 0
+    without_tools = anthropic_client.messages.count_tokens(model=TINY_MODEL, messages=question, system="Be brief.")
+    assert counted.input_tokens > without_tools.input_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        anthropic_client.messages.count_tokens(model="nope", messages=question)
+    with pytest.raises(anthropic.BadRequestError, match="messages.0.content.0.type"):
+        anthropic_client.messages.count_tokens(model=TINY_MODEL, messages=[
+            {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://x"}}]}])
+
+
 # -- LangChain
 
 

@@ -29,6 +29,11 @@ def usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
     return {"input_tokens": input_tokens, "output_tokens": output_tokens}
 
 
+def token_count(input_tokens: int) -> dict[str, int]:
+    """`/v1/messages/count_tokens`'s answer."""
+    return {"input_tokens": input_tokens}
+
+
 def tool_input(arguments: str) -> dict[str, Any]:
     """A call's arguments as the object Anthropic sends; `{}` for arguments cut short by `max_tokens`."""
     try:
@@ -47,7 +52,8 @@ def message(message_id: str, model: str, completion: Completion) -> dict[str, An
     content += [{"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                  "input": tool_input(call["function"]["arguments"])} for call in calls]
     return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
-            **stop_reason(completion.finish_reason, completion.stop), "usage": usage(completion.prompt_tokens, completion.completion_tokens)}
+            **stop_reason(completion.finish_reason, completion.stop),
+            "usage": usage(completion.prompt_tokens, completion.completion_tokens)}
 
 
 class MessageEvents:

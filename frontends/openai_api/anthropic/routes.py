@@ -11,8 +11,8 @@ from aiohttp import web
 from broker.protocol import Done, ErrorCode
 from frontends.client import BusError, Stream
 from frontends.openai_api.anthropic.errors import error_object, error_status
-from frontends.openai_api.anthropic.requests import parse_message_request
-from frontends.openai_api.anthropic.responses import Event, MessageEvents, message, message_id, sse
+from frontends.openai_api.anthropic.requests import parse_count_request, parse_message_request
+from frontends.openai_api.anthropic.responses import Event, MessageEvents, message, message_id, sse, token_count
 from frontends.openai_api.context import BUS, RECORDER, cors_headers, json_body
 from frontends.openai_api.errors import ApiError
 from frontends.streams import outcomes
@@ -44,6 +44,20 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         await stream.cancel()  # a no-op for a finished stream; stops it when the client left or it failed
         if stream.first_token_at is not None:
             recorder.first_token(model, stream.first_token_at - stream.started_at)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """The prompt's size as the worker counts it: under the chat template, with the tools it shows."""
+    generation = parse_count_request(await json_body(request))
+    assert generation.messages is not None
+    tools = None if generation.tools is None else generation.tools.to_fields()
+    try:
+        tokens = await request.app[BUS].tokenize(generation.model, tools=tools,
+                                                 messages=[m.to_fields() for m in generation.messages])
+    except BusError as error:
+        raise _api_error(request, error, generation.model) from None
+    request[RECORDER].served(generation.model)
+    return web.json_response(token_count(tokens.count))
 
 
 async def _stream(request: web.Request, stream: Stream, model: str) -> web.StreamResponse:
@@ -93,5 +107,5 @@ def error_response(error: ApiError) -> web.Response:
     return web.json_response(error_object(error), status=error_status(error))
 
 
-ROUTES = [web.post("/v1/messages", create_message)]
+ROUTES = [web.post("/v1/messages", create_message), web.post("/v1/messages/count_tokens", count_tokens)]
 ERROR_RESPONSES = {route.path: error_response for route in ROUTES}  # by route: how its errors are answered
