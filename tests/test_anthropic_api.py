@@ -240,6 +240,22 @@ def test_bad_requests_get_anthropics_error_naming_the_field(api, body, status, k
         assert error["error"]["type"] == kind and field in error["error"]["message"], error
 
 
+def test_errors_outside_the_handler_have_anthropics_shape_too(bus):
+    server = Api(bus.address, "--max-body-bytes", "2048").wait()
+    try:
+        status, error = post(server.url + "/v1/messages", {"model": TINY_MODEL, "max_tokens": 3,
+                                                           "messages": [{"role": "user", "content": "x" * 5000}]})
+        assert status == 413 and error["error"]["type"] == "request_too_large"
+        status, error = post(server.url + "/v1/messages", {"model": TINY_MODEL, "max_tokens": 3,
+                                                           "messages": [{"role": "user", "content": "hi " * 600}]})
+        assert status == 400 and error["error"]["message"].startswith("messages: the prompt has")
+        with pytest.raises(urllib.error.HTTPError) as wrong_method:
+            urllib.request.urlopen(server.url + "/v1/messages")
+        assert wrong_method.value.code == 405 and json.loads(wrong_method.value.read())["type"] == "error"
+    finally:
+        server.stop()
+
+
 def test_sdk_raises_anthropics_exception_types(api):
     with pytest.raises(anthropic.BadRequestError, match="messages.0.content.0.type") as error:
         client(api).messages.create(model=TINY_MODEL, max_tokens=5, messages=[{"role": "user", "content": [

@@ -110,8 +110,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _error_response(request: web.Request, error: ApiError) -> web.Response:
-    resource = request.match_info.route.resource
-    respond = _ERROR_RESPONSES.get(resource.canonical if resource is not None else "", _openai_error)
+    resource = request.match_info.route.resource  # none for a route asked with the wrong method: its path, then
+    respond = _ERROR_RESPONSES.get(resource.canonical if resource is not None else request.path, _openai_error)
     return respond(error)
 
 

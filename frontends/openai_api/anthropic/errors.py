@@ -27,4 +27,7 @@ def error_status(error: ApiError) -> int:
 def error_object(error: ApiError) -> dict[str, Any]:
     """`{"type": "error", "error": {...}}`, as a response body or the data of a stream's `error` event."""
     kind = _STATUSES.get(error.status, (0, "api_error" if error.status >= 500 else "invalid_request_error"))[1]
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
+    message = error.message
+    if error.param and not message.startswith(f"{error.param}:"):  # Anthropic's messages start with the field
+        message = f"{error.param}: {message}"
+    return {"type": "error", "error": {"type": kind, "message": message}}
