@@ -330,3 +330,27 @@ def test_api_keys_from_either_header(bus):
         assert status == 401 and error["error"]["code"] == "invalid_api_key"
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_the_default_model_calls_a_tool_and_reads_its_result(default_bus):
+    server = Api(default_bus.address).wait()
+    try:
+        anthropic_client = client(server)
+        question = [{"role": "user", "content": "What is the weather in Rome?"}]
+        call = anthropic_client.messages.create(model=default_bus.model, max_tokens=100, messages=question,
+                                                tools=[WEATHER], tool_choice={"type": "any"},
+                                                extra_body={"temperature": 0})
+        assert call.stop_reason == "tool_use", call
+        use = next(block for block in call.content if block.type == "tool_use")
+        assert use.name == "get_weather" and use.input["city"] in ("Paris", "Rome")
+        history = [*question, {"role": "assistant", "content": [block.model_dump() for block in call.content]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                 "content": "Sunny, 21 degrees"}]}]
+        answer = anthropic_client.messages.create(model=default_bus.model, max_tokens=60, messages=history,
+                                                  tools=[WEATHER], extra_body={"temperature": 0})
+        assert answer.stop_reason in ("end_turn", "max_tokens", "tool_use") and answer.content
+        assert anthropic_client.messages.count_tokens(model=default_bus.model, messages=history,
+                                                      tools=[WEATHER]).input_tokens == answer.usage.input_tokens
+    finally:
+        server.stop()
