@@ -266,6 +266,12 @@ def test_sdk_raises_anthropics_exception_types(api):
     # the other routes keep OpenAI's shape
     status, body = post(api.url + "/v1/chat/completions", {"model": "nope", "messages": HELLO})
     assert status == 404 and body["error"]["code"] == "model_not_found"
+    client(api).messages.create(model=TINY_MODEL, max_tokens=1, messages=HELLO)
+    with urllib.request.urlopen(api.url + "/metrics") as response:
+        text = response.read().decode()
+    assert "nope" not in text, "a client's model string must not become a label"
+    assert f'tokenbus_api_requests_total{{endpoint="/v1/messages",model="{TINY_MODEL}",status="200"}}' in text
+    assert 'tokenbus_api_requests_total{endpoint="/v1/messages",model="",status="404"}' in text
 
 
 def test_bad_requests_leave_a_running_stream_alone(api):

@@ -28,7 +28,6 @@ class MessagesCall:
 
     request: GenerationRequest
     stream: bool
-    stop_sequences: tuple[str, ...]
 
 
 def invalid(field: str | None, problem: str) -> ApiError:
@@ -59,7 +58,7 @@ def parse_message_request(body: Any) -> MessagesCall:
     sampling = {name: body[name] for name in ("top_p", "top_k") if name in body}
     request = _generation_request({**fields, **sampling, "max_tokens": max_tokens, "stop": stop,
                                    "temperature": temperature})
-    return MessagesCall(request, stream, tuple(stop))
+    return MessagesCall(request, stream)
 
 
 def parse_count_request(body: Any) -> GenerationRequest:
@@ -186,8 +185,11 @@ def _text(value: Any, path: str) -> str:
         return value
     if not isinstance(value, list):
         raise invalid(path, "must be a string or an array of text blocks")
-    return "".join(_block_text(block, f"{path}.{index}") for index, block in enumerate(value)
-                   if _block_type(block, f"{path}.{index}", ("text",)))
+    texts = []
+    for index, block in enumerate(value):
+        _block_type(block, f"{path}.{index}", ("text",))
+        texts.append(_block_text(block, f"{path}.{index}"))
+    return "".join(texts)
 
 
 def _block_type(block: Any, path: str, allowed: tuple[str, ...]) -> str:
