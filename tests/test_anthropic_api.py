@@ -13,7 +13,9 @@ import anthropic
 import pytest
 from langchain_anthropic import ChatAnthropic
 
-from frontends.client import BusClient
+from broker.protocol import Done, FinishReason, TokenDelta, ToolCallDelta
+from frontends.client import BusClient, Completion
+from frontends.openai_api.anthropic.responses import MessageEvents, message
 from tests.helpers import TINY_MODEL, serving
 from tests.test_openai_api import Api, post
 
@@ -47,6 +49,55 @@ def sse_events(url: str, body: dict) -> list[tuple[str, dict]]:
         name, data = block.split("\n")
         events.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
     return events
+
+
+# -- events and messages from bus results, no processes
+
+
+def test_stream_events_for_a_call_after_a_blank_line():
+    events = MessageEvents(TINY_MODEL, may_call=True)
+    assert [name for name, _ in events.opening()] == ["message_start", "ping"]
+    frames = [TokenDelta("\n"), TokenDelta("", tool_calls=(ToolCallDelta(0, "", "call_1", "get_weather"),)),
+              TokenDelta("", tool_calls=(ToolCallDelta(0, '{"city":'),)),
+              TokenDelta("", tool_calls=(ToolCallDelta(0, ' "Rome"}'),))]
+    sent = [event for frame in frames for event in events.delta(frame)]
+    sent += events.closing(Done(FinishReason.TOOL_CALLS, 7, 9))
+    assert sent == [
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+            "type": "tool_use", "id": "call_1", "name": "get_weather", "input": {}}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "input_json_delta", "partial_json": '{"city":'}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "input_json_delta", "partial_json": ' "Rome"}'}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                           "usage": {"input_tokens": 7, "output_tokens": 9}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def test_stream_events_for_text_then_a_call():
+    events = MessageEvents(TINY_MODEL, may_call=True)
+    sent = events.delta(TokenDelta("\n")) + events.delta(TokenDelta("Let me look."))
+    sent += events.delta(TokenDelta("", tool_calls=(ToolCallDelta(0, "{}", "call_1", "f"),)))
+    assert [(name, data.get("index")) for name, data in sent] == [
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("content_block_start", 1), ("content_block_delta", 1)]
+    assert sent[1][1]["delta"] == {"type": "text_delta", "text": "\nLet me look."}  # held back, then sent whole
+    plain = MessageEvents(TINY_MODEL, may_call=False)  # without tools, blank text is a reply's: sent at once
+    assert plain.delta(TokenDelta("\n"))[1][1]["delta"] == {"type": "text_delta", "text": "\n"}
+
+
+def test_message_from_a_completion():
+    calls = (ToolCallDelta(0, "", "call_1", "f"), ToolCallDelta(0, '{"a": 1}'), ToolCallDelta(1, "", "call_2", "g"),
+             ToolCallDelta(1, '{"b": '))
+    body = message("msg_1", TINY_MODEL, Completion("\n", FinishReason.LENGTH, 5, 8, tool_calls=calls))
+    assert body["content"] == [{"type": "tool_use", "id": "call_1", "name": "f", "input": {"a": 1}},
+                               {"type": "tool_use", "id": "call_2", "name": "g", "input": {}}]  # cut short: {}
+    assert (body["stop_reason"], body["usage"]) == ("max_tokens", {"input_tokens": 5, "output_tokens": 8})
+    stopped = message("msg_2", TINY_MODEL, Completion("Hi", FinishReason.STOP, 5, 2, stop="END"))
+    assert stopped["content"] == [{"type": "text", "text": "Hi"}]
+    assert (stopped["stop_reason"], stopped["stop_sequence"]) == ("stop_sequence", "END")
 
 
 # -- messages
