@@ -36,6 +36,7 @@ test: setup browser netns-tools
 bench: setup
 	$(PY) -m bench
 	$(PY) -m bench.peers
+	$(PY) -m bench.vllm_client
 	$(PY) -m bench.conversations
 	$(PY) -m bench.curve
 

@@ -427,6 +427,8 @@ class GenerationRequest:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # A request cut by a fault, sent again: the answer's tokens already delivered, to continue after
+    resume_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -458,6 +460,10 @@ class GenerationRequest:
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(map(is_token_id, self.stop_token_ids)):
             raise ProtocolError(f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} token ids (integers 0 to "
                                 "2^31-1)", "stop_token_ids")
+        if not all(map(is_token_id, self.resume_ids)):
+            raise ProtocolError("'resume_ids' must be an array of token ids (integers 0 to 2^31-1)", "resume_ids")
+        if self.max_tokens is not None and len(self.resume_ids) > self.max_tokens:
+            raise ProtocolError("'resume_ids' must not be longer than 'max_tokens'", "resume_ids")
         if self.constraint is not None and self.stop:  # a stop string could cut the output short of valid
             raise ProtocolError("'stop' cannot be combined with 'constraint'", "stop")
         if self.tools is not None:
@@ -503,6 +509,7 @@ class GenerationRequest:
             include_stop_str_in_output=_get(fields, "include_stop_str_in_output", bool, False),
             skip_special_tokens=_get(fields, "skip_special_tokens", bool, True),
             spaces_between_special_tokens=_get(fields, "spaces_between_special_tokens", bool, True),
+            resume_ids=tuple(_get(fields, "resume_ids", list, [])),
         )
 
     def to_fields(self) -> dict[str, Any]:
@@ -511,6 +518,7 @@ class GenerationRequest:
             fields["messages"] = [m.to_fields() for m in self.messages]
         fields["stop"] = list(self.stop)
         fields["stop_token_ids"] = list(self.stop_token_ids)
+        fields["resume_ids"] = list(self.resume_ids)
         if self.constraint is not None:
             fields["constraint"] = self.constraint.to_fields()
         if self.tools is not None:
@@ -520,7 +528,7 @@ class GenerationRequest:
 
 _EXTRA_DEFAULTS = {"min_p": 0.0, "min_tokens": 0, "ignore_eos": False, "stop_token_ids": [],
                    "include_stop_str_in_output": False, "skip_special_tokens": True,
-                   "spaces_between_special_tokens": True}
+                   "spaces_between_special_tokens": True, "resume_ids": []}
 
 
 def _default_extra(name: str, value: Any) -> bool:
@@ -609,9 +617,12 @@ class TokenDelta:
     num_tokens: int = 1
     logprobs: tuple[TokenLogprob, ...] | None = None
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    token_ids: tuple[int, ...] = ()  # the `num_tokens` tokens themselves: what a resumed request continues after
 
     def to_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"text": self.text, "num_tokens": self.num_tokens}
+        if self.token_ids:
+            fields["token_ids"] = list(self.token_ids)
         if self.logprobs is not None:
             fields["logprobs"] = [lp.to_fields() for lp in self.logprobs]
         if self.tool_calls:
@@ -623,7 +634,11 @@ class TokenDelta:
         raw = _get(fields, "logprobs", list)
         logprobs = None if raw is None else tuple(TokenLogprob.from_fields(e) for e in raw)
         calls = tuple(ToolCallDelta.from_fields(entry) for entry in _get(fields, "tool_calls", list, []))
-        return cls(_get(fields, "text", str, ""), _get(fields, "num_tokens", int, 1), logprobs, calls)
+        token_ids = _get(fields, "token_ids", list, [])
+        if not all(map(is_token_id, token_ids)):
+            raise ProtocolError("'token_ids' must be an array of token ids", "token_ids")
+        return cls(_get(fields, "text", str, ""), _get(fields, "num_tokens", int, 1), logprobs, calls,
+                   tuple(token_ids))
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,3 +41,15 @@ def test_table_marks_missing_levels_and_reports_failures():
     assert [cell.strip() for cell in text.splitlines()[1].split("|")][3] == "-"  # a peer at 0 tok/s has no ratio
     assert [cell.strip() for cell in text.splitlines()[2].split("|")][2:4] == ["-", "-"]
     assert "tokenbus, 16 streams: 2 of 8 requests failed" in text
+
+
+def test_vllm_client_verdict_wants_every_request_at_its_full_length():
+    from bench.vllm_client import VllmClientSettings, verdict
+
+    settings = VllmClientSettings(num_prompts=4, output_len=8)
+    report = {"completed": 4, "failed": 0, "total_output_tokens": 32, "output_throughput": 100.0,
+              "median_ttft_ms": 250.0}
+    assert verdict(report, settings) == (True, "ok: 4 of 4 requests served, 0 failed, 32 output tokens for 32 asked; "
+                                               "100.0 output tok/s, TTFT median 250 ms")
+    assert not verdict({**report, "total_output_tokens": 30}, settings)[0]  # a request that stopped early
+    assert not verdict({**report, "completed": 3, "failed": 1}, settings)[0]

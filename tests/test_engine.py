@@ -222,8 +222,9 @@ def test_the_server_answers_a_body_it_cannot_parse_and_frames_the_engine_events(
     messages = [protocol.decode(event_frames(e)) for e in engine.step() + engine.step() + engine.step()]
     assert [m.command for m in messages] == [Command.TOKEN] * 3 + [Command.DONE]
     assert {m.request_id for m in messages} == {b"a" * 16}
-    assert [m.fields() for m in messages[:3]] == [{"text": "h", "num_tokens": 1}, {"text": "i", "num_tokens": 1},
-                                                   {"text": "", "num_tokens": 1}]
+    assert [m.fields() for m in messages[:3]] == [{"text": "h", "num_tokens": 1, "token_ids": [104]},
+                                                   {"text": "i", "num_tokens": 1, "token_ids": [105]},
+                                                   {"text": "", "num_tokens": 1, "token_ids": [0]}]
     assert messages[3].fields() == {"finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 3}
 
 

@@ -89,13 +89,30 @@ def test_greedy_rows_take_the_argmax_and_logprobs_come_from_the_unpenalised_logi
     assert second.logprob == pytest.approx(torch.log_softmax(logits[1], -1)[2].item())
 
 
+def draw(sampler: Sampler, logits: torch.Tensor, rows: list[Sequence]) -> list:
+    """One step, as the engine takes it: each row's token joins its output (a seeded draw depends on its place)."""
+    choices = sampler.sample(logits, rows)
+    for row, choice in zip(rows, choices):
+        row.output_ids.append(choice.token_id)
+    return choices
+
+
+def test_a_seeded_draw_depends_only_on_the_seed_and_its_place():
+    logits = torch.zeros(1, 50)
+    first, second = sequence(seed=7), sequence(seed=7, output_ids=range(5))
+    sampler = Sampler(CPU)
+    sampler.add([first, second])
+    picks = [draw(sampler, logits, [first])[0].token_id for _ in range(8)]
+    assert [draw(sampler, logits, [second])[0].token_id for _ in range(3)] == picks[5:]  # resumed at place 5
+
+
 def test_the_same_seed_draws_the_same_tokens_whatever_the_other_rows():
     logits = torch.zeros(3, 5)  # uniform: every token equally likely
 
     def draws(rows, seeded):
         sampler = Sampler(CPU)
         sampler.add(rows)
-        picks = [sampler.sample(logits[:len(rows)], rows) for _ in range(30)]
+        picks = [draw(sampler, logits[:len(rows)], rows) for _ in range(30)]
         return [row[rows.index(seeded)].token_id for row in picks]
 
     alone = sequence(seed=7)
@@ -112,7 +129,7 @@ def test_sampling_never_leaves_the_top_k():
     row = sequence(temperature=1.5, top_k=2, seed=3)
     sampler.add([row])
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, 2.5]])
-    assert {sampler.sample(logits, [row])[0].token_id for _ in range(50)} == {1, 4}
+    assert {draw(sampler, logits, [row])[0].token_id for _ in range(50)} == {1, 4}
 
 
 def test_a_released_row_loses_its_generator():

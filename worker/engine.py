@@ -110,9 +110,28 @@ class Engine:
         end_ids = frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else self.prompts.stop_token_ids)
         detokenizer = Detokenizer(self.prompts.tokenizer, prompt_ids, request.skip_special_tokens,
                                   request.spaces_between_special_tokens)
-        self.scheduler.add(Sequence(request_id, request, prompt_ids, max_tokens, detokenizer,
-                                    StopMatcher(request.stop, request.include_stop_str_in_output), grammar=grammar,
-                                    answer=answer, end_ids=end_ids))
+        sequence = Sequence(request_id, request, prompt_ids, max_tokens, detokenizer,
+                            StopMatcher(request.stop, request.include_stop_str_in_output), grammar=grammar,
+                            answer=answer, end_ids=end_ids)
+        events = self._replay(sequence) if request.resume_ids else []
+        if not events:  # replayed (or new), and not ended by its replay
+            self.scheduler.add(sequence)
+        return events
+
+    def _replay(self, sequence: Sequence) -> list[Event]:
+        """A resumed request: its delivered tokens pass through the output step again, sending nothing
+        (the caller has their text), so that held-back text, stop strings, grammar and tool calls stand
+        where they stood when it was cut; then they join the prompt, to be prefilled with it."""
+        try:
+            for token in sequence.request.resume_ids:
+                self._extend(sequence, TokenChoice(token))
+                sequence.unsent_tokens = 0  # the caller counted it, with its frame
+                if sequence.finished:  # only its DONE was lost with its worker
+                    return [self._done(sequence)]
+        except GrammarRefused as exc:
+            return [_error(sequence.request_id, ErrorCode.BAD_REQUEST, f"'resume_ids' do not fit the request: {exc}")]
+        sequence.prompt_ids = sequence.prompt_ids + sequence.output_ids
+        sequence.num_resumed, sequence.output_ids, sequence.unsent_tokens = len(sequence.output_ids), [], 0
         return []
 
     def tokenize(self, request_id: bytes, request: TokenizeRequest) -> list[Event]:
@@ -223,7 +242,7 @@ class Engine:
             text, stopped = sequence.stop_matcher.push(sequence.detokenizer.push(token), active=sequence.may_end)
         if end_of_turn or stopped or complete:
             sequence.finish_reason = FinishReason.STOP
-        elif len(sequence.output_ids) >= sequence.max_tokens:
+        elif sequence.num_generated >= sequence.max_tokens:
             sequence.finish_reason = FinishReason.LENGTH
         if sequence.finished and not stopped:  # a stop string drops what follows it; other ends keep it
             text += _held_back_text(sequence, end_of_turn)
@@ -242,7 +261,8 @@ class Engine:
                                 tuple(logprob(t, lp) for t, lp in choice.top)),)
         if not text and not calls and logprobs is None and not sequence.finished:
             return None  # counted by the next frame
-        delta = protocol.TokenDelta(text, sequence.unsent_tokens, logprobs, calls)
+        delta = protocol.TokenDelta(text, sequence.unsent_tokens, logprobs, calls,
+                                    tuple(sequence.output_ids[-sequence.unsent_tokens:]))
         sequence.unsent_tokens = 0
         return delta
 
@@ -250,8 +270,8 @@ class Engine:
         assert sequence.finish_reason is not None
         cached = sequence.num_cached_tokens if sequence.output_ids else 0  # a prefix found but never used: 0
         stop = sequence.stop_matcher.matched if sequence.finish_reason is FinishReason.STOP else None
-        return DoneEvent(sequence.request_id, protocol.Done(sequence.finish_reason, len(sequence.prompt_ids),
-                                                            len(sequence.output_ids), cached, stop=stop))
+        return DoneEvent(sequence.request_id, protocol.Done(sequence.finish_reason, sequence.num_prompt_tokens,
+                                                            sequence.num_generated, cached, stop=stop))
 
     def _retire(self, sequences: list[Sequence], keep: bool = True) -> None:
         """Take sequences out of the batch; `keep`: their cache may serve later prompts (not after a failure)."""

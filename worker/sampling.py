@@ -1,7 +1,9 @@
 """Per-row sampling: penalties, temperature, top-k, top-p, seeded generators and logprobs.
 
 Every row of a batch keeps its own request's parameters and its own `torch.Generator`, so what a
-row draws never depends on the other rows.
+row draws never depends on the other rows. A seeded row's generator is seeded again at every token
+from the seed and the token's place in the answer, so a request resumed elsewhere after a fault
+draws what it would have drawn.
 """
 
 from __future__ import annotations
@@ -37,13 +39,11 @@ class Sampler:
         self.generators: dict[Sequence, torch.Generator] = {}  # per row, so a seed fixes its own output
 
     def add(self, sequences: list[Sequence]) -> None:
-        """Give each new row a generator, seeded from its request's `seed` (or at random)."""
+        """Give each new row a generator (a seeded one is seeded at each draw)."""
         for sequence in sequences:
             generator = self.generators[sequence] = torch.Generator(device=self.device)
             if sequence.request.seed is None:
                 generator.seed()
-            else:
-                generator.manual_seed(sequence.request.seed)
 
     def release(self, sequences: list[Sequence]) -> None:
         for sequence in sequences:
@@ -69,9 +69,21 @@ class Sampler:
             else:
                 probs = filtered_probs(scores[row] / request.temperature, request.top_k, request.top_p,
                                        request.min_p)
-                token = int(torch.multinomial(probs, 1, generator=self.generators[sequence]))
+                generator = self.generators[sequence]
+                if request.seed is not None:
+                    generator.manual_seed(position_seed(request.seed, sequence.num_generated))
+                token = int(torch.multinomial(probs, 1, generator=generator))
             choices.append(choice(token, raw_logprobs[row] if request.logprobs else None, request.top_logprobs))
         return choices
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of the draw at `position` of an answer: splitmix64 of the seed and the position, so
+    that neighbouring positions (and seeds) start their generators far apart."""
+    mixed = (seed + (position + 1) * 0x9E3779B97F4A7C15) % 2**64
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) % 2**64
+    return mixed ^ (mixed >> 31)
 
 
 def apply_penalties(logits: torch.Tensor, sequences: list[Sequence], unpenalized_ids: frozenset[int]) -> torch.Tensor:
@@ -90,8 +102,9 @@ def apply_penalties(logits: torch.Tensor, sequences: list[Sequence], unpenalized
             values = scores[row, seen]
             scores[row, seen] = torch.where(values > 0, values / request.repetition_penalty,
                                             values * request.repetition_penalty)
-        if sequence.output_ids and (request.presence_penalty or request.frequency_penalty):
-            counts = torch.bincount(torch.tensor(sequence.output_ids, device=logits.device), minlength=scores.shape[1])
+        if sequence.num_generated and (request.presence_penalty or request.frequency_penalty):
+            counts = torch.bincount(torch.tensor(sequence.generated_ids, device=logits.device),
+                                    minlength=scores.shape[1])
             counts[[i for i in unpenalized_ids if i < counts.shape[0]]] = 0
             scores[row] -= request.frequency_penalty * counts + request.presence_penalty * (counts > 0)
     return scores

@@ -32,6 +32,21 @@ class Sequence:
     grammar: RowGrammar | None = None  # where a constrained output stands; None: free
     answer: AnswerReader | None = None  # with tools: reads the output into reply text and calls
     end_ids: frozenset[int] = frozenset()  # tokens that end it: the model's end of turn (unless ignored), its stop ids
+    num_resumed: int = 0  # tokens generated before a fault, elsewhere: the tail of `prompt_ids`, prefilled with it
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens of the answer so far, those generated before a resume included."""
+        return self.num_resumed + len(self.output_ids)
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.prompt_ids[len(self.prompt_ids) - self.num_resumed:] + self.output_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """The caller's prompt: without the resumed tokens, which are answer, not prompt."""
+        return len(self.prompt_ids) - self.num_resumed
 
     @property
     def num_uncached_tokens(self) -> int:
@@ -41,12 +56,12 @@ class Sequence:
     @property
     def num_reserved_tokens(self) -> int:
         """The most cache this sequence can ever hold."""
-        return len(self.prompt_ids) + self.max_tokens
+        return self.num_prompt_tokens + self.max_tokens
 
     @property
     def may_end(self) -> bool:
         """Past `min_tokens`: an end-of-turn token, a stop token or a stop string may end it now."""
-        return len(self.output_ids) >= self.request.min_tokens
+        return self.num_generated >= self.request.min_tokens
 
     @property
     def finished(self) -> bool:

@@ -19,12 +19,14 @@ from broker.protocol import Done, EmbeddingRequest, Embeddings
 from frontends.client import BusClient, BusError, Completion, Stream
 from frontends.openai_api.anthropic import routes as anthropic_routes
 from frontends.openai_api.config import ApiSettings
-from frontends.openai_api.context import BUS, METRICS, RECORDER, SETTINGS, STARTED, cors_headers, json_body
+from frontends.openai_api.context import BUS, METRICS, RECORDER, RESPONSES, SETTINGS, STARTED, cors_headers, json_body
 from frontends.openai_api.embeddings import parse_embeddings
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.metrics import ApiMetrics
-from frontends.openai_api.tokens import detokenize, tokenize
 from frontends.openai_api.requests import ApiCall, parse_chat, parse_completion
+from frontends.openai_api.responses_api.handlers import create_response, delete_response, get_response
+from frontends.openai_api.responses_api.store import ResponseStore
+from frontends.openai_api.tokens import detokenize, tokenize
 from frontends.openai_api.responses import (
     ChatResponses,
     CompletionResponses,
@@ -50,6 +52,7 @@ def create_app(settings: ApiSettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = ApiMetrics()
     app[STARTED] = int(time.time())
+    app[RESPONSES] = ResponseStore(settings.max_stored_responses)
     app.cleanup_ctx.append(bus_client)
     app.add_routes([
         web.get("/v1/models", list_models),
@@ -57,6 +60,9 @@ def create_app(settings: ApiSettings) -> web.Application:
         web.post("/v1/chat/completions", chat_completions),
         web.post("/v1/completions", completions),
         web.post("/v1/embeddings", embeddings),
+        web.post("/v1/responses", create_response),
+        web.get("/v1/responses/{response_id}", get_response),
+        web.delete("/v1/responses/{response_id}", delete_response),
         web.post("/tokenize", tokenize),
         web.post("/detokenize", detokenize),
         *anthropic_routes.ROUTES,
@@ -127,7 +133,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     headers = cors_headers(request)
     if request.method == "OPTIONS" and headers:
         return web.Response(status=204, headers={
-            **headers, "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            **headers, "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "*"),
             "Access-Control-Max-Age": "600"})
     response = await handler(request)

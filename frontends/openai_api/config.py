@@ -18,3 +18,5 @@ class ApiSettings(BusPeerSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
     max_n: int = Field(16, ge=1, description="most choices in one request (n, times the prompts of a text completion)")
     log_level: str = Field("INFO", description="logging level")
+    max_stored_responses: int = Field(1024, ge=0, description="finished Responses API responses kept for GET and "
+                                      "previous_response_id, oldest dropped first (0: none)")

@@ -11,11 +11,13 @@ from frontends.client import BusClient
 from frontends.openai_api.config import ApiSettings
 from frontends.openai_api.errors import bad_request
 from frontends.openai_api.metrics import ApiMetrics, RequestMetrics
+from frontends.openai_api.responses_api.store import ResponseStore
 
 SETTINGS = web.AppKey("settings", ApiSettings)
 BUS = web.AppKey("bus", BusClient)
 METRICS = web.AppKey("metrics", ApiMetrics)
 STARTED = web.AppKey("started", int)
+RESPONSES = web.AppKey("responses", ResponseStore)  # finished Responses API responses
 RECORDER = web.RequestKey("recorder", RequestMetrics)
 
 

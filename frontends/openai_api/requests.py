@@ -49,7 +49,7 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
     if body.get("top_logprobs") and not body.get("logprobs"):
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     tools = parse_tools(body)
-    constraint = _response_format(body.get("response_format", {"type": "text"}))
+    constraint = format_constraint(body.get("response_format", {"type": "text"}), "response_format", "json_schema")
     if tools is not None and constraint is not None:
         raise bad_request("'response_format' cannot be combined with tool calls", "response_format")
     if (tools is not None or constraint is not None) and body.get("stop"):  # a stop string could cut it short of valid
@@ -67,27 +67,27 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
     return _call(body, "messages", [fields], max_n, max_tokens_param)
 
 
-def _response_format(value: Any) -> dict[str, Any] | None:
-    """The bus constraint for OpenAI's `response_format`; None for plain text."""
+def format_constraint(value: Any, param: str, schema_key: str | None) -> dict[str, Any] | None:
+    """The bus constraint for an output format (`param`: the field it came in); None for plain text.
+    A json_schema's name, schema and strict sit under `schema_key` (chat's `response_format`), or beside
+    its type when `schema_key` is None (the Responses API's `text.format`)."""
     kind = value.get("type") if isinstance(value, dict) else None
     if kind == "text":
         return None
     if kind == "json_object":
         return {"type": "json_object"}
     if kind != "json_schema":
-        raise bad_request("'response_format.type' must be text, json_object or json_schema", "response_format")
-    spec = value.get("json_schema")
+        raise bad_request(f"'{param}.type' must be text, json_object or json_schema", param)
+    spec, where = (value.get(schema_key), f"{param}.{schema_key}") if schema_key else (value, param)
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise bad_request("'response_format.json_schema' must be an object with a 'name'",
-                          "response_format.json_schema")
+        raise bad_request(f"'{where}' must be an object with a 'name'", where)
     if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
-        raise bad_request("'response_format.json_schema.strict' must be a boolean", "response_format.json_schema.strict")
+        raise bad_request(f"'{where}.strict' must be a boolean", f"{where}.strict")
     schema = spec.get("schema")
     if schema is None:
         return {"type": "json_object"}
     if not isinstance(schema, dict):
-        raise bad_request("'response_format.json_schema.schema' must be a JSON schema object",
-                          "response_format.json_schema.schema")
+        raise bad_request(f"'{where}.schema' must be a JSON schema object", f"{where}.schema")
     # strict or not, the output always validates: it is constrained to the schema as given
     return {"type": "json_schema", "schema": schema}
 
@@ -140,7 +140,7 @@ def _call(body: dict, input_param: str, per_input: list[dict], max_n: int,
         for choice in range(n):
             # n choices with one seed must still differ, and stay reproducible
             seeded = {"seed": _choice_seed(seed, choice)} if has_seed else {}
-            requests.append(_generation_request({"model": model, **sampling, **fields, **seeded}, max_tokens_param))
+            requests.append(generation_request({"model": model, **sampling, **fields, **seeded}, max_tokens_param))
     return ApiCall(model, input_param, requests, n, stream, bool(options.get("include_usage")), requests[0].logprobs)
 
 
@@ -152,13 +152,15 @@ def _choice_seed(seed: int, choice: int) -> int:
     return (seed + choice - low) % (high - low + 1) + low
 
 
-def _generation_request(fields: dict, max_tokens_param: str) -> GenerationRequest:
+def generation_request(fields: dict, max_tokens_param: str = "max_tokens",
+                       constraint_param: str = "response_format") -> GenerationRequest:
+    """The bus request, its errors naming the API's fields rather than the bus's."""
     try:
         return GenerationRequest.from_fields(fields)
     except ProtocolError as exc:
         param = max_tokens_param if exc.field == "max_tokens" else exc.field
         if exc.field and exc.field.startswith("constraint"):
-            param = "response_format"
+            param = constraint_param
         elif exc.field and exc.field.startswith("tools"):
             param = "tools"
         message = str(exc).replace("'max_tokens'", f"'{param}'")

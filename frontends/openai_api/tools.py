@@ -19,8 +19,10 @@ from frontends.openai_api.errors import bad_request
 _TOOL_CHOICES = ("none", "auto", "required")
 
 
-def parse_tools(body: dict[str, Any]) -> Tools | None:
-    """The bus `tools` for `tools`, `tool_choice` and `parallel_tool_calls`; None when no tool is offered."""
+def parse_tools(body: dict[str, Any], flat: bool = False) -> Tools | None:
+    """The bus `tools` for `tools`, `tool_choice` and `parallel_tool_calls`; None when no tool is offered.
+    `flat`: the Responses API's shape, where a function's fields and a named choice's name sit beside
+    their `type` rather than under `function`."""
     tools = body.get("tools")
     choice = body.get("tool_choice", "auto" if tools else "none")
     parallel = body.get("parallel_tool_calls", True)
@@ -32,13 +34,15 @@ def parse_tools(body: dict[str, Any]) -> Tools | None:
         return None
     if not isinstance(tools, list) or not tools:
         raise bad_request("'tools' must be a non-empty array", "tools", "invalid_type")
-    functions = tuple(_function(tool, index) for index, tool in enumerate(tools))
+    functions = tuple(_function(tool, index, flat) for index, tool in enumerate(tools))
     names = [f.name for f in functions]
     if isinstance(choice, dict):
-        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        named = choice if flat else choice.get("function")
+        name = named.get("name") if isinstance(named, dict) else None
         if choice.get("type") != "function" or name not in names:
-            raise bad_request("'tool_choice' must name one of the tools: {\"type\": \"function\", "
-                              "\"function\": {\"name\": ...}}", "tool_choice")
+            shape = '"name": ...' if flat else '"function": {"name": ...}'
+            raise bad_request(f"'tool_choice' must name one of the tools: {{\"type\": \"function\", {shape}}}",
+                              "tool_choice")
         return _tools(functions, "required", name, parallel=False)
     if choice not in _TOOL_CHOICES:
         raise bad_request("'tool_choice' must be none, auto, required or a named function", "tool_choice")
@@ -54,24 +58,29 @@ def _tools(functions: tuple[Function, ...], choice: str, name: str | None, paral
         raise bad_request(str(exc).replace("'tools.functions'", "'tools'"), "tools") from None
 
 
-def _function(tool: Any, index: int) -> Function:
+def _function(tool: Any, index: int, flat: bool) -> Function:
     param = f"tools[{index}]"
-    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-        raise bad_request(f"{param} must be {{\"type\": \"function\", \"function\": {{...}}}}", param)
-    function = tool["function"]
+    if flat:
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise bad_request(f"{param} must be {{\"type\": \"function\", \"name\": ...}} (the only tools served)",
+                              param)
+        function = {key: value for key, value in tool.items() if key != "type"}
+    else:
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise bad_request(f"{param} must be {{\"type\": \"function\", \"function\": {{...}}}}", param)
+        function, param = tool["function"], f"{param}.function"
     extra = sorted(set(function) - {"name", "description", "parameters", "strict"})
     if extra:
-        raise bad_request(f"{param}.function.{extra[0]} is not supported", f"{param}.function.{extra[0]}",
-                          "unsupported_parameter")
+        raise bad_request(f"{param}.{extra[0]} is not supported", f"{param}.{extra[0]}", "unsupported_parameter")
     name = function.get("name")
     if not isinstance(name, str) or not name:
-        raise bad_request(f"{param}.function.name must be a non-empty string", f"{param}.function.name")
+        raise bad_request(f"{param}.name must be a non-empty string", f"{param}.name")
     parameters = function.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
-        raise bad_request(f"{param}.function.parameters must be a JSON schema object", f"{param}.function.parameters")
+        raise bad_request(f"{param}.parameters must be a JSON schema object", f"{param}.parameters")
     description = function.get("description")
     if description is not None and not isinstance(description, str):
-        raise bad_request(f"{param}.function.description must be a string", f"{param}.function.description")
+        raise bad_request(f"{param}.description must be a string", f"{param}.description")
     return Function(name, parameters or {"type": "object", "properties": {}}, description or None)
 
 

@@ -19,6 +19,7 @@ ROOTS = (
     "ListModelsResponse", "Model",
     "CreateChatCompletionResponse", "CreateChatCompletionStreamResponse",
     "CreateCompletionResponse", "CreateEmbeddingResponse", "ErrorResponse",
+    "Response", "ResponseStreamEvent",
 )
 PREFIX = "#/components/schemas/"
 TARGET = Path(__file__).with_name("schemas.json")
