@@ -650,6 +650,7 @@ class Done:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV came from the worker's prefix cache
     worker_id: str = ""  # the worker that served it, as it announced itself
+    stop: str | None = None  # the request's stop string that ended it, when one did
 
     def to_fields(self) -> dict[str, Any]:
         fields = {
@@ -661,6 +662,8 @@ class Done:
             fields["cached_tokens"] = self.cached_tokens
         if self.worker_id:
             fields["worker_id"] = self.worker_id
+        if self.stop is not None:
+            fields["stop"] = self.stop
         return fields
 
     @classmethod
@@ -670,7 +673,7 @@ class Done:
         except ValueError:
             raise ProtocolError("unknown finish_reason", "finish_reason") from None
         return cls(reason, _get(fields, "prompt_tokens", int, 0), _get(fields, "completion_tokens", int, 0),
-                   _get(fields, "cached_tokens", int, 0), _get(fields, "worker_id", str, ""))
+                   _get(fields, "cached_tokens", int, 0), _get(fields, "worker_id", str, ""), _get(fields, "stop", str))
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,6 +108,7 @@ class Completion:
     cached_tokens: int = 0  # prompt tokens the worker took from its prefix cache
     worker_id: str = ""  # the worker that served it
     tool_calls: tuple[protocol.ToolCallDelta, ...] = ()  # the pieces of its tool calls, in order
+    stop: str | None = None  # the request's stop string that ended it, when one did
 
 
 class StreamOwner(Protocol):
@@ -191,7 +192,7 @@ class Stream:
         assert self.done is not None
         return Completion("".join(texts), self.done.finish_reason, self.done.prompt_tokens,
                           self.done.completion_tokens, None if logprobs is None else tuple(logprobs),
-                          self.done.cached_tokens, self.done.worker_id, tuple(calls))
+                          self.done.cached_tokens, self.done.worker_id, tuple(calls), self.done.stop)
 
     async def cancel(self) -> None:
         """Stop the request on the bus; the worker frees its slot at its next step.

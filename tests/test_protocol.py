@@ -42,6 +42,8 @@ def test_typed_bodies_round_trip():
     assert protocol.TokenDelta.from_fields(delta.to_fields()) == delta
     done = protocol.Done(protocol.FinishReason.LENGTH, 3, 4)
     assert protocol.Done.from_fields(done.to_fields()) == done
+    stopped = protocol.Done(protocol.FinishReason.STOP, 3, 4, stop="\n\n")
+    assert protocol.Done.from_fields(stopped.to_fields()) == stopped and "stop" not in done.to_fields()
     error = protocol.Error(protocol.ErrorCode.OVERLOADED, "busy")
     assert protocol.Error.from_fields(error.to_fields()) == error
     ready = protocol.Ready("w1", ("a", "b"), 4, 512, 2048)

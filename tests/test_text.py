@@ -26,6 +26,15 @@ def test_stop_strings(pieces, stops, expected):
     assert feed(StopMatcher(stops), pieces) == expected
 
 
+def test_the_stop_string_reached_is_named():
+    matcher = StopMatcher(["two", "\n\n", "one"])
+    assert matcher.matched is None
+    assert feed(matcher, ["zero one\n", "\ntwo"]) == ("zero ", True)
+    assert matcher.matched == "one"  # the earliest in the text, not in the list
+    tie = StopMatcher(["abc", "ab"])
+    assert feed(tie, ["xabcd"]) == ("x", True) and tie.matched == "ab"  # at a tie, the shortest
+
+
 def test_stop_prefix_is_held_back_not_leaked():
     matcher = StopMatcher(["STOP"])
     assert matcher.push("abc ST") == ("abc ", False)

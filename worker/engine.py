@@ -269,8 +269,9 @@ class Engine:
     def _done(self, sequence: Sequence) -> DoneEvent:
         assert sequence.finish_reason is not None
         cached = sequence.num_cached_tokens if sequence.output_ids else 0  # a prefix found but never used: 0
+        stop = sequence.stop_matcher.matched if sequence.finish_reason is FinishReason.STOP else None
         return DoneEvent(sequence.request_id, protocol.Done(sequence.finish_reason, sequence.num_prompt_tokens,
-                                                            sequence.num_generated, cached))
+                                                            sequence.num_generated, cached, stop=stop))
 
     def _retire(self, sequences: list[Sequence], keep: bool = True) -> None:
         """Take sequences out of the batch; `keep`: their cache may serve later prompts (not after a failure)."""

@@ -56,6 +56,7 @@ class StopMatcher:
         self._stops = tuple(stops)
         self._include_stop = include_stop  # the stop string ends the text instead of being dropped
         self._pending = ""
+        self.matched: str | None = None  # the stop string that was reached, once one is
 
     def push(self, text: str, active: bool = True) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop string was reached (the rest is dropped).
@@ -66,10 +67,10 @@ class StopMatcher:
         if not active:
             self._pending = ""
             return pending, False
-        hits = [(i, i + len(stop)) for stop in self._stops if (i := pending.find(stop)) >= 0]
+        hits = [(i, i + len(stop), stop) for stop in self._stops if (i := pending.find(stop)) >= 0]
         if hits:
             self._pending = ""
-            start, end = min(hits)
+            start, end, self.matched = min(hits)  # the earliest; at a tie, the shortest
             return pending[:end if self._include_stop else start], True
         hold = self._longest_stop_prefix_suffix(pending)
         self._pending = pending[len(pending) - hold:]

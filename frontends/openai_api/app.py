@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.protocol import Done, EmbeddingRequest, Embeddings
 from frontends.client import BusClient, BusError, Completion, Stream
+from frontends.openai_api.anthropic import routes as anthropic_routes
 from frontends.openai_api.config import ApiSettings
 from frontends.openai_api.context import BUS, METRICS, RECORDER, RESPONSES, SETTINGS, STARTED, cors_headers, json_body
 from frontends.openai_api.embeddings import parse_embeddings
@@ -64,6 +65,7 @@ def create_app(settings: ApiSettings) -> web.Application:
         web.delete("/v1/responses/{response_id}", delete_response),
         web.post("/tokenize", tokenize),
         web.post("/detokenize", detokenize),
+        *anthropic_routes.ROUTES,
         web.get("/health", health),
         web.get("/metrics", metrics),
     ])
@@ -96,22 +98,34 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as the OpenAI error object."""
+    """Every error leaves as the error object of the route's API: OpenAI's, unless the route says otherwise."""
     try:
         return await handler(request)
     except ApiError as error:
-        return web.json_response(error_body(error), status=error.status)
+        return _error_response(request, error)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        error = ApiError(exc.status, exc.reason, type=kind, code=None)
-        return web.json_response(error_body(error), status=exc.status)
+        return _error_response(request, ApiError(exc.status, exc.reason, type=kind, code=None))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
-        return web.json_response(error_body(ApiError(500, "internal server error", type="server_error")), status=500)
+        return _error_response(request, ApiError(500, "internal server error", type="server_error"))
+
+
+def _error_response(request: web.Request, error: ApiError) -> web.Response:
+    resource = request.match_info.route.resource  # none for a route asked with the wrong method: its path, then
+    respond = _ERROR_RESPONSES.get(resource.canonical if resource is not None else request.path, _openai_error)
+    return respond(error)
+
+
+def _openai_error(error: ApiError) -> web.Response:
+    return web.json_response(error_body(error), status=error.status)
+
+
+_ERROR_RESPONSES = {**anthropic_routes.ERROR_RESPONSES}  # route -> its errors' shape, when not OpenAI's
 
 
 @web.middleware
@@ -132,14 +146,17 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     keys = request.app[SETTINGS].api_keys
     if keys and request.path not in _OPEN_PATHS and request.method != "OPTIONS":
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # OpenAI's clients send `Authorization: Bearer <key>`, Anthropic's `x-api-key: <key>`
+        scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+        given = [bearer] if scheme.lower() == "bearer" else []
+        given += [request.headers["x-api-key"]] if "x-api-key" in request.headers else []
         # compare with every key, so the time taken says nothing about which one nearly matched
         # (surrogateescape: aiohttp keeps a header's non-UTF-8 bytes as surrogates; such a key is just wrong)
-        given_bytes = given.strip().encode("utf-8", "surrogateescape")
-        matches = [hmac.compare_digest(given_bytes, key.encode()) for key in keys]
-        if scheme.lower() != "bearer" or not any(matches):
-            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
+        matches = [hmac.compare_digest(value.strip().encode("utf-8", "surrogateescape"), key.encode())
+                   for value in given for key in keys]
+        if not any(matches):
+            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>' or "
+                           "'x-api-key: <key>')", code="invalid_api_key")
     return await handler(request)
 
 
