@@ -26,7 +26,6 @@ from tests.helpers import (
     num_workers,
     raw_dealer,
     reachable,
-    serves,
     wait_for_models,
     wait_until,
     worker_behind_raw_broker,

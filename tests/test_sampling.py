@@ -92,8 +92,8 @@ def test_greedy_rows_take_the_argmax_and_logprobs_come_from_the_unpenalised_logi
 def draw(sampler: Sampler, logits: torch.Tensor, rows: list[Sequence]) -> list:
     """One step, as the engine takes it: each row's token joins its output (a seeded draw depends on its place)."""
     choices = sampler.sample(logits, rows)
-    for row, choice in zip(rows, choices):
-        row.output_ids.append(choice.token_id)
+    for row, picked in zip(rows, choices):
+        row.output_ids.append(picked.token_id)
     return choices
 
 
