@@ -146,6 +146,7 @@ class Stream:
         self.num_delivered = 0  # and their count, from `num_tokens`: an older worker sends no ids
         self.num_resumes = 0
         self.num_workers_lost = 0
+        self.fault: BusError | None = None  # what cut it last, when it was resumed
 
     def __aiter__(self) -> AsyncIterator[protocol.TokenDelta]:
         return self
@@ -174,10 +175,16 @@ class Stream:
             if item.command is Command.TOKENS:
                 self.tokens = protocol.Tokens.from_fields(item.fields())
                 raise StopAsyncIteration
-            raise error_from(protocol.Error.from_fields(item.fields()))
+            raise self._ending(error_from(protocol.Error.from_fields(item.fields())))
         except protocol.ProtocolError as exc:  # a malformed answer still ends the stream, loudly
             await self.cancel()
             raise BusError(f"malformed {item.command.value} from the bus: {exc}") from None
+
+    def _ending(self, error: BusError) -> BusError:
+        """A resumed request that finds no worker left ends with the fault that cut it, as an uncut one would."""
+        if self.fault is not None and isinstance(error, NoWorker):
+            return type(self.fault)(f"{self.fault.message}; no worker was left to resume it on: {error.message}")
+        return error
 
     async def collect(self) -> Completion:
         """Read the stream to its end and return the whole answer."""
@@ -465,6 +472,7 @@ class BusClient:
             return False
         stream.num_resumes += 1
         stream.num_workers_lost += lost
+        stream.fault = cause
         assert isinstance(stream.request, GenerationRequest)
         stream.request = dataclasses.replace(stream.request, resume_ids=tuple(stream.delivered_ids))
         return True
