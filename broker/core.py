@@ -24,7 +24,7 @@ from broker.requests import Request, RequestTable, State
 log = logging.getLogger(__name__)
 
 _WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.EMBEDDINGS, Command.TOKENS, Command.ERROR)
-_WORKER_COMMANDS = (Command.READY, *_WORKER_REPLIES, Command.DISCONNECT)
+_WORKER_COMMANDS = (Command.READY, *_WORKER_REPLIES, Command.DRAIN, Command.DISCONNECT)
 _LOG_INTERVAL = 5.0  # seconds between warnings about malformed or refused messages
 EVERY_ROLE = frozenset(Role)  # a bus without authentication: every peer may do everything
 
@@ -171,6 +171,11 @@ class BrokerCore:
             self._on_ready(identity, protocol.Ready.from_fields(message.fields()), now)
         elif command in _WORKER_REPLIES:
             self._on_worker_reply(identity, worker, message, now)
+        elif command is Command.DRAIN:
+            if worker is not None and not worker.draining:
+                log.info("worker %s draining: %d requests to finish", worker.ready.worker_id,
+                         self.requests.num_on_worker(identity))
+                worker.draining = True
         elif command is Command.DISCONNECT:
             if worker is not None:
                 log.info("worker %s disconnected", worker.ready.worker_id)
@@ -471,5 +476,6 @@ class BrokerCore:
     def _worker_infos(self, now: float) -> list[protocol.WorkerInfo]:
         return [protocol.WorkerInfo(w.ready.worker_id, w.ready.models, w.ready.capacity,
                                     self.requests.num_on_worker(w.identity), round(now - w.last_seen, 3),
-                                    w.num_served, w.ready.cache_tokens, tuple(t.value for t in w.ready.tasks))
+                                    w.num_served, w.ready.cache_tokens, tuple(t.value for t in w.ready.tasks),
+                                    w.draining)
                 for w in self.workers]

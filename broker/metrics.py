@@ -40,18 +40,21 @@ class BrokerMetrics:
         queued = GaugeMetricFamily(f"{PREFIX}_queued_requests", "Requests waiting for a worker", labels=["model"])
         capacity = GaugeMetricFamily(f"{PREFIX}_worker_capacity", "Sequences a worker runs at once", labels=["worker"])
         in_flight = GaugeMetricFamily(f"{PREFIX}_worker_in_flight", "Requests on a worker now", labels=["worker"])
+        draining = GaugeMetricFamily(f"{PREFIX}_worker_draining", "1 while a worker finishes its requests before "
+                                     "leaving (it gets no new ones)", labels=["worker"])
         for model in sorted(core.workers.models()):
             workers.add_metric([model], len(core.workers.serving(model)))
             queued.add_metric([model], core.requests.num_queued(model))
         for worker in core.workers:
             capacity.add_metric([worker.ready.worker_id], worker.ready.capacity)
             in_flight.add_metric([worker.ready.worker_id], core.requests.num_on_worker(worker.identity))
+            draining.add_metric([worker.ready.worker_id], int(worker.draining))
         sent = CounterMetricFamily(f"{PREFIX}_messages_sent", "Messages the broker sent, relayed ones included",
                                    labels=["command"])
         for command, count in sorted(core.stats.sent.items()):
             sent.add_metric([command], count)
         stats = core.stats
-        families = [workers, queued, capacity, in_flight, sent,
+        families = [workers, queued, capacity, in_flight, draining, sent,
                     CounterMetricFamily(f"{PREFIX}_workers_lost", "Workers lost (silent, unreachable or restarted)",
                                         value=stats.num_workers_lost),
                     CounterMetricFamily(f"{PREFIX}_malformed_messages", "Malformed messages dropped",

@@ -58,6 +58,7 @@ class Command(str, enum.Enum):
     # worker <-> broker
     READY = "READY"
     REANNOUNCE = "REANNOUNCE"
+    DRAIN = "DRAIN"  # the worker is stopping: no new requests; it finishes those it holds, then DISCONNECTs
     DISCONNECT = "DISCONNECT"
     # everyone
     HEARTBEAT = "HEARTBEAT"
@@ -781,6 +782,7 @@ class WorkerInfo:
     served: int = 0
     cache_tokens: int = 0
     tasks: tuple[str, ...] = (Task.GENERATE.value,)
+    draining: bool = False  # it sent DRAIN: it gets no new requests and leaves once its own are done
 
 
 def model_list_fields(models: list[ModelInfo]) -> dict[str, Any]:

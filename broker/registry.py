@@ -18,6 +18,7 @@ class WorkerRecord:
     last_seen: float
     last_dispatch: float = 0.0
     num_served: int = 0
+    draining: bool = False  # it said DRAIN: it finishes what it holds and gets nothing new
     prefixes: PrefixMemory = field(init=False)  # what it likely holds in its prefix cache
 
     def __post_init__(self) -> None:
@@ -34,7 +35,7 @@ class WorkerRegistry:
         if record is None:
             record = self._workers[identity] = WorkerRecord(identity, ready, now)
         else:  # an announcement is a fresh start: whatever it cached is gone
-            record.ready, record.last_seen = ready, now
+            record.ready, record.last_seen, record.draining = ready, now, False
             record.prefixes = PrefixMemory(ready.prefix_cache_tokens)
         return record
 
@@ -71,7 +72,7 @@ def choose_worker(registry: WorkerRegistry, model: str, num_busy: Callable[[byte
     minus `num_busy` of its identity); ties go to the least recently used. Prefix affinity first,
     though: the worker that likely holds the longest prefix of the request (`parts`) gets it when it
     has a free slot and runs at most `affinity_slack` more requests than the shortest queue's worker."""
-    serving = registry.serving(model, task)
+    serving = [w for w in registry.serving(model, task) if not w.draining]
     free = {w.identity: w.ready.capacity - num_busy(w.identity) for w in serving}
     candidates = [w for w in serving if free[w.identity] > 0]
     if not candidates:

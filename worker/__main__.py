@@ -90,9 +90,10 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
     set_torch_threads(settings.threads)
     engine, ready = build_embedder(settings) if serves_embeddings(settings) else build_engine(settings)
-    server = WorkerServer(engine, ready, settings.broker, settings.heartbeat_interval, curve=settings.curve())
+    server = WorkerServer(engine, ready, settings.broker, settings.heartbeat_interval, curve=settings.curve(),
+                          drain_timeout=settings.drain_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server.stopping.set())
+        signal.signal(sig, lambda *_: server.stop())
     server.run()
 
 

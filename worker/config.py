@@ -43,4 +43,7 @@ class WorkerSettings(BusPeerSettings):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = one per physical core (torch's default), one "
                                                "fewer for steps of at most 8 rows; 1 when several workers share a small host")
     heartbeat_interval: float = Field(protocol.HEARTBEAT_INTERVAL, gt=0, description="seconds between heartbeats")
+    drain_timeout: float = Field(30.0, ge=0, description="on SIGTERM or SIGINT, seconds to finish the requests held "
+                                 "(the broker sends no new ones) before leaving; those still running then resume "
+                                 "on another worker. A second signal leaves at once")
     log_level: str = Field("INFO", description="logging level")

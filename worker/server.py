@@ -40,6 +40,8 @@ _DROPPED = [b"dropped"]
 # A handshake the broker refused: this worker's key is not in its allowlist, or it has none and the broker needs one.
 _REFUSED_HANDSHAKES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 _REFUSAL_LOG_INTERVAL = 10.0  # seconds between repeated errors about the same refusal
+# The engine's last message for a request (frame 1: the command): the request is no longer held.
+_ENDINGS = frozenset(c.value.encode() for c in (Command.DONE, Command.ERROR, Command.EMBEDDINGS, Command.TOKENS))
 
 
 class WorkerServer:
@@ -47,7 +49,7 @@ class WorkerServer:
 
     def __init__(self, engine: Engine | Embedder, ready: protocol.Ready, broker: str,
                  heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL, context: zmq.Context | None = None,
-                 curve: CurveKeys | None = None) -> None:
+                 curve: CurveKeys | None = None, drain_timeout: float = 0.0) -> None:
         self.engine = engine
         self.curve = curve
         self.ready = ready
@@ -63,10 +65,22 @@ class WorkerServer:
         self._announced_at = -float("inf")
         self._last_refusal_log = -float("inf")
         self.stopping = threading.Event()
+        self.drain_timeout = drain_timeout
+        self._drain_started: float | None = None  # when `stop` was first asked: draining since
+        self._drain_sent_at: float | None = None  # when the broker was last told
+        self._held: set[bytes] = set()  # requests passed to the engine and not yet ended by it
 
     @staticmethod
     def make_worker_id() -> str:
         return f"{socket.gethostname()}-{os.getpid()}"
+
+    def stop(self) -> None:
+        """Leave gracefully: tell the broker to send nothing new, finish what is held (at most
+        `drain_timeout` seconds), then leave. Asked again, leave at once."""
+        if self._drain_started is None and self.drain_timeout > 0:
+            self._drain_started = time.monotonic()
+        else:
+            self.stopping.set()
 
     def run(self) -> None:
         """Serve until `stopping` is set; then tell the broker goodbye."""
@@ -108,6 +122,8 @@ class WorkerServer:
             if now >= next_heartbeat:
                 self._forward(dealer, protocol.encode(Command.HEARTBEAT, b"", {"worker_id": self.ready.worker_id}))
                 next_heartbeat = now + self.interval
+            if self._drain_started is not None:
+                self._drain(dealer, now)
         self._forward(dealer, protocol.encode(Command.DISCONNECT))
         self._close(dealer, monitor, linger=500)
         pipe.close(linger=0)
@@ -155,6 +171,21 @@ class WorkerServer:
             self._dropping = True
             pipe.send_multipart(_DROP_ALL)
 
+    def _drain(self, dealer: zmq.Socket, now: float) -> None:
+        """While draining: DRAIN to the broker (again after each READY), and leave once the engine is
+        idle, a heartbeat interval after the last DRAIN (requests the broker sent before it read the
+        DRAIN have arrived by then), or when the drain timeout runs out."""
+        if self._drain_sent_at is None or self._drain_sent_at < self._announced_at:
+            log.info("draining: no new requests; finishing those held (at most %.0fs)", self.drain_timeout)
+            self._forward(dealer, protocol.encode(Command.DRAIN))
+            self._drain_sent_at = now
+        idle = not self._held and now - self._drain_sent_at >= self.interval
+        assert self._drain_started is not None
+        if idle or now - self._drain_started >= self.drain_timeout:
+            if not idle:
+                log.warning("drain timeout: leaving with requests still running (their clients resume them elsewhere)")
+            self.stopping.set()
+
     def _announce(self, dealer: zmq.Socket) -> None:
         self._forward(dealer, protocol.encode(Command.READY, b"", self.ready.to_fields()))
         self._announced_at = time.monotonic()
@@ -167,6 +198,8 @@ class WorkerServer:
             log.warning("dropping malformed message from the broker: %s", exc)
             return
         if message.command in (*REQUEST_BODIES, Command.CANCEL):
+            if message.command in REQUEST_BODIES:
+                self._held.add(message.request_id)
             pipe.send_multipart(frames)
         elif message.command is Command.REANNOUNCE:
             # Messages sent before our last READY reached the broker may still ask for another one.
@@ -181,8 +214,11 @@ class WorkerServer:
     def _from_engine(self, dealer: zmq.Socket, frames: list[bytes]) -> None:
         if frames == _DROPPED:
             self._dropping = False
+            self._held.clear()
             self._announce(dealer)
         elif not self._dropping:
+            if frames[1] in _ENDINGS:
+                self._held.discard(frames[2])
             self._forward(dealer, frames)
         # else: an event of a dropped request, which no broker knows any more
 
