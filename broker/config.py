@@ -23,6 +23,8 @@ class BrokerSettings(BaseSettings):
     heartbeat_interval: float = Field(protocol.HEARTBEAT_INTERVAL, gt=0, description="seconds between heartbeats")
     max_queue: int = Field(64, ge=0, description="requests per model that may wait when every worker is full")
     queue_timeout: float = Field(30.0, gt=0, description="seconds a request may wait in the queue")
+    request_timeout: float | None = Field(None, gt=0, description="seconds a generation request may take, queue and "
+                                          "generation together, when it sets no `timeout` of its own (none: no limit)")
     affinity_slack: int = Field(1, ge=0, description="a worker that likely holds a request's prefix gets it while it "
                                                       "runs at most this many more requests than the least busy one")
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus metrics HTTP server")

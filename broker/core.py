@@ -19,7 +19,7 @@ from broker.auth import Role
 from broker.config import BrokerSettings
 from broker.protocol import REQUEST_BODIES, TASK_OF_COMMAND, Command, ErrorCode, Message, Task
 from broker.registry import WorkerRecord, WorkerRegistry, choose_worker
-from broker.requests import Request, RequestTable, State
+from broker.requests import Request, RequestTable, State, queue_order
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +343,11 @@ class BrokerCore:
             self._send_error(identity, request_id, ErrorCode.OVERLOADED,
                              f"every worker for '{model}' is busy and {num_waiting} requests are waiting")
             return
+        generation = body if isinstance(body, protocol.GenerationRequest) else None
+        timeout = None if generation is None else generation.timeout or self.settings.request_timeout
         self.requests.enqueue(Request(request_id, identity, model, message.body, now, parts=parts,
-                                      command=message.command))
+                                      command=message.command, priority=generation.priority if generation else 0,
+                                      deadline=now + timeout if timeout else None))
         self._clients.setdefault(identity, ClientWatch(now))
         self._dispatch((model,), now)
 
@@ -395,10 +398,10 @@ class BrokerCore:
         candidates = {(model, command) for model in models for command in TASK_OF_COMMAND}
         while candidates:
             heads = [request for model, command in candidates
-                     if (request := self.requests.oldest_queued(model, command)) is not None]
+                     if (request := self.requests.next_queued(model, command)) is not None]
             if not heads:
                 return
-            request = min(heads, key=lambda r: r.enqueued_at)
+            request = min(heads, key=queue_order)
             model, task = request.model, TASK_OF_COMMAND[request.command]
             worker = self._choose(model, task, request)
             if worker is None:
@@ -428,13 +431,22 @@ class BrokerCore:
             self._end(request, code, message)
 
     def _expire_waits(self, now: float) -> None:
+        """Requests that waited too long in a queue end; running ones past their deadline are told to stop."""
         deadline = now - self.settings.queue_timeout
         for model in self.requests.queued_models():
             # Re-queued requests restart their wait, so the oldest may be anywhere in the queue.
             for request in self.requests.queue(model):
-                if request.enqueued_at < deadline:
+                if request.deadline is not None and request.deadline <= now:
+                    self._end(request, ErrorCode.DEADLINE_EXCEEDED,
+                              f"its timeout ran out while it waited for a free worker for '{model}'")
+                elif request.enqueued_at < deadline:
                     self._end(request, ErrorCode.QUEUE_TIMEOUT,
                               f"waited {self.settings.queue_timeout:.0f}s for a free worker for '{model}'")
+        for request in self.requests.running():
+            if request.deadline is not None and request.deadline <= now and not request.deadline_sent:
+                # the worker ends it with DONE `deadline`, the answer so far kept
+                request.deadline_sent = True
+                self._send(request.worker, Command.CANCEL, request.request_id, {"reason": "deadline"})
 
     def _end(self, request: Request, code: ErrorCode, message: str) -> None:
         """End a request with an ERROR to its client, if it still listens."""

@@ -26,6 +26,7 @@ CLIENT_TIMEOUT = 10.0  # seconds of silence after which a heartbeating client is
                        # frontend's event loop may lag, and a false alarm would cancel its requests)
 MAX_STOP_STRINGS = 4
 MAX_STOP_TOKEN_IDS = 64
+MAX_TIMEOUT = 86400.0  # seconds: the longest `timeout` a request may ask for
 MAX_TOP_LOGPROBS = 20
 MAX_COUNT = 2**31 - 1  # largest max_tokens and top_k
 MAX_ERROR_MESSAGE = 2000  # characters of an ERROR's message; longer ones are cut
@@ -78,6 +79,7 @@ class ErrorCode(str, enum.Enum):
     DUPLICATE_REQUEST = "duplicate_request"
     FORBIDDEN = "forbidden"
     INTERNAL = "internal_error"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
 class Task(str, enum.Enum):
@@ -96,6 +98,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"
     CANCELLED = "cancelled"
     TOOL_CALLS = "tool_calls"  # the answer ended with tool calls
+    DEADLINE = "deadline"  # its `timeout` ran out while it was generating: the answer so far
 
 
 class ProtocolError(ValueError):
@@ -430,6 +433,8 @@ class GenerationRequest:
     spaces_between_special_tokens: bool = True
     # A request cut by a fault, sent again: the answer's tokens already delivered, to continue after
     resume_ids: tuple[int, ...] = ()
+    priority: int = 0  # lower first in its model's queue (vLLM's meaning); ties keep arrival order
+    timeout: float | None = None  # seconds the broker gives it, queue wait and generation together
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -461,6 +466,10 @@ class GenerationRequest:
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(map(is_token_id, self.stop_token_ids)):
             raise ProtocolError(f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} token ids (integers 0 to "
                                 "2^31-1)", "stop_token_ids")
+        _check_range("priority", self.priority, -MAX_COUNT - 1, MAX_COUNT)
+        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT:
+            raise ProtocolError(f"'timeout' must be a number of seconds above 0 and at most {MAX_TIMEOUT:.0f}",
+                                "timeout")
         if not all(map(is_token_id, self.resume_ids)):
             raise ProtocolError("'resume_ids' must be an array of token ids (integers 0 to 2^31-1)", "resume_ids")
         if self.max_tokens is not None and len(self.resume_ids) > self.max_tokens:
@@ -511,6 +520,8 @@ class GenerationRequest:
             skip_special_tokens=_get(fields, "skip_special_tokens", bool, True),
             spaces_between_special_tokens=_get(fields, "spaces_between_special_tokens", bool, True),
             resume_ids=tuple(_get(fields, "resume_ids", list, [])),
+            priority=_get(fields, "priority", int, 0),
+            timeout=None if fields.get("timeout") is None else _number(fields, "timeout", 0.0),
         )
 
     def to_fields(self) -> dict[str, Any]:
@@ -529,7 +540,7 @@ class GenerationRequest:
 
 _EXTRA_DEFAULTS = {"min_p": 0.0, "min_tokens": 0, "ignore_eos": False, "stop_token_ids": [],
                    "include_stop_str_in_output": False, "skip_special_tokens": True,
-                   "spaces_between_special_tokens": True, "resume_ids": []}
+                   "spaces_between_special_tokens": True, "resume_ids": [], "priority": 0}
 
 
 def _default_extra(name: str, value: Any) -> bool:

@@ -5,7 +5,8 @@
                   └──────requeue──────┘                     │
     end: from any state, the request leaves the table ◄─────┘
 
-A QUEUED request waits in its model's first-in-first-out queue; a RUNNING one is on a worker and
+A QUEUED request waits in its model's queue, served by priority (lower first), then in arrival
+order (a request given back by a lost worker first among its priority); a RUNNING one is on a worker and
 its client waits for the answer; a CANCELLING one is still on its worker (which must confirm
 before its slot is free) but its client no longer listens.
 """
@@ -13,6 +14,7 @@ before its slot is free) but its client no longer listens.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -39,12 +41,21 @@ class Request:
     worker: bytes | None = None
     started: bool = False  # a token has reached the client: sending it again would repeat text
     parts: tuple[Part, ...] = ()  # digests of its leading messages, for prefix affinity
-    command: Command = Command.REQUEST  # its kind (REQUEST or EMBED), sent on to the worker
+    command: Command = Command.REQUEST  # its kind (REQUEST, EMBED or TOKENIZE), sent on to the worker
+    priority: int = 0  # lower first in its queue
+    deadline: float | None = None  # when its time runs out (its `timeout` after it arrived)
+    deadline_sent: bool = False  # its worker was told its time ran out
+    order: int = 0  # its place among those of its priority, set by the table
 
     @property
     def listening(self) -> bool:
         """Whether its client still waits for the answer."""
         return self.state is not State.CANCELLING
+
+
+def queue_order(request: Request) -> tuple[int, int]:
+    """The order a model's queue is served in: priority, then arrival (returns first)."""
+    return request.priority, request.order
 
 
 class RequestTable:
@@ -56,6 +67,8 @@ class RequestTable:
         self._queues: dict[str, deque[Request]] = {}
         self._by_worker: dict[bytes, set[bytes]] = {}
         self._by_client: dict[bytes, set[bytes]] = {}
+        self._arrivals = itertools.count()  # increasing: the order of arrival
+        self._returns = itertools.count(-1, -1)  # decreasing: given back by a lost worker, ahead of arrivals
 
     def get(self, request_id: bytes) -> Request | None:
         return self._requests.get(request_id)
@@ -66,8 +79,8 @@ class RequestTable:
     # -- indexes
 
     def queue(self, model: str) -> tuple[Request, ...]:
-        """The requests waiting for `model`, oldest first."""
-        return tuple(self._queues.get(model, ()))
+        """The requests waiting for `model`, in the order they will be served."""
+        return tuple(sorted(self._queues.get(model, ()), key=queue_order))
 
     def queued_models(self) -> list[str]:
         return [model for model, queue in self._queues.items() if queue]
@@ -75,10 +88,11 @@ class RequestTable:
     def num_queued(self, model: str) -> int:
         return len(self._queues.get(model, ()))
 
-    def oldest_queued(self, model: str, command: Command | None = None) -> Request | None:
-        """The request for `model` that has waited longest (of one kind: `command`)."""
-        queue = self._queues.get(model, ())
-        return next((request for request in queue if command in (None, request.command)), None)
+    def next_queued(self, model: str, command: Command | None = None) -> Request | None:
+        """The request for `model` to serve next (of one kind: `command`): the lowest priority, then
+        the earliest."""
+        queue = [request for request in self._queues.get(model, ()) if command in (None, request.command)]
+        return min(queue, key=queue_order, default=None)
 
     def on_worker(self, worker: bytes) -> list[Request]:
         """The requests a worker holds (running or cancelling), oldest first."""
@@ -101,11 +115,8 @@ class RequestTable:
             raise ValueError("request id already in use")
         self._requests[request.request_id] = request
         self._by_client.setdefault(request.client, set()).add(request.request_id)
-        queue = self._queues.setdefault(request.model, deque())
-        if front:
-            queue.appendleft(request)
-        else:
-            queue.append(request)
+        request.order = next(self._returns if front else self._arrivals)
+        self._queues.setdefault(request.model, deque()).append(request)
 
     def assign(self, request: Request, worker: bytes) -> None:
         """QUEUED -> RUNNING on `worker`."""
@@ -119,7 +130,8 @@ class RequestTable:
         assert request.state is State.RUNNING and not request.started
         self._leave_worker(request)
         request.state, request.worker, request.enqueued_at = State.QUEUED, None, now
-        self._queues.setdefault(request.model, deque()).appendleft(request)
+        request.order = next(self._returns)
+        self._queues.setdefault(request.model, deque()).append(request)
 
     def cancel(self, request: Request) -> bool:
         """The client stops listening. A queued request ends at once (returns True); a running one
@@ -139,6 +151,10 @@ class RequestTable:
             self._queues[request.model].remove(request)
         self._leave_worker(request)
         self._leave_client(request)
+
+    def running(self) -> list[Request]:
+        """The requests on workers whose clients still listen."""
+        return [request for request in self._requests.values() if request.state is State.RUNNING]
 
     def _leave_worker(self, request: Request) -> None:
         if request.worker is not None:

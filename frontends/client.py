@@ -84,12 +84,18 @@ class BrokerUnreachable(BusError):
     code = ErrorCode.UNKNOWN_REQUEST
 
 
+class DeadlineExceeded(BusError):
+    """The request's `timeout` ran out before it reached a worker."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
 class Cancelled(BusError):
     """Reading from a stream that this client cancelled."""
 
 
 _ERRORS = {cls.code: cls for cls in (BadRequest, UnknownModel, NoWorker, Overloaded, QueueTimeout,
-                                      ContextLengthExceeded, WorkerLost, BrokerUnreachable)}
+                                      ContextLengthExceeded, WorkerLost, BrokerUnreachable, DeadlineExceeded)}
 
 
 def error_from(error: protocol.Error) -> BusError:
@@ -141,6 +147,8 @@ class Stream:
         self.finished = False
         self.cancelled = False
         self.started_at = time.monotonic()
+        timeout = request.timeout if isinstance(request, GenerationRequest) else None
+        self.deadline = None if timeout is None else self.started_at + timeout  # across resends
         self.first_token_at: float | None = None  # when the first TOKEN arrived: from then on it is only resumed
         self.delivered_ids: list[int] = []  # the answer's tokens that reached this client, from the TOKENs' ids
         self.num_delivered = 0  # and their count, from `num_tokens`: an older worker sends no ids
@@ -455,6 +463,9 @@ class BusClient:
         if stream.first_token_at is not None and not self._resume(stream, cause):
             self._fail(stream, cause)
             return
+        if not _time_left(stream):
+            self._fail(stream, cause)
+            return
         old_id = stream.request_id
         self._streams.pop(old_id, None)
         stream.request_id, stream.sent_at = uuid.uuid4().bytes, None  # unsent: no heartbeat names it
@@ -545,6 +556,18 @@ _COMMANDS = {GenerationRequest: Command.REQUEST, EmbeddingRequest: Command.EMBED
 
 def _command(request: BusRequest) -> Command:
     return _COMMANDS[type(request)]
+
+
+def _time_left(stream: Stream) -> bool:
+    """A request with a `timeout` is sent again with what is left of it, if anything is."""
+    if stream.deadline is None:
+        return True
+    left = stream.deadline - time.monotonic()
+    if left <= 0:
+        return False
+    assert isinstance(stream.request, GenerationRequest)
+    stream.request = dataclasses.replace(stream.request, timeout=left)
+    return True
 
 
 def _fault(message: Message) -> BrokerUnreachable | WorkerLost | None:

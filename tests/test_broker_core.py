@@ -322,3 +322,67 @@ def test_a_request_the_broker_fails_on_still_gets_its_ending(command, fields, mo
     out = bus.send(CLIENT, command, rid(1), fields)
     assert summary(out) == [(CLIENT, "ERROR", rid(1), "internal_error")]
     assert "a bug" in out[0].body["message"]
+
+
+# -- priority, deadlines and drain
+
+
+def test_each_queue_is_served_by_priority_then_arrival(bus):
+    bus.ready(b"w1")
+    bus.request(rid(1))  # runs: the worker's only slot
+    for n, priority in ((2, 5), (3, 0), (4, 5), (5, -1)):
+        bus.send(CLIENT, Command.REQUEST, rid(n), {"model": "m", "prompt": "hi", "priority": priority})
+    order = []
+    finished = rid(1)
+    for _ in range(4):
+        [dispatched] = [m for m in bus.done(b"w1", finished) if m.identity == b"w1"]
+        order.append(dispatched.request_id)
+        finished = dispatched.request_id
+    assert order == [rid(5), rid(3), rid(2), rid(4)]
+
+
+def test_a_lost_workers_request_goes_back_first_among_its_priority(bus):
+    bus.ready(b"w1")
+    bus.ready(b"w2")
+    bus.request(rid(1))  # on w1
+    bus.request(rid(2))  # on w2
+    bus.send(CLIENT, Command.REQUEST, rid(3), {"model": "m", "prompt": "hi", "priority": 1})
+    bus.request(rid(4))  # priority 0: ahead of rid(3)
+    bus.send(b"w1", Command.DISCONNECT)  # rid(1) had no token: back in the queue, first among priority 0
+    assert [r.request_id for r in bus.core.requests.queue("m")] == [rid(1), rid(4), rid(3)]
+
+
+def test_a_timeout_ends_a_queued_request_and_stops_a_running_one(bus):
+    bus.ready(b"w1")
+    bus.send(CLIENT, Command.REQUEST, rid(1), {"model": "m", "prompt": "hi", "timeout": 5})
+    bus.send(CLIENT, Command.REQUEST, rid(2), {"model": "m", "prompt": "hi", "timeout": 2})  # waits
+    assert summary(bus.tick(2.5)) == [(CLIENT, "ERROR", rid(2), "deadline_exceeded")]
+    bus.at(4.5).alive(b"w1")
+    out = bus.tick(5.0)
+    assert [(m.identity, m.command, m.request_id, m.body) for m in out if m.command is Command.CANCEL] == [
+        (b"w1", Command.CANCEL, rid(1), {"reason": "deadline"})]
+    bus.at(5.5).alive(b"w1")
+    assert summary(bus.tick(6.0)) == []  # told once
+    # its worker ends it with the answer so far: the DONE reaches the client
+    assert summary(bus.done(b"w1", rid(1), "deadline")) == [(CLIENT, "DONE", rid(1))]
+
+
+def test_the_server_wide_timeout_applies_to_requests_without_their_own():
+    bus = Bus(request_timeout=3.0)
+    bus.ready(b"w1")
+    bus.request(rid(1))
+    bus.request(rid(2))
+    assert summary(bus.tick(3.0)) == [(CLIENT, "ERROR", rid(2), "deadline_exceeded"), (b"w1", "CANCEL", rid(1))]
+
+
+def test_a_draining_worker_gets_nothing_new_and_its_model_still_queues(bus):
+    bus.ready(b"w1", capacity=2)
+    bus.request(rid(1))
+    bus.send(b"w1", Command.DRAIN)
+    assert summary(bus.request(rid(2))) == []  # queued, not refused: the model is still served
+    [info] = [w for w in protocol.parse_worker_list(msgpack.unpackb(msgpack.packb(
+        bus.send(CLIENT, Command.LIST_WORKERS, rid(201))[0].body)))]
+    assert info.draining and info.in_flight == 1
+    bus.ready(b"w2", capacity=2)
+    assert [m.identity for m in bus.done(b"w1", rid(1))] == [CLIENT]  # nothing more for w1
+    assert bus.core.requests.get(rid(2)).worker == b"w2"

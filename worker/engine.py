@@ -154,15 +154,27 @@ class Engine:
             return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
         return [TokensEvent(request_id, protocol.Tokens(tuple(ids), text, self.context_length))]
 
-    def cancel(self, request_id: bytes) -> list[Event]:
+    def cancel(self, request_id: bytes, reason: FinishReason = FinishReason.CANCELLED) -> list[Event]:
         """Stop a request now: its row leaves the batch before the next step. A request that already
-        ended (its DONE crossed the CANCEL) is unknown here, and nothing happens."""
+        ended (its DONE crossed the CANCEL) is unknown here, and nothing happens. `reason` DEADLINE:
+        its time ran out, and its DONE (after the text still held back) goes to its client."""
         sequence = self.scheduler.find(request_id)
         if sequence is None:
             return []
-        sequence.finish_reason = FinishReason.CANCELLED
+        events: list[Event] = []
+        if reason is FinishReason.DEADLINE:
+            held, calls = _held_back_text(sequence, end_of_turn=False), ()
+            if sequence.answer is not None:  # a tool call cut short ends with what it has
+                held, calls = sequence.answer.push(held)
+                rest, more_calls = sequence.answer.finish()
+                held, calls = held + rest, calls + more_calls
+            if held or calls or sequence.unsent_tokens:
+                unsent = sequence.output_ids[len(sequence.output_ids) - sequence.unsent_tokens:]
+                events.append(TokenEvent(request_id, protocol.TokenDelta(held, len(unsent), None, calls,
+                                                                         tuple(unsent))))
+        sequence.finish_reason = reason
         self._retire([sequence])
-        return [self._done(sequence)]
+        return [*events, self._done(sequence)]
 
     def drop_all(self) -> None:
         """Forget every request without a word: the broker that sent them has forgotten them too."""

@@ -24,6 +24,7 @@ from broker.protocol import (
     TASK_OF_COMMAND,
     Command,
     ErrorCode,
+    FinishReason,
     Message,
     ProtocolError,
     TokenizeRequest,
@@ -250,6 +251,8 @@ class WorkerServer:
 
     def on_command(self, message: Message) -> list[Event | EmbeddingEvent]:
         if message.command is Command.CANCEL:
+            if isinstance(self.engine, Engine) and message.fields().get("reason") == "deadline":
+                return self.engine.cancel(message.request_id, FinishReason.DEADLINE)
             return self.engine.cancel(message.request_id)  # nothing, for a request that already ended
         task = TASK_OF_COMMAND[message.command]
         if task not in self.ready.tasks:  # the broker routes by task: only a confused peer gets here

@@ -19,7 +19,17 @@ from broker.protocol import Done, EmbeddingRequest, Embeddings
 from frontends.client import BusClient, BusError, Completion, Stream
 from frontends.openai_api.anthropic import routes as anthropic_routes
 from frontends.openai_api.config import ApiSettings
-from frontends.openai_api.context import BUS, METRICS, RECORDER, RESPONSES, SETTINGS, STARTED, cors_headers, json_body
+from frontends.openai_api.context import (
+    BUS,
+    METRICS,
+    RECORDER,
+    RESPONSES,
+    SETTINGS,
+    STARTED,
+    cors_headers,
+    json_body,
+    with_timeout_header,
+)
 from frontends.openai_api.embeddings import parse_embeddings
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.metrics import ApiMetrics
@@ -208,12 +218,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    call = parse_chat(await json_body(request), request.app[SETTINGS].max_n)
+    call = parse_chat(with_timeout_header(request, await json_body(request)), request.app[SETTINGS].max_n)
     return await _generate(request, call, ChatResponses(call.model, include_usage=call.include_usage))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    call = parse_completion(await json_body(request), request.app[SETTINGS].max_n)
+    call = parse_completion(with_timeout_header(request, await json_body(request)), request.app[SETTINGS].max_n)
     prompts = [generation.prompt or "" for generation in call.requests]
     return await _generate(request, call, CompletionResponses(call.model, prompts, include_usage=call.include_usage))
 

@@ -31,6 +31,20 @@ async def json_body(request: web.Request) -> Any:
         raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
 
 
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def with_timeout_header(request: web.Request, body: Any) -> Any:
+    """The body, given the `X-Request-Timeout` header's seconds as its `timeout` when it has none."""
+    given = request.headers.get(TIMEOUT_HEADER)
+    if given is None or not isinstance(body, dict) or body.get("timeout") is not None:
+        return body
+    try:
+        return {**body, "timeout": float(given)}
+    except ValueError:
+        raise bad_request(f"the {TIMEOUT_HEADER} header must be a number of seconds", TIMEOUT_HEADER) from None
+
+
 def cors_headers(request: web.Request) -> dict[str, str]:
     origins = request.app[SETTINGS].cors_origins
     origin = request.headers.get("Origin")

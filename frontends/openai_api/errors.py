@@ -15,6 +15,7 @@ _BUS_ERRORS: dict[ErrorCode, tuple[int, str, str | None]] = {
     ErrorCode.NO_WORKER: (503, "service_unavailable", "no_worker"),
     ErrorCode.UNKNOWN_REQUEST: (503, "service_unavailable", "broker_unreachable"),
     ErrorCode.WORKER_LOST: (503, "service_unavailable", "worker_lost"),
+    ErrorCode.DEADLINE_EXCEEDED: (504, "timeout", "deadline_exceeded"),
     ErrorCode.DUPLICATE_REQUEST: (500, "server_error", None),
     ErrorCode.INTERNAL: (500, "server_error", None),
 }

@@ -13,9 +13,12 @@ from frontends.openai_api.tools import assistant_calls, parse_tools
 # vLLM's sampling extras, which benchmark and eval tools send; the bus carries them as they are
 VLLM_SAMPLING_FIELDS = ("min_p", "min_tokens", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
                         "skip_special_tokens", "spaces_between_special_tokens")
+# How the bus treats the request: its place in the queue and its time limit in seconds
+SERVICE_FIELDS = ("priority", "timeout")
 _COMMON_FIELDS = {
     "model", "temperature", "top_p", "stop", "n", "seed", "presence_penalty", "frequency_penalty", "stream",
     "stream_options", "logprobs", "user", "max_tokens", "top_k", "repetition_penalty", *VLLM_SAMPLING_FIELDS,
+    *SERVICE_FIELDS,
 }
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
                                 "tool_choice", "parallel_tool_calls"}
@@ -23,7 +26,7 @@ CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logpro
 IGNORED_FIELDS = frozenset({"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 _SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k",
-                    "repetition_penalty", *VLLM_SAMPLING_FIELDS)
+                    "repetition_penalty", *VLLM_SAMPLING_FIELDS, *SERVICE_FIELDS)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
 MAX_LEGACY_LOGPROBS = 5

@@ -39,11 +39,9 @@ def _fingerprint(worker_id: str) -> dict[str, str]:
 
 
 def _finish_reason(reason: str) -> str:
-    """OpenAI's name for how a choice ended (a cancelled one is not seen by its caller)."""
-    for known in ("length", "tool_calls"):
-        if reason == known:
-            return known
-    return "stop"
+    """OpenAI's name for how a choice ended (a cancelled one is not seen by its caller); one whose
+    `timeout` ran out was cut short, as by `max_tokens`."""
+    return {"length": "length", "tool_calls": "tool_calls", "deadline": "length"}.get(reason, "stop")
 
 
 def _chat_logprobs(entries: tuple[TokenLogprob, ...]) -> dict[str, Any]:

@@ -21,7 +21,8 @@ def stop_reason(reason: FinishReason | str, stop: str | None) -> dict[str, Any]:
     """`stop_reason` and `stop_sequence`: how an answer ended, in Anthropic's words."""
     if stop is not None:
         return {"stop_reason": "stop_sequence", "stop_sequence": stop}
-    kind = {"length": "max_tokens", "tool_calls": "tool_use"}.get(FinishReason(reason).value, "end_turn")
+    kind = {"length": "max_tokens", "deadline": "max_tokens", "tool_calls": "tool_use"}.get(FinishReason(reason).value,
+                                                                                           "end_turn")
     return {"stop_reason": kind, "stop_sequence": None}
 
 

@@ -84,7 +84,7 @@ class ResponseBuilder:
         events: list[Event] = []
         if not self.output:  # an answer with nothing else in it is a message, blank or empty
             events = self._text_now(self._held) if self._held else self._open_message()
-        cut = done.finish_reason is FinishReason.LENGTH
+        cut = done.finish_reason in (FinishReason.LENGTH, FinishReason.DEADLINE)
         events += self._close_all("incomplete" if cut else "completed")
         self.status = "incomplete" if cut else "completed"
         if not cut:
