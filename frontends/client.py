@@ -155,6 +155,7 @@ class Stream:
         self.num_resumes = 0
         self.num_workers_lost = 0
         self.fault: BusError | None = None  # what cut it last, when it was resumed
+        self.fault_at: float | None = None
 
     def __aiter__(self) -> AsyncIterator[protocol.TokenDelta]:
         return self
@@ -463,6 +464,10 @@ class BusClient:
         if stream.first_token_at is not None and not self._resume(stream, cause):
             self._fail(stream, cause)
             return
+        self._send_again(stream, cause)
+
+    def _send_again(self, stream: Stream, cause: BusError, delay: float = 0.0) -> None:
+        """Send a stream's request again under a fresh id (after `delay` seconds), with the time it has left."""
         if not _time_left(stream):
             self._fail(stream, cause)
             return
@@ -470,9 +475,19 @@ class BusClient:
         self._streams.pop(old_id, None)
         stream.request_id, stream.sent_at = uuid.uuid4().bytes, None  # unsent: no heartbeat names it
         self._streams[stream.request_id] = stream
-        task = asyncio.create_task(self._resend(stream, old_id, cause))
+        task = asyncio.create_task(self._resend(stream, old_id, cause, delay))
         self._resends.add(task)
         task.add_done_callback(self._resends.discard)
+
+    def _awaits_a_worker(self, stream: Stream, message: Message) -> bool:
+        """A resumed request that finds no worker of its model waits for one to come back (a restarted
+        worker, say), as long as a request waits for a restarted broker."""
+        if stream.fault_at is None or time.monotonic() - stream.fault_at >= self.reconnect_timeout:
+            return False
+        try:
+            return protocol.Error.from_fields(message.fields()).code is ErrorCode.NO_WORKER
+        except protocol.ProtocolError:
+            return False
 
     def _resume(self, stream: Stream, cause: BusError) -> bool:
         """Make a started stream's request continue after its delivered tokens, if it may: its tokens
@@ -483,14 +498,15 @@ class BusClient:
             return False
         stream.num_resumes += 1
         stream.num_workers_lost += lost
-        stream.fault = cause
+        stream.fault, stream.fault_at = cause, time.monotonic()
         assert isinstance(stream.request, GenerationRequest)
         stream.request = dataclasses.replace(stream.request, resume_ids=tuple(stream.delivered_ids))
         return True
 
-    async def _resend(self, stream: Stream, old_id: bytes, cause: BusError) -> None:
+    async def _resend(self, stream: Stream, old_id: bytes, cause: BusError, delay: float = 0.0) -> None:
         log.info("sending request %s again as %s (%s)", old_id.hex(), stream.request_id.hex(), cause.message)
         await self.cancel_request(old_id)  # a broker that was only slow must not run it twice
+        await asyncio.sleep(delay)
         try:
             await self._send_request(stream)
         except BusError:
@@ -519,6 +535,8 @@ class BusClient:
                 fault = _fault(message)
                 if fault is not None:
                     self._retry(stream, fault)
+                elif self._awaits_a_worker(stream, message):
+                    self._send_again(stream, stream.fault, delay=self._interval)
                 else:
                     stream.deliver(message)
             elif message.command in (Command.MODELS, Command.WORKERS):

@@ -204,3 +204,18 @@ async def _replies_until_workers(socket: zmq.asyncio.Socket) -> list[protocol.Co
         if message.command is protocol.Command.WORKERS:
             return replies
         replies.append(message.command)
+
+
+async def test_a_stream_whose_only_worker_is_restarted_goes_on_when_it_returns(stack):
+    stack.broker()
+    worker = stack.worker("--dtype", "float32")
+    await wait_for_models(stack.address, {TINY_MODEL})
+    async with BusClient(stack.address, reconnect_timeout=120) as client:
+        stream = await client.chat(TINY_MODEL, HELLO, max_tokens=480, temperature=0)
+        head = await anext(stream)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        stack.worker("--dtype", "float32")  # the same model comes back, on a new process
+        rest = await asyncio.wait_for(stream.collect(), 120)
+        uncut = await (await client.chat(TINY_MODEL, HELLO, max_tokens=480, temperature=0)).collect()
+        assert head.text + rest.text == uncut.text and stream.num_resumes == 1
