@@ -152,7 +152,9 @@ def test_usage_per_key_name_and_no_secret_anywhere(server):
         list(stream)
     assert ask(server, SECRETS["bob"])[0] == 403
     assert ask(server, "sk-unknown")[0] == 401
+    assert ask(server, "plain-key")[0] == 200
     text = metrics_text(server)
+    assert 'tokenbus_api_key_requests_total{key=""} 1.0' in text  # keys from --api-keys have no name
     assert 'tokenbus_api_key_requests_total{key="dave"} 2.0' in text
     assert 'tokenbus_api_key_errors_total{key="bob",status="403"} 1.0' in text
     prompt = [line for line in text.splitlines() if line.startswith('tokenbus_api_key_prompt_tokens_total{key="dave"}')]

@@ -42,7 +42,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     request[KEY] = policy
     recorder = request[RECORDER]
     recorder.key = policy.name
-    model = await _model_asked(request)
+    model = None if policy.models is None else await _model_asked(request)
     if model is not None and not policy.may_use(model):
         raise ApiError(403, f"this API key may not use the model '{model}'", type="permission_error",
                        param="model", code="model_not_allowed")
