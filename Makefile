@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup serve test bench browser netns-tools clean
+.PHONY: setup serve test bench browser netns-tools prometheus clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,11 @@ browser:
 netns-tools:
 	@command -v ip >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; } || echo "ip missing: the multi-host test will be skipped"
 
-test: setup browser netns-tools
+# Debian's Prometheus scrapes the stack in the dashboard test; installed when missing and we may.
+prometheus:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } || echo "prometheus missing: the dashboard test will be skipped"
+
+test: setup browser netns-tools prometheus
 	$(PY) -m pytest -q
 
 bench: setup

@@ -150,6 +150,7 @@ class Stream:
         timeout = request.timeout if isinstance(request, GenerationRequest) else None
         self.deadline = None if timeout is None else self.started_at + timeout  # across resends
         self.first_token_at: float | None = None  # when the first TOKEN arrived: from then on it is only resumed
+        self.last_token_at: float | None = None  # and the last one, so far
         self.delivered_ids: list[int] = []  # the answer's tokens that reached this client, from the TOKENs' ids
         self.num_delivered = 0  # and their count, from `num_tokens`: an older worker sends no ids
         self.num_resumes = 0
@@ -226,8 +227,9 @@ class Stream:
     def deliver(self, item: Message | BusError) -> None:
         """An answer from the bus (or the client's own verdict on the request), in arrival order."""
         if isinstance(item, Message) and item.command is Command.TOKEN:
+            self.last_token_at = time.monotonic()
             if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
+                self.first_token_at = self.last_token_at
             try:
                 delta = protocol.TokenDelta.from_fields(item.fields())
             except protocol.ProtocolError:

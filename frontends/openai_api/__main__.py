@@ -22,7 +22,7 @@ def _is_loopback(host: str) -> bool:
 def main() -> None:
     settings = load_settings(ApiSettings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s api %(levelname)s %(message)s")
-    if not settings.api_keys and not _is_loopback(settings.host):
+    if not settings.api_keys and settings.keys_file is None and not _is_loopback(settings.host):
         log.warning("no API keys configured and listening on %s: anyone who can reach it can use it", settings.host)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its bus requests
     web.run_app(create_app(settings), host=settings.host, port=settings.port, handler_cancellation=True,

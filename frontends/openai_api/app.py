@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -17,11 +16,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.protocol import Done, EmbeddingRequest, Embeddings
 from frontends.client import BusClient, BusError, Completion, Stream
+from frontends.openai_api.access import access_middleware, with_priority
 from frontends.openai_api.anthropic import routes as anthropic_routes
 from frontends.openai_api.config import ApiSettings
 from frontends.openai_api.context import (
     BUS,
+    KEYS,
     METRICS,
+    QUOTAS,
     RECORDER,
     RESPONSES,
     SETTINGS,
@@ -32,7 +34,9 @@ from frontends.openai_api.context import (
 )
 from frontends.openai_api.embeddings import parse_embeddings
 from frontends.openai_api.errors import ApiError
+from frontends.openai_api.keys import KeyRing
 from frontends.openai_api.metrics import ApiMetrics
+from frontends.openai_api.quotas import QuotaLimiter
 from frontends.openai_api.requests import ApiCall, parse_chat, parse_completion
 from frontends.openai_api.responses_api.handlers import create_response, delete_response, get_response
 from frontends.openai_api.responses_api.store import ResponseStore
@@ -53,13 +57,15 @@ log = logging.getLogger(__name__)
 CLIENT_GONE = "499"  # the status metrics record for a client that left before the answer was complete
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN_PATHS = ("/health", "/metrics")
+_MODELS_WAIT = 2.0  # seconds a scrape waits for the broker's LIST_MODELS answer
 
 
 def create_app(settings: ApiSettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[cors_middleware, metrics_middleware, error_middleware, auth_middleware])
+                          middlewares=[cors_middleware, metrics_middleware, error_middleware, access_middleware])
     app[SETTINGS] = settings
+    app[KEYS] = KeyRing(settings.keys_file, settings.api_keys)
+    app[QUOTAS] = QuotaLimiter()
     app[METRICS] = ApiMetrics()
     app[STARTED] = int(time.time())
     app[RESPONSES] = ResponseStore(settings.max_stored_responses)
@@ -128,7 +134,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def _error_response(request: web.Request, error: ApiError) -> web.Response:
     resource = request.match_info.route.resource  # none for a route asked with the wrong method: its path, then
     respond = _ERROR_RESPONSES.get(resource.canonical if resource is not None else request.path, _openai_error)
-    return respond(error)
+    response = respond(error)
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
 
 
 def _openai_error(error: ApiError) -> web.Response:
@@ -150,24 +159,6 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not response.prepared:  # a stream set its own headers before the first byte
         response.headers.update(headers)
     return response
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    keys = request.app[SETTINGS].api_keys
-    if keys and request.path not in _OPEN_PATHS and request.method != "OPTIONS":
-        # OpenAI's clients send `Authorization: Bearer <key>`, Anthropic's `x-api-key: <key>`
-        scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
-        given = [bearer] if scheme.lower() == "bearer" else []
-        given += [request.headers["x-api-key"]] if "x-api-key" in request.headers else []
-        # compare with every key, so the time taken says nothing about which one nearly matched
-        # (surrogateescape: aiohttp keeps a header's non-UTF-8 bytes as surrogates; such a key is just wrong)
-        matches = [hmac.compare_digest(value.strip().encode("utf-8", "surrogateescape"), key.encode())
-                   for value in given for key in keys]
-        if not any(matches):
-            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>' or "
-                           "'x-api-key: <key>')", code="invalid_api_key")
-    return await handler(request)
 
 
 # -- models and status
@@ -210,6 +201,11 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    try:  # requests running and waiting: the broker's numbers at scrape time
+        infos = await asyncio.wait_for(request.app[BUS].models(), _MODELS_WAIT)
+    except (BusError, TimeoutError):
+        infos = None
+    request.app[METRICS].vllm.set_models(infos)
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -235,14 +231,15 @@ async def _generate(request: web.Request, call: ApiCall, responses: Responses) -
         bus = request.app[BUS]
         try:
             for generation in call.requests:
-                streams.append(await bus.generate(generation))
+                streams.append(await bus.generate(with_priority(request, generation)))
         except BusError as error:  # not sent at all: no broker, or a message too large for the bus
             raise ApiError.from_bus(error, call.input_param) from None
         if call.stream:
             return await _stream(request, call, streams, responses)
         results = await _collect_all(streams, call.input_param)
         recorder.served(call.model)  # a worker answered: a served model, fit to be a metrics label
-        recorder.tokens(sum(r.prompt_tokens for r in results[::call.n]), sum(r.completion_tokens for r in results))
+        recorder.tokens(sum(r.prompt_tokens for r in results[::call.n]), sum(r.completion_tokens for r in results),
+                        sum(r.cached_tokens for r in results[::call.n]))
         return web.json_response(responses.response(results, call.n))
     except ApiError as error:
         if error.status == 429:  # only a served model is overloaded
@@ -251,8 +248,7 @@ async def _generate(request: web.Request, call: ApiCall, responses: Responses) -
     finally:
         for stream in streams:
             await stream.cancel()  # a no-op for finished streams; stops the rest (client gone, error)
-            if stream.first_token_at is not None:
-                recorder.first_token(call.model, stream.first_token_at - stream.started_at)
+            recorder.stream_ended(call.model, stream)
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -343,7 +339,7 @@ async def _send_events(request: web.Request, response: web.StreamResponse, call:
     prompt_tokens = sum(d.prompt_tokens for d in done) // call.n
     cached_tokens = sum(d.cached_tokens for d in done) // call.n
     completion_tokens = sum(d.completion_tokens for d in done)
-    request[RECORDER].tokens(prompt_tokens, completion_tokens)
+    request[RECORDER].tokens(prompt_tokens, completion_tokens, cached_tokens)
     if call.include_usage:
         await _send_event(response, responses.usage_chunk(prompt_tokens, completion_tokens, cached_tokens,
                                                           done[0].worker_id))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from broker.settings import DEFAULT_BROKER_ADDRESS, BusPeerSettings, cli_config
@@ -13,7 +15,10 @@ class ApiSettings(BusPeerSettings):
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
-    api_keys: list[str] = Field([], description="accepted API keys (none: the API is open)")
+    api_keys: list[str] = Field([], description="accepted API keys, unnamed and unlimited (none, and no "
+                                "--keys-file: the API is open)")
+    keys_file: Path | None = Field(None, description="TOML file of named keys with quotas, read again when it "
+                                   "changes (see the README)")
     cors_origins: list[str] = Field([], description="origins allowed by CORS ('*' for any)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
     max_n: int = Field(16, ge=1, description="most choices in one request (n, times the prompts of a text completion)")

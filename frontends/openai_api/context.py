@@ -10,7 +10,9 @@ from aiohttp import web
 from frontends.client import BusClient
 from frontends.openai_api.config import ApiSettings
 from frontends.openai_api.errors import bad_request
+from frontends.openai_api.keys import KeyRing
 from frontends.openai_api.metrics import ApiMetrics, RequestMetrics
+from frontends.openai_api.quotas import KeyPolicy, QuotaLimiter
 from frontends.openai_api.responses_api.store import ResponseStore
 
 SETTINGS = web.AppKey("settings", ApiSettings)
@@ -18,7 +20,10 @@ BUS = web.AppKey("bus", BusClient)
 METRICS = web.AppKey("metrics", ApiMetrics)
 STARTED = web.AppKey("started", int)
 RESPONSES = web.AppKey("responses", ResponseStore)  # finished Responses API responses
+KEYS = web.AppKey("keys", KeyRing)
+QUOTAS = web.AppKey("quotas", QuotaLimiter)
 RECORDER = web.RequestKey("recorder", RequestMetrics)
+KEY = web.RequestKey("key", KeyPolicy)  # the key a request came with, when the API has keys
 
 
 async def json_body(request: web.Request) -> Any:

@@ -25,9 +25,10 @@ class ApiError(Exception):
     """An error answered as the OpenAI error object."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after  # seconds, sent as the Retry-After header
 
     @classmethod
     def from_bus(cls, error: BusError, input_param: str | None = None) -> ApiError:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from broker.protocol import Done, ErrorCode
 from frontends.client import BusError, Stream
+from frontends.openai_api.access import with_priority
 from frontends.openai_api.anthropic.errors import error_object, error_status
 from frontends.openai_api.anthropic.requests import parse_count_request, parse_message_request
 from frontends.openai_api.anthropic.responses import Event, MessageEvents, message, message_id, sse, token_count
@@ -27,7 +28,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     model = call.request.model
     recorder = request[RECORDER]
     try:
-        stream = await request.app[BUS].generate(call.request)
+        stream = await request.app[BUS].generate(with_priority(request, call.request))
     except BusError as error:  # not sent at all: no broker, or a message too large for the bus
         raise _api_error(request, error, model) from None
     try:
@@ -38,12 +39,11 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         except BusError as error:
             raise _api_error(request, error, model) from None
         recorder.served(model)  # a worker answered: a served model, fit to be a metrics label
-        recorder.tokens(completion.prompt_tokens, completion.completion_tokens)
+        recorder.tokens(completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens)
         return web.json_response(message(message_id(), model, completion))
     finally:
         await stream.cancel()  # a no-op for a finished stream; stops it when the client left or it failed
-        if stream.first_token_at is not None:
-            recorder.first_token(model, stream.first_token_at - stream.started_at)
+        recorder.stream_ended(model, stream)
 
 
 async def count_tokens(request: web.Request) -> web.Response:
@@ -79,7 +79,7 @@ async def _stream(request: web.Request, stream: Stream, model: str) -> web.Strea
                     raise _api_error(request, item, model)
                 await _send(response, events.delta(item))
                 item = await anext(items)
-            request[RECORDER].tokens(item.prompt_tokens, item.completion_tokens)
+            request[RECORDER].tokens(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
             await _send(response, events.closing(item))
         except (asyncio.CancelledError, ConnectionResetError):
             raise  # the client left: nobody to tell

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from broker.protocol import Done
 from frontends.client import BusError
+from frontends.openai_api.access import with_priority
 from frontends.openai_api.context import BUS, RECORDER, RESPONSES, cors_headers, json_body
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.responses_api.objects import Event, ResponseBuilder, deletion
@@ -28,7 +29,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     call = parse_create(await json_body(request), request.app[RESPONSES])
     recorder = request[RECORDER]
     try:
-        stream = await request.app[BUS].generate(call.request)
+        stream = await request.app[BUS].generate(with_priority(request, call.request))
     except BusError as error:  # not sent at all: no broker, or a message too large for the bus
         raise _api_error(request, call, error) from None
     try:
@@ -45,8 +46,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             return web.json_response(builder.response())
     finally:
         await stream.cancel()  # a no-op for a finished stream; stops the rest (client gone, error)
-        if stream.first_token_at is not None:
-            recorder.first_token(call.model, stream.first_token_at - stream.started_at)
+        recorder.stream_ended(call.model, stream)
 
 
 async def get_response(request: web.Request) -> web.Response:
@@ -76,7 +76,7 @@ async def _events(request: web.Request, call: ResponsesCall, builder: ResponseBu
             yield event
         item = await anext(items)
     closing = builder.finish(item)
-    request[RECORDER].tokens(item.prompt_tokens, item.completion_tokens)
+    request[RECORDER].tokens(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
     if call.store:  # before the last event goes out, so a client that read it can continue at once
         conversation = (*call.conversation, *builder.conversation())
         request.app[RESPONSES].add(StoredResponse(builder.response(), conversation))
