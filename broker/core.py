@@ -172,10 +172,12 @@ class BrokerCore:
         elif command in _WORKER_REPLIES:
             self._on_worker_reply(identity, worker, message, now)
         elif command is Command.DRAIN:
-            if worker is not None and not worker.draining:
-                log.info("worker %s draining: %d requests to finish", worker.ready.worker_id,
-                         self.requests.num_on_worker(identity))
+            if worker is not None:
+                if not worker.draining:
+                    log.info("worker %s draining: %d requests to finish", worker.ready.worker_id,
+                             self.requests.num_on_worker(identity))
                 worker.draining = True
+                self._send(identity, Command.DRAIN)  # after every request sent to it: it has them all
         elif command is Command.DISCONNECT:
             if worker is not None:
                 log.info("worker %s disconnected", worker.ready.worker_id)

@@ -69,6 +69,7 @@ class WorkerServer:
         self.drain_timeout = drain_timeout
         self._drain_started: float | None = None  # when `stop` was first asked: draining since
         self._drain_sent_at: float | None = None  # when the broker was last told
+        self._drain_acked = False  # the broker answered that DRAIN: every request it sent has arrived
         self._held: set[bytes] = set()  # requests passed to the engine and not yet ended by it
 
     @staticmethod
@@ -173,14 +174,16 @@ class WorkerServer:
             pipe.send_multipart(_DROP_ALL)
 
     def _drain(self, dealer: zmq.Socket, now: float) -> None:
-        """While draining: DRAIN to the broker (again after each READY), and leave once the engine is
-        idle, a heartbeat interval after the last DRAIN (requests the broker sent before it read the
-        DRAIN have arrived by then), or when the drain timeout runs out."""
+        """While draining: DRAIN to the broker (again after each READY), and leave once the engine
+        holds nothing and the broker has answered the DRAIN (every request it sent before arrived
+        first; a heartbeat interval stands in for a broker that does not answer), or when the drain
+        timeout runs out."""
         if self._drain_sent_at is None or self._drain_sent_at < self._announced_at:
             log.info("draining: no new requests; finishing those held (at most %.0fs)", self.drain_timeout)
             self._forward(dealer, protocol.encode(Command.DRAIN))
-            self._drain_sent_at = now
-        idle = not self._held and now - self._drain_sent_at >= self.interval
+            self._drain_sent_at, self._drain_acked = now, False
+        settled = self._drain_acked or now - self._drain_sent_at >= self.interval
+        idle = not self._held and settled
         assert self._drain_started is not None
         if idle or now - self._drain_started >= self.drain_timeout:
             if not idle:
@@ -202,6 +205,8 @@ class WorkerServer:
             if message.command in REQUEST_BODIES:
                 self._held.add(message.request_id)
             pipe.send_multipart(frames)
+        elif message.command is Command.DRAIN:
+            self._drain_acked = True
         elif message.command is Command.REANNOUNCE:
             # Messages sent before our last READY reached the broker may still ask for another one.
             if time.monotonic() - self._announced_at >= self.interval:
