@@ -97,21 +97,20 @@ def test_turns_stay_on_the_worker_that_holds_them_and_a_lost_worker_costs_only_s
     assert all(cached >= 16 for t, turns in enumerate(placed) for turn, (_, cached) in enumerate(turns) if t or turn)
     assert placed[0][1][1] > placed[1][0][1], "a later turn reuses its whole history, not only the system prompt"
 
-    # The holder dies while a turn that uses its cache streams: that turn fails (it had started)...
+    # The holder dies while a turn that uses its cache streams: that turn goes on on the other worker...
     victim = next(p for p in workers if holder.endswith(f"-{p.pid}"))
     talks.histories[0].append({"role": "user", "content": "Tell me a long story."})
     stream = api.chat.completions.create(model=TINY_MODEL, messages=talks.histories[0], temperature=0,
                                          max_tokens=250, stream=True)
     next(iter(stream))
     os.kill(victim.pid, signal.SIGKILL)
-    with pytest.raises(openai.APIError):
-        for _ in stream:
-            pass
+    assert [chunk.choices[0].finish_reason for chunk in stream if chunk.choices][-1] == "length"
     talks.histories[0].pop()
     wait_for_workers(bus, 2)
-    # ... and the conversation goes on, right, on the other worker, which holds nothing of it yet.
+    # ... and the conversation goes on, right, on the other worker, which now holds its start: the
+    # resumed turn was prefilled there.
     survivor, cached = talks.ask(0, "Tell me a long story.")
-    assert survivor != holder and cached == 0
+    assert survivor != holder and cached > 0
     stack.worker("--threads", "1")  # a fresh worker in the dead one's place, its cache empty
     wait_for_workers(bus, 3)
     worker, cached = talks.ask(0, "And then?")
