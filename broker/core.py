@@ -3,7 +3,8 @@
 Inputs are what a peer sent (`receive`), that a peer could not be reached (`unreachable`) and the
 passing of time (`tick`), each with the current time; each returns the messages to send. The
 server (`broker/server.py`) does the I/O. Workers live in the `WorkerRegistry`, requests in the
-`RequestTable`, the dispatch rule is `choose_worker`.
+`RequestTable`; `dispatch` says which request goes where and which waited too long, `status`
+answers the lists.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from broker import protocol
 from broker.affinity import request_parts
 from broker.auth import Role
 from broker.config import BrokerSettings
-from broker.protocol import REQUEST_BODIES, TASK_OF_COMMAND, Command, ErrorCode, Message, Task
-from broker.registry import WorkerRecord, WorkerRegistry, choose_worker
-from broker.requests import Request, RequestTable, State, queue_order
+from broker.protocol import REQUEST_BODIES, TASK_OF_COMMAND, Command, ErrorCode, Message
+from broker import dispatch
+from broker.registry import WorkerRecord, WorkerRegistry
+from broker.requests import Request, RequestTable, State
+from broker.status import model_infos, worker_infos
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +192,10 @@ class BrokerCore:
         elif command is Command.CANCEL:
             self._on_cancel(identity, message.request_id, now)
         elif command is Command.LIST_MODELS:
-            self._send(identity, Command.MODELS, message.request_id, protocol.model_list_fields(self._model_infos()))
+            self._send(identity, Command.MODELS, message.request_id, protocol.model_list_fields(model_infos(self.workers, self.requests)))
         elif command is Command.LIST_WORKERS:
             self._send(identity, Command.WORKERS, message.request_id,
-                       protocol.worker_list_fields(self._worker_infos(now)))
+                       protocol.worker_list_fields(worker_infos(self.workers, self.requests, now)))
         else:
             raise protocol.ProtocolError(f"{command.value} is not a command the broker accepts")
 
@@ -271,7 +274,7 @@ class BrokerCore:
         if request.listening:
             self._send(request.client, message.command, message.request_id, message.body)
         if message.command is Command.TOKEN:
-            request.started = True
+            self.requests.mark_started(request)
             return
         self.requests.end(request)
         # The freed slot may serve any of the worker's models (aliases share it).
@@ -334,14 +337,14 @@ class BrokerCore:
         task = TASK_OF_COMMAND[message.command]
         parts = request_parts(body) if isinstance(body, protocol.GenerationRequest) else ()
         if not self.workers.serving(model) and self._announcing_until is None:
-            self._send_error(identity, request_id, *self._not_served(model))
+            self._send_error(identity, request_id, *dispatch.not_served(self.workers, model, self._models_seen))
             return
-        if self.workers.serving(model) and not self.workers.serving(model, task):
-            # Refused here, so no worker ever sees a request it cannot run.
-            self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, self._wrong_task(model, task))
+        refusal = dispatch.wrong_task(self.workers, model, task)
+        if refusal is not None:  # refused here, so no worker ever sees a request it cannot run
+            self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, refusal)
             return
         num_waiting = self.requests.num_queued(model)
-        if num_waiting >= self.settings.max_queue and self._choose(model, task) is None:
+        if num_waiting >= self.settings.max_queue and not dispatch.has_room(self.workers, self.requests, model, task):
             self._send_error(identity, request_id, ErrorCode.OVERLOADED,
                              f"every worker for '{model}' is busy and {num_waiting} requests are waiting")
             return
@@ -383,35 +386,20 @@ class BrokerCore:
 
     # -- dispatch
 
-    def _choose(self, model: str, task: Task, request: Request | None = None) -> WorkerRecord | None:
-        parts = request.parts if request is not None else ()
-        return choose_worker(self.workers, model, self.requests.num_on_worker, task, parts=parts,
-                             affinity_slack=self.settings.affinity_slack)
-
-    def _wrong_task(self, model: str, task: Task) -> str:
-        tasks = sorted({t.value for w in self.workers.serving(model) for t in w.ready.tasks})
-        return f"model '{model}' does not serve '{task.value}' requests; it serves: {', '.join(tasks)}"
-
     def _dispatch(self, models: tuple[str, ...], now: float) -> None:
-        """Serve the queues of these models (one worker's aliases share its slots), the request that
-        has waited longest first, whichever name it used."""
+        """Serve the queues of these models (one worker's aliases share its slots), by priority, then
+        the request that came first, whichever name it used."""
         # A queue per model and request kind: an EMBED waiting for a full embedding worker does not
         # hold up a REQUEST for a free generating worker under the same name, nor the other way round.
         candidates = {(model, command) for model in models for command in TASK_OF_COMMAND}
-        while candidates:
-            heads = [request for model, command in candidates
-                     if (request := self.requests.next_queued(model, command)) is not None]
-            if not heads:
-                return
-            request = min(heads, key=queue_order)
-            model, task = request.model, TASK_OF_COMMAND[request.command]
-            worker = self._choose(model, task, request)
+        while (request := dispatch.next_request(self.requests, candidates)) is not None:
+            worker = dispatch.worker_for(self.workers, self.requests, request, self.settings.affinity_slack)
             if worker is None:
-                if self.workers.serving(model) and not self.workers.serving(model, task):
-                    # Queued while workers were announcing; those that came do other work.
-                    self._end(request, ErrorCode.BAD_REQUEST, self._wrong_task(model, task))
-                    continue
-                candidates.discard((model, request.command))
+                refusal = dispatch.wrong_task(self.workers, request.model, TASK_OF_COMMAND[request.command])
+                if refusal is not None:  # queued while workers were announcing; those that came do other work
+                    self._end(request, ErrorCode.BAD_REQUEST, refusal)
+                else:
+                    candidates.discard((request.model, request.command))
                 continue
             self.requests.assign(request, worker.identity)
             worker.prefixes.remember(request.parts)
@@ -420,35 +408,20 @@ class BrokerCore:
             self.stats.waits.append(now - request.enqueued_at)
             self._send(worker.identity, request.command, request.request_id, request.body)
 
-    def _not_served(self, model: str) -> tuple[ErrorCode, str]:
-        served = ", ".join(sorted(self.workers.models())) or "none"
-        if model in self._models_seen:
-            return ErrorCode.NO_WORKER, f"no live worker serves model '{model}' now; models served: {served}"
-        return ErrorCode.UNKNOWN_MODEL, f"model '{model}' is not served; models served: {served}"
-
     def _fail_queued(self, model: str) -> None:
         """No worker serves `model`: its waiting requests end now, saying so."""
-        code, message = self._not_served(model)
+        code, message = dispatch.not_served(self.workers, model, self._models_seen)
         for request in self.requests.queue(model):
             self._end(request, code, message)
 
     def _expire_waits(self, now: float) -> None:
         """Requests that waited too long in a queue end; running ones past their deadline are told to stop."""
-        deadline = now - self.settings.queue_timeout
-        for model in self.requests.queued_models():
-            # Re-queued requests restart their wait, so the oldest may be anywhere in the queue.
-            for request in self.requests.queue(model):
-                if request.deadline is not None and request.deadline <= now:
-                    self._end(request, ErrorCode.DEADLINE_EXCEEDED,
-                              f"its timeout ran out while it waited for a free worker for '{model}'")
-                elif request.enqueued_at < deadline:
-                    self._end(request, ErrorCode.QUEUE_TIMEOUT,
-                              f"waited {self.settings.queue_timeout:.0f}s for a free worker for '{model}'")
-        for request in self.requests.running():
-            if request.deadline is not None and request.deadline <= now and not request.deadline_sent:
-                # the worker ends it with DONE `deadline`, the answer so far kept
-                request.deadline_sent = True
-                self._send(request.worker, Command.CANCEL, request.request_id, {"reason": "deadline"})
+        for expiry in list(dispatch.expired(self.requests, now, self.settings.queue_timeout)):
+            self._end(expiry.request, expiry.code, expiry.message)
+        for request in dispatch.overdue(self.requests, now):
+            # the worker ends it with DONE `deadline`, the answer so far kept
+            self.requests.mark_deadline_sent(request)
+            self._send(request.worker, Command.CANCEL, request.request_id, {"reason": "deadline"})
 
     def _end(self, request: Request, code: ErrorCode, message: str) -> None:
         """End a request with an ERROR to its client, if it still listens."""
@@ -469,27 +442,3 @@ class BrokerCore:
     def _flush(self) -> list[Outgoing]:
         out, self._out = self._out, []
         return out
-
-    # -- status
-
-    def _model_infos(self) -> list[protocol.ModelInfo]:
-        infos = []
-        for model in sorted(self.workers.models()):
-            workers = self.workers.serving(model)
-            infos.append(protocol.ModelInfo(
-                name=model,
-                workers=len(workers),
-                capacity=sum(w.ready.capacity for w in workers),
-                in_flight=sum(self.requests.num_on_worker(w.identity) for w in workers),
-                queued=self.requests.num_queued(model),
-                context_length=max(w.ready.context_length for w in workers),
-                tasks=tuple(sorted({t.value for w in workers for t in w.ready.tasks})),
-            ))
-        return infos
-
-    def _worker_infos(self, now: float) -> list[protocol.WorkerInfo]:
-        return [protocol.WorkerInfo(w.ready.worker_id, w.ready.models, w.ready.capacity,
-                                    self.requests.num_on_worker(w.identity), round(now - w.last_seen, 3),
-                                    w.num_served, w.ready.cache_tokens, tuple(t.value for t in w.ready.tasks),
-                                    w.draining)
-                for w in self.workers]

@@ -133,6 +133,14 @@ class RequestTable:
         request.order = next(self._returns)
         self._queues.setdefault(request.model, deque()).append(request)
 
+    def mark_started(self, request: Request) -> None:
+        """A token reached its client: sent again, it would repeat text (its client may resume it)."""
+        request.started = True
+
+    def mark_deadline_sent(self, request: Request) -> None:
+        """Its worker was told that its time ran out."""
+        request.deadline_sent = True
+
     def cancel(self, request: Request) -> bool:
         """The client stops listening. A queued request ends at once (returns True); a running one
         becomes CANCELLING until its worker confirms (returns False)."""
