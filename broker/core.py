@@ -224,7 +224,7 @@ class BrokerCore:
         self.stats.num_malformed += 1
         self._warn("malformed", f"dropped malformed message (%d so far): {exc}", self.stats.num_malformed, now)
         if answer:
-            self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, str(exc))
+            self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, str(exc), exc.field)
         request = self.requests.get(request_id) if request_id else None
         worker = self.workers.get(identity)
         if worker is not None and request is not None and request.worker == identity:
@@ -431,8 +431,9 @@ class BrokerCore:
 
     # -- output
 
-    def _send_error(self, identity: bytes, request_id: bytes, code: ErrorCode, message: str) -> None:
-        self._send(identity, Command.ERROR, request_id, protocol.Error(code, message).to_fields())
+    def _send_error(self, identity: bytes, request_id: bytes, code: ErrorCode, message: str,
+                    field: str | None = None) -> None:
+        self._send(identity, Command.ERROR, request_id, protocol.Error(code, message, field).to_fields())
 
     def _send(self, identity: bytes, command: Command, request_id: bytes = b"",
               body: dict[str, Any] | bytes | None = None) -> None:

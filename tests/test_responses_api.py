@@ -438,5 +438,5 @@ def test_a_schema_the_worker_cannot_compile_is_400_saying_why(api):
         status, body = post(api.url + "/v1/responses", {
             "model": TINY_MODEL, "input": "Hi", "stream": stream, "text": {"format": {
                 "type": "json_schema", "name": "x", "schema": {"type": "string", "minLength": 3, "maxLength": 1}}}})
-        check_error(status, body, 400, None)  # the worker's verdict, as for chat
+        check_error(status, body, 400, "text.format")  # the worker's verdict names the field
         assert "cannot be compiled" in body["error"]["message"] and "minLength" in body["error"]["message"]

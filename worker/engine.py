@@ -53,8 +53,8 @@ class TokensEvent:
 Event = TokenEvent | DoneEvent | ErrorEvent | TokensEvent
 
 
-def _error(request_id: bytes, code: ErrorCode, message: str) -> ErrorEvent:
-    return ErrorEvent(request_id, protocol.Error(code, message))
+def _error(request_id: bytes, code: ErrorCode, message: str, field: str | None = None) -> ErrorEvent:
+    return ErrorEvent(request_id, protocol.Error(code, message, field))
 
 
 class Engine:
@@ -94,9 +94,10 @@ class Engine:
                 grammar = self.grammars.start_tools(request.tools, self.prompts.tool_format)
                 answer = self.prompts.tool_format.reader()
         except ProtocolError as exc:
-            return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
+            return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc), exc.field)]
         if not prompt_ids:
-            return [_error(request_id, ErrorCode.BAD_REQUEST, "the prompt is empty: it encodes to no tokens")]
+            return [_error(request_id, ErrorCode.BAD_REQUEST, "the prompt is empty: it encodes to no tokens",
+                           "messages" if request.messages is not None else "prompt")]
         room = self.context_length - len(prompt_ids)
         max_tokens = request.max_tokens or room
         if room < 1 or max_tokens > room:
@@ -129,7 +130,8 @@ class Engine:
                 if sequence.finished:  # only its DONE was lost with its worker
                     return [self._done(sequence)]
         except GrammarRefused as exc:
-            return [_error(sequence.request_id, ErrorCode.BAD_REQUEST, f"'resume_ids' do not fit the request: {exc}")]
+            return [_error(sequence.request_id, ErrorCode.BAD_REQUEST, f"'resume_ids' do not fit the request: {exc}",
+                           "resume_ids")]
         sequence.prompt_ids = sequence.prompt_ids + sequence.output_ids
         sequence.num_resumed, sequence.output_ids, sequence.unsent_tokens = len(sequence.output_ids), [], 0
         return []
@@ -143,7 +145,7 @@ class Engine:
                 unknown = [t for t in ids if t >= len(tokenizer)]
                 if unknown:
                     return [_error(request_id, ErrorCode.BAD_REQUEST, f"'tokens' cannot be decoded: {unknown[0]} is "
-                                   f"not in the vocabulary of {len(tokenizer)} tokens")]
+                                   f"not in the vocabulary of {len(tokenizer)} tokens", "tokens")]
                 text = tokenizer.decode(ids, skip_special_tokens=False)
             else:
                 ids = self.prompts.encode(GenerationRequest(request.model, messages=request.messages,
@@ -151,7 +153,7 @@ class Engine:
                                           add_special_tokens=request.add_special_tokens)
                 text = ""
         except ProtocolError as exc:
-            return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc))]
+            return [_error(request_id, ErrorCode.BAD_REQUEST, str(exc), exc.field)]
         return [TokensEvent(request_id, protocol.Tokens(tuple(ids), text, self.context_length))]
 
     def cancel(self, request_id: bytes, reason: FinishReason = FinishReason.CANCELLED) -> list[Event]:

@@ -266,7 +266,7 @@ class WorkerServer:
         try:
             request = REQUEST_BODIES[message.command].from_fields(message.fields())
         except ProtocolError as exc:
-            return [ErrorEvent(message.request_id, protocol.Error(ErrorCode.BAD_REQUEST, str(exc)))]
+            return [ErrorEvent(message.request_id, protocol.Error(ErrorCode.BAD_REQUEST, str(exc), exc.field))]
         try:
             if isinstance(request, TokenizeRequest):
                 return self.engine.tokenize(message.request_id, request)

@@ -135,9 +135,13 @@ class Error:
 
     code: ErrorCode
     message: str
+    field: str | None = None  # the request field at fault, as a path (`messages[2].content`), when one is
 
     def to_fields(self) -> dict[str, Any]:
-        return {"code": self.code.value, "message": self.message[:MAX_ERROR_MESSAGE]}
+        fields = {"code": self.code.value, "message": self.message[:MAX_ERROR_MESSAGE]}
+        if self.field is not None:
+            fields["field"] = self.field
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> Error:
@@ -146,4 +150,4 @@ class Error:
             code = ErrorCode(raw)
         except ValueError:
             code = ErrorCode.INTERNAL
-        return cls(code, _get(fields, "message", str, raw))
+        return cls(code, _get(fields, "message", str, raw), _get(fields, "field", str))

@@ -66,4 +66,4 @@ _ERRORS = {cls.code: cls for cls in (BadRequest, UnknownModel, NoWorker, Overloa
 
 
 def error_from(error: protocol.Error) -> BusError:
-    return _ERRORS.get(error.code, BusError)(error.message)
+    return _ERRORS.get(error.code, BusError)(error.message, error.field)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from broker.protocol import ErrorCode
 from frontends.client import BusError
+
+# Bus fields that OpenAI's chat and completion bodies spell otherwise (errors a worker finds name them).
+CHAT_FIELD_NAMES = {"constraint": "response_format"}
 
 # status, OpenAI error type, OpenAI error code
 _BUS_ERRORS: dict[ErrorCode, tuple[int, str, str | None]] = {
@@ -31,16 +36,27 @@ class ApiError(Exception):
         self.retry_after = retry_after  # seconds, sent as the Retry-After header
 
     @classmethod
-    def from_bus(cls, error: BusError, input_param: str | None = None) -> ApiError:
-        """`input_param`: the body field with the input ("messages" or "prompt"), named when it is too long."""
+    def from_bus(cls, error: BusError, input_param: str | None = None,
+                 field_names: Mapping[str, str] = CHAT_FIELD_NAMES) -> ApiError:
+        """`input_param`: the body field with the input ("messages" or "prompt"), named when it is too
+        long. `field_names`: the API's names for bus fields that it spells otherwise."""
         status, kind, code = _BUS_ERRORS.get(error.code, (500, "server_error", None))
         if error.code in (ErrorCode.UNKNOWN_MODEL, ErrorCode.NO_WORKER):
             param = "model"
         elif error.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED:
             param = input_param
         else:
-            param = error.field
+            param = api_field(error.field, field_names)
         return cls(status, error.message, type=kind, param=param, code=code)
+
+
+def api_field(path: str | None, names: Mapping[str, str]) -> str | None:
+    """A bus field path (`constraint.schema`) as the API names it (`response_format`): its first part
+    renamed, the rest dropped where the API's field has another shape."""
+    if path is None:
+        return None
+    head = path.split(".", 1)[0].split("[", 1)[0]
+    return names.get(head, path)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:

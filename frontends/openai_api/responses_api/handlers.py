@@ -108,11 +108,14 @@ async def _stream(request: web.Request, call: ResponsesCall, builder: ResponseBu
     return response
 
 
+_FIELD_NAMES = {"constraint": "text.format", "max_tokens": "max_output_tokens"}  # bus fields, as Responses names them
+
+
 def _api_error(request: web.Request, call: ResponsesCall, error: BusError) -> ApiError:
     """The API error for a bus error, counted as an overload where it is one (only a served model is)."""
     if error.code.value in ("overloaded", "queue_timeout"):
         request[RECORDER].overloaded(call.model)
-    return ApiError.from_bus(error, INPUT_PARAM)
+    return ApiError.from_bus(error, INPUT_PARAM, _FIELD_NAMES)
 
 
 async def _send(response: web.StreamResponse, event: Event) -> None:
