@@ -132,9 +132,9 @@ def test_sampling_never_leaves_the_top_k():
     assert {draw(sampler, logits, [row])[0].token_id for _ in range(50)} == {1, 4}
 
 
-def test_a_released_row_loses_its_generator():
+def test_each_row_carries_a_generator_of_its_own():
     sampler = Sampler(CPU)
-    row = sequence(seed=1)
-    sampler.add([row])
-    sampler.release([row])
-    assert sampler.generators == {}
+    rows = [sequence(), sequence()]
+    sampler.add(rows)
+    assert rows[0].generator is not None and rows[1].generator is not None
+    assert rows[0].generator is not rows[1].generator

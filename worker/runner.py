@@ -216,7 +216,6 @@ class ModelRunner:
         gone = set(sequences)
         if keep and self.prefixes is not None and self._cache is not None:
             self._keep_rows(gone)
-        self.sampler.release(sequences)
         for sequence in sequences:
             self._partial.pop(sequence, None)
         keep = [i for i, s in enumerate(self._rows) if s not in gone]

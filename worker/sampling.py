@@ -36,18 +36,13 @@ class Sampler:
         self.device = device
         # Penalising end-of-turn tokens (they are in every chat prompt) would keep answers from ending.
         self.unpenalized_ids = unpenalized_ids
-        self.generators: dict[Sequence, torch.Generator] = {}  # per row, so a seed fixes its own output
 
     def add(self, sequences: list[Sequence]) -> None:
-        """Give each new row a generator (a seeded one is seeded at each draw)."""
+        """Give each new row its own generator, which it carries (a seeded one is seeded at each draw)."""
         for sequence in sequences:
-            generator = self.generators[sequence] = torch.Generator(device=self.device)
+            sequence.generator = torch.Generator(device=self.device)
             if sequence.request.seed is None:
-                generator.seed()
-
-    def release(self, sequences: list[Sequence]) -> None:
-        for sequence in sequences:
-            self.generators.pop(sequence, None)
+                sequence.generator.seed()
 
     def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[TokenChoice]:
         """One token per row of `logits` ([B, V], row i for sequences[i]); greedy rows take the argmax."""
@@ -69,7 +64,8 @@ class Sampler:
             else:
                 probs = filtered_probs(scores[row] / request.temperature, request.top_k, request.top_p,
                                        request.min_p)
-                generator = self.generators[sequence]
+                generator = sequence.generator
+                assert generator is not None, "a row samples only after Sampler.add"
                 if request.seed is not None:
                     generator.manual_seed(position_seed(request.seed, sequence.num_generated))
                 token = int(torch.multinomial(probs, 1, generator=generator))

@@ -9,6 +9,8 @@ from broker.protocol import FinishReason, GenerationRequest
 from worker.text import Detokenizer, StopMatcher
 
 if TYPE_CHECKING:
+    import torch
+
     from worker.grammar import RowGrammar
     from worker.prefix_cache import CachedPrefix
     from worker.tool_formats import AnswerReader
@@ -32,6 +34,7 @@ class Sequence:
     grammar: RowGrammar | None = None  # where a constrained output stands; None: free
     answer: AnswerReader | None = None  # with tools: reads the output into reply text and calls
     end_ids: frozenset[int] = frozenset()  # tokens that end it: the model's end of turn (unless ignored), its stop ids
+    generator: torch.Generator | None = None  # its own random draws, given when it joins the batch
     num_resumed: int = 0  # tokens generated before a fault, elsewhere: the tail of `prompt_ids`, prefilled with it
 
     @property
