@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -79,17 +80,18 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_web(address: str, *args: str) -> Iterator[str]:
-    """`python -m frontends.web` on a free port; yields its URL once it answers HTTP."""
+def running_web(address: str, *args: str, context: ssl.SSLContext | None = None) -> Iterator[str]:
+    """`python -m frontends.web` on a free port; yields its URL once it answers HTTP.
+    `context`: a client TLS context, for a web chat given a certificate in `args`."""
     port = free_port()
     process = spawn("frontends.web", "--broker", address, "--port", str(port), *args, log_name="web")
-    url = f"http://127.0.0.1:{port}/"
+    url = f"{'https' if context else 'http'}://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
         while True:
             assert process.poll() is None, "the web process exited; see test-artifacts/logs/web-*.log"
             try:
-                with urllib.request.urlopen(url, timeout=2):
+                with urllib.request.urlopen(url, timeout=2, context=context):
                     break
             except OSError:
                 if time.monotonic() > deadline:

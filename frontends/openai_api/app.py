@@ -20,6 +20,7 @@ from frontends.client import BusClient, BusError, Completion, Stream
 from frontends.openai_api.anthropic import routes as anthropic_routes
 from frontends.openai_api.config import ApiSettings
 from frontends.openai_api.context import BUS, METRICS, RECORDER, RESPONSES, SETTINGS, STARTED, cors_headers, json_body
+from frontends.openai_api.drain import DRAIN, PROBE_PATHS, Drain, drain_middleware
 from frontends.openai_api.embeddings import parse_embeddings
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.metrics import ApiMetrics
@@ -43,16 +44,18 @@ log = logging.getLogger(__name__)
 CLIENT_GONE = "499"  # the status metrics record for a client that left before the answer was complete
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN_PATHS = ("/health", "/metrics")
+_OPEN_PATHS = PROBE_PATHS  # answered without an API key
 
 
 def create_app(settings: ApiSettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[cors_middleware, metrics_middleware, error_middleware, auth_middleware])
+                          middlewares=[cors_middleware, metrics_middleware, error_middleware, drain_middleware,
+                                       auth_middleware])
     app[SETTINGS] = settings
     app[METRICS] = ApiMetrics()
     app[STARTED] = int(time.time())
     app[RESPONSES] = ResponseStore(settings.max_stored_responses)
+    app[DRAIN] = Drain()
     app.cleanup_ctx.append(bus_client)
     app.add_routes([
         web.get("/v1/models", list_models),
@@ -67,6 +70,7 @@ def create_app(settings: ApiSettings) -> web.Application:
         web.post("/detokenize", detokenize),
         *anthropic_routes.ROUTES,
         web.get("/health", health),
+        web.get("/ready", ready),
         web.get("/metrics", metrics),
     ])
     return app
@@ -188,15 +192,29 @@ async def _models(request: web.Request) -> list:
 
 
 async def health(request: web.Request) -> web.Response:
+    status, body = await _serving(request)
+    return web.json_response(body, status=status)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Whether to send this process new requests: /health, and not draining."""
+    if request.app[DRAIN].draining:
+        return web.json_response({"status": "draining", "reason": "shutting down: finishing the open requests"},
+                                 status=503)
+    status, body = await _serving(request)
+    return web.json_response(body, status=status)
+
+
+async def _serving(request: web.Request) -> tuple[int, dict[str, Any]]:
+    """200 and the models that a live worker serves, or 503 and why none is."""
     try:
         infos = await request.app[BUS].models()
     except BusError as error:
-        return web.json_response({"status": "unavailable", "reason": f"broker unreachable: {error.message}"},
-                                 status=503)
+        return 503, {"status": "unavailable", "reason": f"broker unreachable: {error.message}"}
     live = [info.name for info in infos if info.workers]
     if not live:
-        return web.json_response({"status": "unavailable", "reason": "no worker is live"}, status=503)
-    return web.json_response({"status": "ok", "models": live})
+        return 503, {"status": "unavailable", "reason": "no worker is live"}
+    return 200, {"status": "ok", "models": live}
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -7,9 +7,10 @@ from pathlib import Path
 from pydantic import Field
 
 from broker.settings import DEFAULT_BROKER_ADDRESS, BusPeerSettings, cli_config
+from frontends.tls import TlsSettings
 
 
-class WebSettings(BusPeerSettings):
+class WebSettings(BusPeerSettings, TlsSettings):
     model_config = cli_config("web", "python -m frontends.web")
 
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
