@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from broker.settings import DEFAULT_BROKER_ADDRESS, BusPeerSettings, cli_config
-from frontends.tls import TlsSettings
+from frontends.http_server import HttpServerSettings
 
 
-class ApiSettings(BusPeerSettings, TlsSettings):
+class ApiSettings(BusPeerSettings, HttpServerSettings):
     model_config = cli_config("api", "python -m frontends.openai_api")
 
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
@@ -21,5 +21,3 @@ class ApiSettings(BusPeerSettings, TlsSettings):
     log_level: str = Field("INFO", description="logging level")
     max_stored_responses: int = Field(1024, ge=0, description="finished Responses API responses kept for GET and "
                                       "previous_response_id, oldest dropped first (0: none)")
-    drain_timeout: float = Field(30.0, ge=0, description="on SIGTERM, seconds to let open requests and streams "
-                                 "finish (new ones get 503) before exiting")

@@ -1,4 +1,4 @@
-"""HTTPS for the HTTP frontends: the certificate options they share, and the server's TLS context."""
+"""What the HTTP frontends share as services: HTTPS (certificate options, the TLS context) and the drain."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ from pydantic import Field, FilePath, model_validator
 from pydantic_settings import BaseSettings
 
 
-class TlsSettings(BaseSettings):
-    """A PEM certificate (chain) and its private key: given both, the server speaks HTTPS only."""
+class HttpServerSettings(BaseSettings):
+    """A PEM certificate (chain) and its private key: given both, the server speaks HTTPS only. And how
+    long SIGTERM waits for open requests."""
 
     ssl_certfile: FilePath | None = Field(None, description="PEM certificate chain to serve HTTPS with "
                                                             "(with --ssl-keyfile)")
     ssl_keyfile: FilePath | None = Field(None, description="PEM private key of --ssl-certfile")
+    drain_timeout: float = Field(30.0, ge=0, description="on SIGTERM, seconds to let open requests and streams "
+                                 "finish (new ones are refused) before exiting")
 
     @model_validator(mode="after")
-    def _files_go_together(self) -> TlsSettings:
+    def _files_go_together(self) -> HttpServerSettings:
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("--ssl-certfile and --ssl-keyfile go together")
         return self

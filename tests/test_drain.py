@@ -1,4 +1,5 @@
-"""The API as a service: /ready for load balancers, and the drain on SIGTERM, over real processes.
+"""The API and the web chat as services: /ready for load balancers, and the drain on SIGTERM, over
+real processes.
 
 A frozen worker (SIGSTOP) holds a stream open for as long as a test needs, however fast the model.
 """
@@ -20,9 +21,13 @@ import httpx
 import openai
 import pytest
 
+from gradio_client import Client
+
+from frontends.client import SyncBusClient
 from tests.helpers import HELLO, TINY_MODEL, Bus, wait_for_models
-from tests.processes import free_address, start_broker, start_worker, stop
+from tests.processes import free_address, output_of, start_broker, start_web, start_worker, stop
 from tests.test_openai_api import Api
+from tests.test_web import chat, text, title
 
 # A worker frozen for a few seconds must not be declared dead meanwhile.
 SLOW_HEARTBEAT = ("--heartbeat-interval", "10")
@@ -123,3 +128,35 @@ def test_a_stream_longer_than_the_drain_timeout_is_cut_and_the_process_exits(slo
                 list(stream)
     finally:
         api.stop()
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout}s"
+        time.sleep(0.1)
+
+
+def in_flight(address: str) -> int:
+    with SyncBusClient(address) as client:
+        return sum(w.in_flight for w in client.workers())
+
+
+def test_the_web_chat_lets_an_open_reply_finish_on_sigterm_and_refuses_new_ones(slow_bus):
+    process, url = start_web(slow_bus.address)
+    try:
+        client = Client(url, verbose=False)
+        with frozen(slow_bus.workers[0]):
+            job = client.submit("Hello there", [], TINY_MODEL, "", 1.0, 1.0, 64, api_name="/chat")
+            wait_until(lambda: in_flight(slow_bus.address) == 1, "the reply reaching the worker")
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: "draining" in output_of(process), "the drain")
+            refused = chat(Client(url, verbose=False), "Hi")[-1]
+            assert title(refused) == "Server restarting", text(refused)
+            assert process.poll() is None, "the open reply holds the exit"
+        history, _ = job.result(timeout=120)
+        assert history[-1]["role"] == "assistant"
+        assert title(history[-1]) in (None, "Empty reply"), text(history[-1])  # the model's answer, not an error
+        assert process.wait(60) == 0
+    finally:
+        stop(process)
