@@ -11,16 +11,15 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import httpx
 import openai
 import pytest
-
 from gradio_client import Client
 
 from frontends.client import SyncBusClient
@@ -75,11 +74,35 @@ def frozen(process: subprocess.Popen) -> Iterator[None]:
         os.kill(process.pid, signal.SIGCONT)
 
 
-def open_stream(api: Api, max_tokens: int) -> tuple[openai.Stream, object]:
-    """A chat stream whose first chunk has arrived: its handler is running."""
-    stream = api.client().chat.completions.create(model=TINY_MODEL, messages=HELLO, max_tokens=max_tokens,
-                                                  stream=True, stream_options={"include_usage": True})
-    return stream, next(stream)
+class Streaming(threading.Thread):
+    """A chat stream read to its end on a thread of its own: its first byte may wait on a frozen worker."""
+
+    def __init__(self, api: Api, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.api, self.max_tokens = api, max_tokens
+        self.chunks: list = []
+        self.error: Exception | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.chunks.extend(self.api.client().chat.completions.create(
+                model=TINY_MODEL, messages=HELLO, max_tokens=self.max_tokens, stream=True,
+                stream_options={"include_usage": True}))
+        except Exception as exc:
+            self.error = exc
+
+
+def in_flight(address: str) -> int:
+    with SyncBusClient(address) as client:
+        return sum(w.in_flight for w in client.workers())
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout}s"
+        time.sleep(0.1)
 
 
 def test_ready_waits_for_a_live_worker_and_needs_no_key(stack):
@@ -100,8 +123,9 @@ def test_sigterm_lets_an_open_stream_finish_and_refuses_new_requests(slow_bus):
     api = Api(slow_bus.address).wait()
     try:
         assert get(api.url + "/ready")[0] == 200
-        stream, first = open_stream(api, max_tokens=300)
-        with frozen(slow_bus.workers[0]):
+        with frozen(slow_bus.workers[0]):  # the stream is open until the worker thaws, however fast the model
+            stream = Streaming(api, max_tokens=300)
+            wait_until(lambda: in_flight(slow_bus.address) == 1, "the stream reaching the worker")
             api.process.send_signal(signal.SIGTERM)
             assert wait_for(api.url + "/ready", 503)["status"] == "draining"
             with pytest.raises(openai.InternalServerError) as refused:
@@ -109,9 +133,10 @@ def test_sigterm_lets_an_open_stream_finish_and_refuses_new_requests(slow_bus):
             assert refused.value.status_code == 503 and refused.value.code == "draining"
             assert get(api.url + "/health")[0] == 200, "draining is still alive"
             assert api.process.poll() is None, "the open stream holds the exit"
-        chunks = [first, *stream]
-        assert chunks[-2].choices[0].finish_reason == "length"
-        assert chunks[-1].usage.completion_tokens == 300
+        stream.join(120)
+        assert stream.error is None, repr(stream.error)
+        assert stream.chunks[-2].choices[0].finish_reason == "length"
+        assert stream.chunks[-1].usage.completion_tokens == 300
         assert api.process.wait(60) == 0
     finally:
         api.stop()
@@ -120,26 +145,15 @@ def test_sigterm_lets_an_open_stream_finish_and_refuses_new_requests(slow_bus):
 def test_a_stream_longer_than_the_drain_timeout_is_cut_and_the_process_exits(slow_bus):
     api = Api(slow_bus.address, "--drain-timeout", "1").wait()
     try:
-        stream, _ = open_stream(api, max_tokens=300)
         with frozen(slow_bus.workers[0]):
+            stream = Streaming(api, max_tokens=300)
+            wait_until(lambda: in_flight(slow_bus.address) == 1, "the stream reaching the worker")
             api.process.send_signal(signal.SIGTERM)
             assert api.process.wait(60) == 0
-            with pytest.raises((httpx.HTTPError, openai.APIError)):
-                list(stream)
+            stream.join(60)
+            assert isinstance(stream.error, openai.APIConnectionError), repr(stream.error)
     finally:
         api.stop()
-
-
-def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout}s"
-        time.sleep(0.1)
-
-
-def in_flight(address: str) -> int:
-    with SyncBusClient(address) as client:
-        return sum(w.in_flight for w in client.workers())
 
 
 def test_the_web_chat_lets_an_open_reply_finish_on_sigterm_and_refuses_new_ones(slow_bus):
