@@ -77,6 +77,15 @@ def test_a_certificate_without_its_key_is_refused_at_start(settings, certificate
         load_settings(settings, ["--ssl-certfile", str(certificates.cert_file), "--ssl-keyfile", "/nonexistent"])
 
 
+@pytest.mark.parametrize(("settings", "prefix"), [(ApiSettings, "TOKENBUS_API_"), (WebSettings, "TOKENBUS_WEB_")])
+def test_the_files_come_from_the_environment_too(settings, prefix, certificates, monkeypatch):
+    monkeypatch.setenv(prefix + "SSL_CERTFILE", str(certificates.cert_file))
+    monkeypatch.setenv(prefix + "SSL_KEYFILE", str(certificates.key_file))
+    loaded = load_settings(settings, [])
+    assert loaded.scheme == "https" and loaded.server_context() is not None
+    assert loaded.ssl_keyfile == certificates.key_file
+
+
 def test_a_key_that_does_not_match_the_certificate_fails_at_start(tmp_path, certificates):
     other = make_certificates(tmp_path)
     settings = load_settings(ApiSettings, ["--ssl-certfile", str(certificates.cert_file),
