@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -78,23 +79,30 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(10)
 
 
-@contextmanager
-def running_web(address: str, *args: str) -> Iterator[str]:
-    """`python -m frontends.web` on a free port; yields its URL once it answers HTTP."""
+def start_web(address: str, *args: str, context: ssl.SSLContext | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m frontends.web` on a free port, and its URL once it answers HTTP.
+    `context`: a client TLS context, for a web chat given a certificate in `args`."""
     port = free_port()
     process = spawn("frontends.web", "--broker", address, "--port", str(port), *args, log_name="web")
-    url = f"http://127.0.0.1:{port}/"
+    url = f"{'https' if context else 'http'}://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, "the web process exited; see test-artifacts/logs/web-*.log"
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context):
+                return process, url
+        except OSError:
+            if time.monotonic() > deadline:
+                stop(process)
+                raise TimeoutError(f"{url} never answered") from None
+            time.sleep(0.1)
+
+
+@contextmanager
+def running_web(address: str, *args: str, context: ssl.SSLContext | None = None) -> Iterator[str]:
+    """`start_web`, stopped on exit; yields its URL."""
+    process, url = start_web(address, *args, context=context)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, "the web process exited; see test-artifacts/logs/web-*.log"
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{url} never answered") from None
-                time.sleep(0.1)
         yield url
     finally:
         stop(process)

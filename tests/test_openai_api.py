@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import socket
+import ssl
 import time
 import urllib.request
 
 import aiohttp
+import httpx
 import openai
 import pytest
 from langchain_openai import ChatOpenAI
@@ -25,16 +29,18 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 class Api:
-    def __init__(self, broker: str, *args: str) -> None:
+    def __init__(self, broker: str, *args: str, context: ssl.SSLContext | None = None) -> None:
+        """`context`: a client TLS context, for an API given a certificate in `args`."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.context = context
+        self.url = f"{'https' if context else 'http'}://127.0.0.1:{self.port}"
         self.process = spawn("frontends.openai_api", "--broker", broker, "--port", str(self.port), *args,
                              log_name="api")
 
     def wait(self, status: int = 200) -> Api:
         for _ in range(300):
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=10) as response:
+                with urllib.request.urlopen(self.url + "/health", timeout=10, context=self.context) as response:
                     if response.status == status:
                         return self
             except urllib.error.HTTPError as error:
@@ -46,7 +52,8 @@ class Api:
         raise TimeoutError(f"{self.url}/health never answered {status}")
 
     def client(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+        http_client = httpx.Client(verify=self.context) if self.context else None
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, http_client=http_client)
 
     def stop(self) -> None:
         stop(self.process)
@@ -105,6 +112,20 @@ def test_health_and_metrics(api):
                  "tokenbus_api_time_to_first_token_seconds_bucket", "tokenbus_api_request_latency_seconds_bucket",
                  "tokenbus_api_requests_in_flight", "tokenbus_api_rejected_overloaded_total"):
         assert name in text
+
+
+def test_system_fingerprint_names_the_worker_but_not_its_host(api, bus):
+    worker_id = f"{socket.gethostname()}-{bus.workers[0].pid}"  # what the worker calls itself
+    answers = [api.client().chat.completions.create(model=TINY_MODEL, messages=HELLO, max_tokens=2)
+               for _ in range(2)]
+    stream = api.client().chat.completions.create(model=TINY_MODEL, messages=HELLO, max_tokens=2, stream=True,
+                                                  stream_options={"include_usage": True})
+    prints = {answer.system_fingerprint for answer in answers} | {list(stream)[-1].system_fingerprint}
+    assert len(prints) == 1, f"one worker, one fingerprint: {prints}"
+    (fingerprint,) = prints
+    assert re.fullmatch(r"fp_[0-9a-f]{10}", fingerprint), fingerprint
+    assert socket.gethostname() not in fingerprint and f"-{bus.workers[0].pid}" not in fingerprint
+    assert worker_id not in fingerprint
 
 
 # -- chat

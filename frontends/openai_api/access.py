@@ -18,12 +18,12 @@ from aiohttp import web
 
 from broker.protocol import GenerationRequest
 from frontends.openai_api.context import KEY, KEYS, QUOTAS, RECORDER
+from frontends.openai_api.drain import PROBE_PATHS
 from frontends.openai_api.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = ("/health", "/metrics")
 
 R = TypeVar("R", bound=GenerationRequest)
 
@@ -35,7 +35,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     keys, quotas = request.app[KEYS], request.app[QUOTAS]
     if keys.refresh():
         quotas.keep_only(keys.names)
-    if not keys.required or request.path in OPEN_PATHS or request.method == "OPTIONS":
+    if not keys.required or request.path in PROBE_PATHS or request.method == "OPTIONS":
         return await handler(request)
     policy = keys.match(_presented(request))
     if policy is None:

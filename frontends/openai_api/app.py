@@ -32,6 +32,7 @@ from frontends.openai_api.context import (
     json_body,
     with_timeout_header,
 )
+from frontends.openai_api.drain import DRAIN, Drain, drain_middleware
 from frontends.openai_api.embeddings import parse_embeddings
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.keys import KeyRing
@@ -62,13 +63,15 @@ _MODELS_WAIT = 2.0  # seconds a scrape waits for the broker's LIST_MODELS answer
 
 def create_app(settings: ApiSettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[cors_middleware, metrics_middleware, error_middleware, access_middleware])
+                          middlewares=[cors_middleware, metrics_middleware, error_middleware, drain_middleware,
+                                       access_middleware])
     app[SETTINGS] = settings
     app[KEYS] = KeyRing(settings.keys_file, settings.api_keys)
     app[QUOTAS] = QuotaLimiter()
     app[METRICS] = ApiMetrics()
     app[STARTED] = int(time.time())
     app[RESPONSES] = ResponseStore(settings.max_stored_responses)
+    app[DRAIN] = Drain()
     app.cleanup_ctx.append(bus_client)
     app.add_routes([
         web.get("/v1/models", list_models),
@@ -83,6 +86,7 @@ def create_app(settings: ApiSettings) -> web.Application:
         web.post("/detokenize", detokenize),
         *anthropic_routes.ROUTES,
         web.get("/health", health),
+        web.get("/ready", ready),
         web.get("/metrics", metrics),
     ])
     return app
@@ -189,15 +193,29 @@ async def _models(request: web.Request) -> list:
 
 
 async def health(request: web.Request) -> web.Response:
+    status, body = await _serving(request)
+    return web.json_response(body, status=status)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Whether to send this process new requests: /health, and not draining."""
+    if request.app[DRAIN].draining:
+        return web.json_response({"status": "draining", "reason": "shutting down: finishing the open requests"},
+                                 status=503)
+    status, body = await _serving(request)
+    return web.json_response(body, status=status)
+
+
+async def _serving(request: web.Request) -> tuple[int, dict[str, Any]]:
+    """200 and the models that a live worker serves, or 503 and why none is."""
     try:
         infos = await request.app[BUS].models()
     except BusError as error:
-        return web.json_response({"status": "unavailable", "reason": f"broker unreachable: {error.message}"},
-                                 status=503)
+        return 503, {"status": "unavailable", "reason": f"broker unreachable: {error.message}"}
     live = [info.name for info in infos if info.workers]
     if not live:
-        return web.json_response({"status": "unavailable", "reason": "no worker is live"}, status=503)
-    return web.json_response({"status": "ok", "models": live})
+        return 503, {"status": "unavailable", "reason": "no worker is live"}
+    return 200, {"status": "ok", "models": live}
 
 
 async def metrics(request: web.Request) -> web.Response:

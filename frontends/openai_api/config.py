@@ -7,9 +7,10 @@ from pathlib import Path
 from pydantic import Field
 
 from broker.settings import DEFAULT_BROKER_ADDRESS, BusPeerSettings, cli_config
+from frontends.http_server import HttpServerSettings
 
 
-class ApiSettings(BusPeerSettings):
+class ApiSettings(BusPeerSettings, HttpServerSettings):
     model_config = cli_config("api", "python -m frontends.openai_api")
 
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")

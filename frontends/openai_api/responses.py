@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import secrets
 import time
 import uuid
 from typing import Any
@@ -33,9 +36,18 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+# A worker id is its host name and process id, and guessable from them; keyed with a secret of this
+# process, the fingerprint tells clients which worker answered but nothing about where it runs.
+_FINGERPRINT_KEY = secrets.token_bytes(32)
+
+
+def fingerprint(worker_id: str) -> str:
+    """OpenAI's `system_fingerprint` names the backend that answered: here, the worker, opaquely."""
+    return "fp_" + hmac.new(_FINGERPRINT_KEY, worker_id.encode(), hashlib.sha256).hexdigest()[:10]
+
+
 def _fingerprint(worker_id: str) -> dict[str, str]:
-    """OpenAI's `system_fingerprint` names the backend that answered: here, the worker."""
-    return {"system_fingerprint": worker_id} if worker_id else {}
+    return {"system_fingerprint": fingerprint(worker_id)} if worker_id else {}
 
 
 def _finish_reason(reason: str) -> str:

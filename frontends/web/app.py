@@ -10,6 +10,7 @@ from frontends.web.arena import VOTES, Arena
 from frontends.web.bus import LoopLocalBus
 from frontends.web.chat import ChatHandlers
 from frontends.web.config import WebSettings
+from frontends.web.drain import Drain
 from frontends.web.models import ModelList
 from frontends.web.sessions import Sessions
 
@@ -22,9 +23,10 @@ REPLIES = "replies"
 VOTING = {"concurrency_limit": 1, "concurrency_id": "votes"}
 
 
-def build_app(settings: WebSettings) -> gr.Blocks:
-    """The whole page; every handler refuses to talk to the bus until the session has logged in."""
-    bus = LoopLocalBus(settings.broker, settings.curve())
+def build_app(settings: WebSettings, drain: Drain | None = None) -> gr.Blocks:
+    """The whole page; every handler refuses to talk to the bus until the session has logged in.
+    `drain`: counts the replies streaming, and refuses new ones once draining."""
+    bus = LoopLocalBus(settings.broker, settings.curve(), drain)
     sessions = Sessions(settings.auth_token)
     chat = ChatHandlers(bus, sessions)
     arena = Arena(bus, sessions, settings.votes_file)

@@ -6,14 +6,17 @@ import asyncio
 
 from broker.auth import CurveKeys
 from frontends.client import BusClient
+from frontends.web.drain import Drain
 
 
 class LoopLocalBus:
-    """Hands each event loop its own started `BusClient`, made on first use in that loop."""
+    """Hands each event loop its own started `BusClient`, made on first use in that loop; `drain`
+    counts the replies streaming on them."""
 
-    def __init__(self, address: str, curve: CurveKeys | None = None) -> None:
+    def __init__(self, address: str, curve: CurveKeys | None = None, drain: Drain | None = None) -> None:
         self.address = address
         self.curve = curve
+        self.drain = drain or Drain()
         self._clients: dict[asyncio.AbstractEventLoop, BusClient] = {}
 
     async def get(self) -> BusClient:

@@ -19,6 +19,7 @@ from frontends.client import (
     WorkerLost,
 )
 from frontends.web.bus import LoopLocalBus
+from frontends.web.drain import Draining
 from frontends.web.sessions import Sessions
 
 History = list[dict[str, Any]]
@@ -34,6 +35,7 @@ ERROR_TITLES: list[tuple[type[BusError], str, str]] = [
     (BrokerUnreachable, "Broker unreachable", "The chat server cannot reach the broker: try again later."),
     (ContextLengthExceeded, "Conversation too long", "Clear the chat or lower Max new tokens."),
     (BadRequest, "Request refused", ""),
+    (Draining, "Server restarting", "Send the message again in a moment."),
 ]
 
 
@@ -78,11 +80,12 @@ async def stream_reply(bus: LoopLocalBus, model: str, messages: list[dict[str, s
     try:
         if not model:
             raise UnknownModel("no model is selected")
-        client = await bus.get()
-        stream = await client.chat(model, messages, **params)
-        async for delta in stream:
-            text += delta.text
-            yield text
+        with bus.drain.reply():
+            client = await bus.get()
+            stream = await client.chat(model, messages, **params)
+            async for delta in stream:
+                text += delta.text
+                yield text
     except BusError as error:
         yield error
     finally:

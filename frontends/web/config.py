@@ -7,9 +7,10 @@ from pathlib import Path
 from pydantic import Field
 
 from broker.settings import DEFAULT_BROKER_ADDRESS, BusPeerSettings, cli_config
+from frontends.http_server import HttpServerSettings
 
 
-class WebSettings(BusPeerSettings):
+class WebSettings(BusPeerSettings, HttpServerSettings):
     model_config = cli_config("web", "python -m frontends.web")
 
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
