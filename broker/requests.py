@@ -130,6 +130,7 @@ class RequestTable:
         assert request.state is State.RUNNING and not request.started
         self._leave_worker(request)
         request.state, request.worker, request.enqueued_at = State.QUEUED, None, now
+        request.deadline_sent = False  # its next worker must be told too, if its time runs out there
         request.order = next(self._returns)
         self._queues.setdefault(request.model, deque()).append(request)
 

@@ -96,7 +96,7 @@ def test_a_policy_never_shows_its_secret():
     assert KeyPolicy("k", "s").may_use("anything")
 
 
-def test_a_keys_priority_is_the_default_of_its_requests():
+def test_a_keys_priority_is_its_requests_default_and_their_earliest_place():
     from aiohttp.test_utils import make_mocked_request
 
     from broker.protocol import GenerationRequest
@@ -105,7 +105,9 @@ def test_a_keys_priority_is_the_default_of_its_requests():
 
     request = make_mocked_request("POST", "/v1/chat/completions")
     plain = GenerationRequest("m", prompt="hi")
-    assert with_priority(request, plain) is plain  # no key: as sent
+    urgent = GenerationRequest("m", prompt="hi", priority=-9)
+    assert with_priority(request, plain) is plain and with_priority(request, urgent) is urgent  # no keys: as sent
     request[KEY] = KeyPolicy("batch", "s", priority=5)
     assert with_priority(request, plain).priority == 5
-    assert with_priority(request, GenerationRequest("m", prompt="hi", priority=-1)).priority == -1  # its own wins
+    assert with_priority(request, urgent).priority == 5  # no jumping ahead of its key
+    assert with_priority(request, GenerationRequest("m", prompt="hi", priority=7)).priority == 7  # waiting longer

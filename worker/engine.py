@@ -282,7 +282,8 @@ class Engine:
 
     def _done(self, sequence: Sequence) -> DoneEvent:
         assert sequence.finish_reason is not None
-        cached = sequence.num_cached_tokens if sequence.output_ids else 0  # a prefix found but never used: 0
+        # A prefix found but never used counts 0; one that reached into a resumed answer counts only its prompt part.
+        cached = min(sequence.num_cached_tokens, sequence.num_prompt_tokens) if sequence.output_ids else 0
         stop = sequence.stop_matcher.matched if sequence.finish_reason is FinishReason.STOP else None
         return DoneEvent(sequence.request_id, protocol.Done(sequence.finish_reason, sequence.num_prompt_tokens,
                                                             sequence.num_generated, cached, stop=stop))

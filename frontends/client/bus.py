@@ -274,11 +274,14 @@ class BusClient:
         lost = isinstance(cause, WorkerLost)
         if not stream.resumable or stream.num_resumes >= self.max_resumes or (lost and stream.num_workers_lost):
             return False
+        assert isinstance(stream.request, GenerationRequest)
+        try:
+            stream.request = dataclasses.replace(stream.request, resume_ids=tuple(stream.delivered_ids))
+        except protocol.ProtocolError:  # more tokens than the request allows: nothing sane to continue
+            return False
         stream.num_resumes += 1
         stream.num_workers_lost += lost
         stream.fault, stream.fault_at = cause, time.monotonic()
-        assert isinstance(stream.request, GenerationRequest)
-        stream.request = dataclasses.replace(stream.request, resume_ids=tuple(stream.delivered_ids))
         return True
 
     async def _resend(self, stream: Stream, old_id: bytes, cause: BusError, delay: float = 0.0) -> None:
@@ -287,7 +290,7 @@ class BusClient:
         await asyncio.sleep(delay)
         try:
             await self._send_request(stream)
-        except BusError:
+        except (BusError, protocol.ProtocolError):  # no broker, or the request grew past the size limit
             self._fail(stream, cause)
 
     def _fail(self, stream: Stream, error: BusError) -> None:

@@ -66,11 +66,15 @@ def priority_of(request: web.Request) -> int:
 
 
 def with_priority(request: web.Request, generation: R) -> R:
-    """The bus request as sent: with its key's priority, unless the body asked for one (not 0)."""
-    priority = priority_of(request)
-    if generation.priority or not priority:
+    """The bus request as sent, at its key's priority or later: a body may ask to wait longer (a
+    higher number), never to jump ahead of its key's place (0 for a key that sets none). A body's 0
+    reads as unset. Without keys, the body's priority stands."""
+    if KEY not in request:
         return generation
-    return dataclasses.replace(generation, priority=priority)
+    floor = priority_of(request)
+    wanted = generation.priority if generation.priority else floor
+    priority = max(wanted, floor)
+    return generation if priority == generation.priority else dataclasses.replace(generation, priority=priority)
 
 
 def _presented(request: web.Request) -> list[str]:

@@ -94,7 +94,7 @@ class KeyRing:
         except OSError as exc:
             signature = None
             reason = f"cannot read it ({exc.strerror})"
-        if signature is not None and signature == self._seen:
+        if signature == self._seen:  # unchanged, or still unreadable: said once already
             return False
         self._seen = signature
         if signature is not None:

@@ -131,9 +131,13 @@ class RequestMetrics:
             vllm.prefix_cache_hits.labels(self.model).inc(cached_tokens)
 
     def stream_ended(self, model: str, stream: Stream) -> None:
-        """A generation's stream ended (finished, failed or cancelled): its token timings."""
+        """A generation's stream ended (finished, failed or cancelled): its token timings. One that
+        ended without its DONE (the client left, or it failed) still counts the tokens it delivered,
+        so that hanging up early does not spend less of a key's quota."""
         if stream.first_token_at is None:
             return
+        if stream.done is None:
+            self.num_completion_tokens += max(stream.num_delivered, 0)
         self.model = model
         self._generated = True
         seconds = stream.first_token_at - stream.started_at

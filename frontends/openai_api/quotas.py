@@ -31,8 +31,9 @@ class KeyPolicy:
             value = getattr(self, limit)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"key '{self.name}': {limit} must be a positive integer, not {value!r}")
-        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
-            raise ValueError(f"key '{self.name}': priority must be an integer, not {self.priority!r}")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool) or \
+                not -2**31 <= self.priority < 2**31:
+            raise ValueError(f"key '{self.name}': priority must be a 32-bit integer, not {self.priority!r}")
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
