@@ -3,6 +3,8 @@ results, request parsing's defaults, and the store's order."""
 
 from __future__ import annotations
 
+import pytest
+
 from broker.protocol import Done, FinishReason, TokenDelta, ToolCallDelta
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.responses_api.objects import ResponseBuilder
@@ -88,3 +90,13 @@ def test_a_stored_conversation_comes_before_the_input_and_instructions_stay_firs
     ]
     assert list(call.conversation) == messages[1:], "instructions are not stored with the conversation"
     assert call.echo["previous_response_id"] == "resp_1" and call.store and not call.stream
+
+
+def test_a_stored_response_is_seen_only_by_the_key_that_made_it():
+    store = ResponseStore(4)
+    store.add(StoredResponse({"id": "a"}, ({"role": "user", "content": "Hi"},), owner="alice"))
+    assert store.get("a", "alice") is not None and store.get("a", "bob") is None and store.get("a") is None
+    with pytest.raises(ApiError) as error:  # continuing another key's conversation: unknown to this one
+        parse_create({"model": "m", "input": "Go on", "previous_response_id": "a"}, store, "bob")
+    assert error.value.status == 404
+    assert not store.remove("a", "bob") and store.remove("a", "alice") and len(store) == 0

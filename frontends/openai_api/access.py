@@ -60,6 +60,11 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         quotas.release(policy, recorder.num_prompt_tokens + recorder.num_completion_tokens, time.monotonic())
 
 
+def key_name(request: web.Request) -> str | None:
+    """The name of the key the request came with (None when the API has no keys)."""
+    return request[KEY].name if KEY in request else None
+
+
 def priority_of(request: web.Request) -> int:
     """The default priority of the request's key (0 when the API has no keys)."""
     return request[KEY].priority if KEY in request else 0

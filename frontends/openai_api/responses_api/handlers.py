@@ -12,7 +12,7 @@ from aiohttp import web
 
 from broker.protocol import Done
 from frontends.client import BusError
-from frontends.openai_api.access import with_priority
+from frontends.openai_api.access import key_name, with_priority
 from frontends.openai_api.context import BUS, RECORDER, RESPONSES, cors_headers, json_body
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.responses_api.objects import Event, ResponseBuilder, deletion
@@ -26,7 +26,7 @@ INPUT_PARAM = "input"  # the field an error about a too-long prompt names
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
-    call = parse_create(await json_body(request), request.app[RESPONSES])
+    call = parse_create(await json_body(request), request.app[RESPONSES], key_name(request))
     recorder = request[RECORDER]
     try:
         stream = await request.app[BUS].generate(with_priority(request, call.request))
@@ -51,7 +51,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
 async def get_response(request: web.Request) -> web.Response:
     response_id = request.match_info["response_id"]
-    stored = request.app[RESPONSES].get(response_id)
+    stored = request.app[RESPONSES].get(response_id, key_name(request))
     if stored is None:
         raise not_found(response_id)
     return web.json_response(stored.body)
@@ -59,7 +59,7 @@ async def get_response(request: web.Request) -> web.Response:
 
 async def delete_response(request: web.Request) -> web.Response:
     response_id = request.match_info["response_id"]
-    if not request.app[RESPONSES].remove(response_id):
+    if not request.app[RESPONSES].remove(response_id, key_name(request)):
         raise not_found(response_id)
     return web.json_response(deletion(response_id))
 
@@ -79,7 +79,7 @@ async def _events(request: web.Request, call: ResponsesCall, builder: ResponseBu
     request[RECORDER].tokens(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
     if call.store:  # before the last event goes out, so a client that read it can continue at once
         conversation = (*call.conversation, *builder.conversation())
-        request.app[RESPONSES].add(StoredResponse(builder.response(), conversation))
+        request.app[RESPONSES].add(StoredResponse(builder.response(), conversation, key_name(request)))
     for event in closing:
         yield event
 

@@ -48,13 +48,14 @@ class ResponsesCall:
         return self.request.model
 
 
-def parse_create(body: Any, store: ResponseStore) -> ResponsesCall:
-    """A create request; `store` holds the conversations `previous_response_id` may continue."""
+def parse_create(body: Any, store: ResponseStore, owner: str | None = None) -> ResponsesCall:
+    """A create request; `store` holds the conversations `previous_response_id` may continue (those
+    `owner`, the request's key, made)."""
     body = _fields(body)
     model = body.get("model")
     if not isinstance(model, str):
         raise bad_request("'model' is required and must be a string", "model", "missing_required_parameter")
-    earlier = _previous(body.get("previous_response_id"), store)
+    earlier = _previous(body.get("previous_response_id"), store, owner)
     called = {call["id"]: call["name"] for message in earlier for call in message.get("tool_calls", ())}
     if "input" not in body:
         raise bad_request("'input' is required", "input", "missing_required_parameter")
@@ -124,13 +125,13 @@ def _optional(body: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def _previous(response_id: Any, store: ResponseStore) -> tuple[dict[str, Any], ...]:
+def _previous(response_id: Any, store: ResponseStore, owner: str | None) -> tuple[dict[str, Any], ...]:
     """The stored conversation `previous_response_id` continues (none without one)."""
     if response_id is None:
         return ()
     if not isinstance(response_id, str):
         raise bad_request("'previous_response_id' must be a string", "previous_response_id", "invalid_type")
-    stored = store.get(response_id)
+    stored = store.get(response_id, owner)
     if stored is None:
         raise not_found(response_id, "previous_response_id")
     return stored.conversation

@@ -15,6 +15,7 @@ class StoredResponse:
 
     body: dict[str, Any]
     conversation: tuple[dict[str, Any], ...]
+    owner: str | None = None  # the name of the API key that made it: only that key sees it
 
 
 class ResponseStore:
@@ -34,8 +35,13 @@ class ResponseStore:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def get(self, response_id: str) -> StoredResponse | None:
-        return self._entries.get(response_id)
+    def get(self, response_id: str, owner: str | None = None) -> StoredResponse | None:
+        """The response, if `owner` (a key's name; None without keys) made it: another key's reads as unknown."""
+        entry = self._entries.get(response_id)
+        return entry if entry is not None and entry.owner == owner else None
 
-    def remove(self, response_id: str) -> bool:
-        return self._entries.pop(response_id, None) is not None
+    def remove(self, response_id: str, owner: str | None = None) -> bool:
+        if self.get(response_id, owner) is None:
+            return False
+        del self._entries[response_id]
+        return True
