@@ -344,7 +344,8 @@ class BrokerCore:
             self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, refusal)
             return
         num_waiting = self.requests.num_queued(model)
-        if num_waiting >= self.settings.max_queue and not dispatch.has_room(self.workers, self.requests, model, task):
+        if num_waiting >= self.settings.max_queue and not dispatch.has_room(self.workers, self.requests, model,
+                                                                               message.command):
             self._send_error(identity, request_id, ErrorCode.OVERLOADED,
                              f"every worker for '{model}' is busy and {num_waiting} requests are waiting")
             return

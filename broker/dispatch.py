@@ -29,13 +29,23 @@ def next_request(requests: RequestTable, candidates: set[tuple[str, Command]]) -
 
 def worker_for(workers: WorkerRegistry, requests: RequestTable, request: Request,
                affinity_slack: int) -> WorkerRecord | None:
+    if request.command is Command.TOKENIZE:
+        return _least_busy(workers, requests, request.model)
     return choose_worker(workers, request.model, requests.num_on_worker, TASK_OF_COMMAND[request.command],
                          parts=request.parts, affinity_slack=affinity_slack)
 
 
-def has_room(workers: WorkerRegistry, requests: RequestTable, model: str, task: Task) -> bool:
-    """Some worker of `model` could take a `task` request now."""
-    return choose_worker(workers, model, requests.num_on_worker, task) is not None
+def _least_busy(workers: WorkerRegistry, requests: RequestTable, model: str) -> WorkerRecord | None:
+    """A TOKENIZE runs no model step: any live generating worker answers it at once, full or not."""
+    serving = [w for w in workers.serving(model, Task.GENERATE) if not w.draining]
+    return min(serving, key=lambda w: requests.num_on_worker(w.identity), default=None)
+
+
+def has_room(workers: WorkerRegistry, requests: RequestTable, model: str, command: Command) -> bool:
+    """Some worker of `model` could take a `command` request now."""
+    if command is Command.TOKENIZE:
+        return _least_busy(workers, requests, model) is not None
+    return choose_worker(workers, model, requests.num_on_worker, TASK_OF_COMMAND[command]) is not None
 
 
 def wrong_task(workers: WorkerRegistry, model: str, task: Task) -> str | None:

@@ -386,3 +386,14 @@ def test_a_draining_worker_gets_nothing_new_and_its_model_still_queues(bus):
     bus.ready(b"w2", capacity=2)
     assert [m.identity for m in bus.done(b"w1", rid(1))] == [CLIENT]  # nothing more for w1
     assert bus.core.requests.get(rid(2)).worker == b"w2"
+
+
+def test_a_tokenize_goes_to_a_worker_at_once_even_a_full_one(bus):
+    bus.ready(b"w1")
+    bus.request(rid(1))  # the only slot
+    bus.request(rid(2))  # waits
+    out = bus.send(CLIENT, Command.TOKENIZE, rid(3), {"model": "m", "prompt": "hi"})
+    assert summary(out) == [(b"w1", "TOKENIZE", rid(3))]
+    assert summary(bus.send(b"w1", Command.TOKENS, rid(3), {"tokens": [1], "max_model_len": 8})) == [
+        (CLIENT, "TOKENS", rid(3))]
+    assert bus.core.requests.get(rid(2)).worker is None  # the generation still waits for the slot
