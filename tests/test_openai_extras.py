@@ -38,6 +38,7 @@ def test_tokenize_counts_what_a_request_prefills(api, bus):
 @pytest.mark.parametrize("path, body, param", [
     ("/tokenize", {"prompt": "hi", "return_token_strs": True}, "return_token_strs"),
     ("/tokenize", {"messages": HELLO, "add_generation_prompt": False}, "add_generation_prompt"),
+    ("/tokenize", {"messages": HELLO, "add_special_tokens": True}, "add_special_tokens"),
     ("/tokenize", {"messages": "hi"}, "messages"),
     ("/tokenize", {"model": "no-such-model", "prompt": "hi"}, "model"),
     ("/tokenize", {}, "prompt"),
@@ -66,3 +67,18 @@ def test_vllm_sampling_extras_reach_the_worker(default_api, default_bus):
     assert (cut.choices[0].finish_reason, cut.choices[0].text, cut.usage.completion_tokens) == ("stop", "", 1)
     status, error = post(default_api.url + "/v1/chat/completions", {**ask, "min_tokens": 50})
     assert status == 400 and error["error"]["param"] == "min_tokens"
+
+
+def test_tokenize_keeps_a_keys_model_limits(bus, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.other]\nsecret = "s1"\nmodels = ["another-model"]\n')
+    server = Api(bus.address, "--keys-file", str(keys)).wait()
+    try:
+        status, body = post(server.url + "/tokenize", {"prompt": "hi"}, headers={"Authorization": "Bearer s1"})
+        assert status == 403 and body["error"]["code"] == "model_not_allowed"
+        status, body = post(server.url + "/tokenize", {"model": bus.model, "messages": HELLO,
+                                                       "add_special_tokens": True},
+                            headers={"Authorization": "Bearer s1"})
+        assert status == 403  # named, it is refused before anything else
+    finally:
+        server.stop()

@@ -45,9 +45,8 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     recorder = request[RECORDER]
     recorder.key = policy.name
     model = None if policy.models is None else await _model_asked(request)
-    if model is not None and not policy.may_use(model):
-        raise ApiError(403, f"this API key may not use the model '{model}'", type="permission_error",
-                       param="model", code="model_not_allowed")
+    if model is not None:
+        check_model(request, model)
     refusal = quotas.admit(policy, time.monotonic())
     if refusal is not None:
         retry_after = max(1, math.ceil(refusal.retry_after))
@@ -58,6 +57,13 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     finally:
         quotas.release(policy, recorder.num_prompt_tokens + recorder.num_completion_tokens, time.monotonic())
+
+
+def check_model(request: web.Request, model: str) -> None:
+    """A 403 when the request's key may not use `model` (for a handler that picks the model itself)."""
+    if KEY in request and not request[KEY].may_use(model):
+        raise ApiError(403, f"this API key may not use the model '{model}'", type="permission_error",
+                       param="model", code="model_not_allowed")
 
 
 def key_name(request: web.Request) -> str | None:

@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from frontends.client import BusError
+from frontends.openai_api.access import check_model
 from frontends.openai_api.context import BUS, json_body
 from frontends.openai_api.errors import ApiError, bad_request
 from frontends.openai_api.requests import _messages, object_body
@@ -29,6 +30,9 @@ async def tokenize(request: web.Request) -> web.Response:
     add_special = body.get("add_special_tokens", not chat)  # vLLM's defaults: true for a prompt, false for a chat
     if not isinstance(add_special, bool):
         raise bad_request("'add_special_tokens' must be a boolean", "add_special_tokens", "invalid_type")
+    if chat and add_special:  # the chat template writes the special tokens a request starts with
+        raise bad_request("'add_special_tokens' is supported only as false with 'messages'", "add_special_tokens",
+                          "unsupported_parameter")
     if chat:
         if not isinstance(body["messages"], list):
             raise bad_request("'messages' must be an array", "messages", "invalid_type")
@@ -73,4 +77,5 @@ async def _model(request: web.Request, body: dict[str, Any]) -> str:
     if len(generating) != 1:
         raise bad_request(f"'model' is required: {len(generating)} models generate here", "model",
                           "missing_required_parameter")
+    check_model(request, generating[0])  # a key limited to other models may not reach it unnamed
     return generating[0]
