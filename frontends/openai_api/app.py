@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.protocol import Done, EmbeddingRequest, Embeddings
-from frontends.client import BusClient, BusError, Completion, Stream
+from frontends.client import BusClient, BusError, Completion, Overloaded, Stream
 from frontends.openai_api.access import access_middleware, with_priority
 from frontends.openai_api.anthropic import routes as anthropic_routes
 from frontends.openai_api.config import ApiSettings
@@ -279,7 +279,7 @@ async def embeddings(request: web.Request) -> web.Response:
     try:
         answers = await asyncio.gather(*tasks)
     except BusError as error:
-        if error.code.value in ("overloaded", "queue_timeout"):
+        if isinstance(error, Overloaded):  # a queue timeout too
             recorder.overloaded(call.model)
         raise ApiError.from_bus(error, "input") from None
     finally:
@@ -342,7 +342,7 @@ async def _send_events(request: web.Request, response: web.StreamResponse, call:
     done: list[Done] = []
     while True:
         if isinstance(item, BusError):
-            if item.code.value in ("overloaded", "queue_timeout"):
+            if isinstance(item, Overloaded):  # a queue timeout too
                 request[RECORDER].overloaded(call.model)
             raise ApiError.from_bus(item, call.input_param)
         if isinstance(item, Done):

@@ -8,8 +8,8 @@ from contextlib import aclosing
 
 from aiohttp import web
 
-from broker.protocol import Done, ErrorCode
-from frontends.client import BusError, Stream
+from broker.protocol import Done
+from frontends.client import BusError, Overloaded, Stream
 from frontends.openai_api.access import with_priority
 from frontends.openai_api.anthropic.errors import error_object, error_status
 from frontends.openai_api.anthropic.requests import parse_count_request, parse_message_request
@@ -20,7 +20,6 @@ from frontends.streams import outcomes
 
 log = logging.getLogger(__name__)
 
-_OVERLOADED = (ErrorCode.OVERLOADED, ErrorCode.QUEUE_TIMEOUT)
 
 
 async def create_message(request: web.Request) -> web.StreamResponse:
@@ -97,7 +96,7 @@ async def _send(response: web.StreamResponse, events: list[Event]) -> None:
 
 
 def _api_error(request: web.Request, error: BusError, model: str) -> ApiError:
-    if error.code in _OVERLOADED:  # only a served model is overloaded: fit to be a metrics label
+    if isinstance(error, Overloaded):  # a queue timeout too; only a served model is: fit to be a metrics label
         request[RECORDER].overloaded(model)
     return ApiError.from_bus(error, "messages")
 

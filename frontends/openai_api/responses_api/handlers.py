@@ -11,7 +11,7 @@ from contextlib import aclosing
 from aiohttp import web
 
 from broker.protocol import Done
-from frontends.client import BusError
+from frontends.client import BusError, Overloaded
 from frontends.openai_api.access import key_name, with_priority
 from frontends.openai_api.context import BUS, RECORDER, RESPONSES, cors_headers, json_body
 from frontends.openai_api.errors import ApiError
@@ -113,7 +113,7 @@ _FIELD_NAMES = {"constraint": "text.format", "max_tokens": "max_output_tokens"} 
 
 def _api_error(request: web.Request, call: ResponsesCall, error: BusError) -> ApiError:
     """The API error for a bus error, counted as an overload where it is one (only a served model is)."""
-    if error.code.value in ("overloaded", "queue_timeout"):
+    if isinstance(error, Overloaded):  # a queue timeout too
         request[RECORDER].overloaded(call.model)
     return ApiError.from_bus(error, INPUT_PARAM, _FIELD_NAMES)
 
