@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
+import llguidance.numpy  # not llguidance.torch: importing it loads torch.compile's machinery, 2 s a worker start
 import numpy as np
-import llguidance.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -143,15 +143,15 @@ def mask_logits(scores: torch.Tensor, rows: list[int], grammars: list[RowGrammar
     the other rows are untouched. Columns past the tokenizer's vocabulary (padding of the embedding)
     are never allowed. Returns `scores`."""
     vocab_size = grammars[0].vocab_size
-    bitmask = llguidance.torch.allocate_token_bitmask(len(rows), vocab_size)  # [R, ceil(V/32)] int32
+    bitmask = llguidance.numpy.allocate_token_bitmask(len(rows), vocab_size)  # [R, ceil(V/32)] int32
     for index, grammar in enumerate(grammars):
-        llguidance.torch.fill_next_token_bitmask(grammar.matcher, bitmask, index)
+        llguidance.numpy.fill_next_token_bitmask(grammar.matcher, bitmask, index)
     # Unpacked by numpy (bit i of word w is token 32w + i, little-endian) and applied row by row in
     # place: 0.3 ms for 8 rows, where gathering and scattering the rows in torch took 2 ms (a third
     # of a decode step), and llguidance's own kernel goes through torch.compile, which wants a C++
     # compiler on a CPU host.
     width = min(vocab_size, scores.shape[1])
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=width, bitorder="little")  # [R, width]
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, count=width, bitorder="little")  # [R, width]
     forbidden = torch.ones(len(rows), scores.shape[1], dtype=torch.bool)  # [R, V]: past the vocabulary too
     forbidden[:, :width] = torch.from_numpy(bits == 0)
     # A grammar in error allows nothing: its row is left as it is (sampling from all -inf would fail
