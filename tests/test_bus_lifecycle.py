@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import signal
 
 import msgpack
 import pytest
@@ -97,18 +98,23 @@ async def test_a_worker_stops_a_cancelled_request_at_its_next_step(tiny_model_di
         assert done.completion_tokens < 480
 
 async def test_full_queue_answers_overloaded_and_waiting_times_out(stack):
-    stack.broker("--max-queue", "1", "--queue-timeout", "0.3")
-    stack.worker("--max-batch", "1")
+    # Heartbeats slow enough that a worker frozen for the test is not taken for dead.
+    stack.broker("--max-queue", "1", "--queue-timeout", "0.3", "--heartbeat-interval", "2")
+    worker = stack.worker("--max-batch", "1", "--heartbeat-interval", "2")
     await wait_for_models(stack.address, {TINY_MODEL})
     async with BusClient(stack.address) as client:
         running = await client.chat(TINY_MODEL, HELLO, max_tokens=480)
         await anext(running)
-        queued = await client.chat(TINY_MODEL, HELLO, max_tokens=5)
-        rejected = await client.chat(TINY_MODEL, HELLO, max_tokens=5)
-        with pytest.raises(Overloaded, match="busy"):
-            await rejected.collect()
-        with pytest.raises(QueueTimeout):
-            await queued.collect()
+        worker.send_signal(signal.SIGSTOP)  # its only slot stays taken, however fast the model
+        try:
+            queued = await client.chat(TINY_MODEL, HELLO, max_tokens=5)
+            rejected = await client.chat(TINY_MODEL, HELLO, max_tokens=5)
+            with pytest.raises(Overloaded, match="busy"):
+                await rejected.collect()
+            with pytest.raises(QueueTimeout):
+                await asyncio.wait_for(queued.collect(), 30)
+        finally:
+            worker.send_signal(signal.SIGCONT)
         await running.cancel()
 
 async def test_garbage_frames_do_not_hurt_the_broker(bus):
