@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from broker.protocol import TASK_OF_COMMAND, Command, ErrorCode, Task
 from broker.registry import WorkerRecord, WorkerRegistry, choose_worker
-from broker.requests import Request, RequestTable, queue_order
+from broker.requests import Request, RequestTable, State, queue_order
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,5 +81,5 @@ def expired(requests: RequestTable, now: float, queue_timeout: float) -> Iterato
 
 def overdue(requests: RequestTable, now: float) -> list[Request]:
     """Running requests whose `timeout` ran out and whose worker has not been told yet."""
-    return [request for request in requests.running()
-            if request.deadline is not None and request.deadline <= now and not request.deadline_sent]
+    return [request for request in requests.timed() if request.state is State.RUNNING and
+            request.deadline is not None and request.deadline <= now and not request.deadline_sent]

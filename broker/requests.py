@@ -67,6 +67,7 @@ class RequestTable:
         self._queues: dict[str, deque[Request]] = {}
         self._by_worker: dict[bytes, set[bytes]] = {}
         self._by_client: dict[bytes, set[bytes]] = {}
+        self._timed: dict[bytes, Request] = {}  # those with a deadline: the broker's every tick looks only at these
         self._arrivals = itertools.count()  # increasing: the order of arrival
         self._returns = itertools.count(-1, -1)  # decreasing: given back by a lost worker, ahead of arrivals
 
@@ -115,6 +116,8 @@ class RequestTable:
             raise ValueError("request id already in use")
         self._requests[request.request_id] = request
         self._by_client.setdefault(request.client, set()).add(request.request_id)
+        if request.deadline is not None:
+            self._timed[request.request_id] = request
         request.order = next(self._returns if front else self._arrivals)
         self._queues.setdefault(request.model, deque()).append(request)
 
@@ -156,14 +159,15 @@ class RequestTable:
         """The request is over, whatever the outcome: it leaves every index."""
         if self._requests.pop(request.request_id, None) is None:
             return
+        self._timed.pop(request.request_id, None)
         if request.state is State.QUEUED:
             self._queues[request.model].remove(request)
         self._leave_worker(request)
         self._leave_client(request)
 
-    def running(self) -> list[Request]:
-        """The requests on workers whose clients still listen."""
-        return [request for request in self._requests.values() if request.state is State.RUNNING]
+    def timed(self) -> list[Request]:
+        """The requests that carry a deadline, in any state."""
+        return list(self._timed.values())
 
     def _leave_worker(self, request: Request) -> None:
         if request.worker is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
 
+import aiohttp
 import zmq
 import zmq.asyncio
 
@@ -98,6 +99,19 @@ async def num_workers(client: BusClient, count: int) -> bool:
 
 async def idle(client: BusClient) -> bool:
     return await in_flight(client) == 0
+
+
+async def a_client_that_leaves_is_cancelled(url: str, body: dict, bus_address: str) -> None:
+    """Open a stream at `url`, drop the connection after its first line: the worker must stop the request."""
+    async with aiohttp.ClientSession() as session, BusClient(bus_address) as client:
+        response = await session.post(url, json=body)
+        await response.content.readline()
+        assert await in_flight(client) == 1
+        response.close()  # drop the connection mid-stream
+        try:
+            await wait_until(lambda: idle(client), timeout=6)
+        except TimeoutError:
+            raise AssertionError("the worker kept generating for a client that left") from None
 
 
 async def num_queued_is(client: BusClient, count: int) -> bool:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import urllib.request
 
-import aiohttp
 import anthropic
 import pytest
 from langchain_anthropic import ChatAnthropic
 
 from broker.protocol import Done, FinishReason, TokenDelta, ToolCallDelta
-from frontends.client import BusClient, Completion
+from frontends.client import Completion
 from frontends.openai_api.anthropic.responses import MessageEvents, message
-from tests.helpers import TINY_MODEL, serving
+from tests.helpers import TINY_MODEL, a_client_that_leaves_is_cancelled, serving
 from tests.test_openai_api import Api, post
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -338,18 +336,7 @@ def test_bad_requests_leave_a_running_stream_alone(api):
 
 
 async def test_client_disconnect_cancels_the_bus_request(api, bus):
-    async with aiohttp.ClientSession() as session, BusClient(bus.address) as bus_client:
-        response = await session.post(api.url + "/v1/messages", json={
-            "model": TINY_MODEL, "messages": HELLO, "max_tokens": 480, "stream": True})
-        await response.content.readline()
-        assert sum(w.in_flight for w in await bus_client.workers()) == 1
-        response.close()  # drop the connection mid-stream
-        for _ in range(300):
-            if sum(w.in_flight for w in await bus_client.workers()) == 0:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("the worker kept generating for a client that left")
+    await a_client_that_leaves_is_cancelled(api.url + "/v1/messages", {"model": TINY_MODEL, "messages": HELLO, "max_tokens": 480, "stream": True}, bus.address)
 
 
 def test_worker_death_mid_stream_is_an_error_event(tiny_model_dir):

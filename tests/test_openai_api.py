@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -12,16 +11,14 @@ import ssl
 import time
 import urllib.request
 
-import aiohttp
 import httpx
 import openai
 import pytest
 from langchain_openai import ChatOpenAI
 
 from broker.protocol import SEED_RANGE
-from frontends.client import BusClient
 from frontends.openai_api.requests import parse_chat
-from tests.helpers import TINY_MODEL, serving
+from tests.helpers import TINY_MODEL, a_client_that_leaves_is_cancelled, serving
 from tests.openai_schema import validate
 from tests.processes import free_address, free_port, spawn, stop
 
@@ -450,18 +447,7 @@ def test_worker_death_mid_stream_is_an_error_event(tiny_model_dir):
 
 
 async def test_client_disconnect_cancels_the_bus_request(api, bus):
-    async with aiohttp.ClientSession() as session, BusClient(bus.address) as bus_client:
-        response = await session.post(api.url + "/v1/chat/completions", json={
-            "model": TINY_MODEL, "messages": HELLO, "max_tokens": 480, "stream": True})
-        await response.content.readline()
-        assert sum(w.in_flight for w in await bus_client.workers()) == 1
-        response.close()  # drop the connection mid-stream
-        for _ in range(300):
-            if sum(w.in_flight for w in await bus_client.workers()) == 0:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("the worker kept generating for a client that left")
+    await a_client_that_leaves_is_cancelled(api.url + "/v1/chat/completions", {"model": TINY_MODEL, "messages": HELLO, "max_tokens": 480, "stream": True}, bus.address)
 
 
 # -- LangChain

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import threading
 import urllib.request
 
-import aiohttp
 
 import jsonschema
 import openai
@@ -18,8 +16,7 @@ from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
-from frontends.client import BusClient
-from tests.helpers import TINY_MODEL, serving
+from tests.helpers import TINY_MODEL, a_client_that_leaves_is_cancelled, serving
 from tests.openai_schema import validate
 from tests.processes import free_address, spawn, stop
 from tests.test_openai_api import Api, post
@@ -359,18 +356,7 @@ def test_worker_death_mid_stream_is_an_error_then_a_failed_response(tiny_model_d
 
 
 async def test_client_disconnect_cancels_the_bus_request(api, bus):
-    async with aiohttp.ClientSession() as session, BusClient(bus.address) as bus_client:
-        response = await session.post(api.url + "/v1/responses", json={
-            "model": TINY_MODEL, "input": "Hello there", "max_output_tokens": 480, "stream": True})
-        await response.content.readline()
-        assert sum(w.in_flight for w in await bus_client.workers()) == 1
-        response.close()  # drop the connection mid-stream
-        for _ in range(300):
-            if sum(w.in_flight for w in await bus_client.workers()) == 0:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("the worker kept generating for a client that left")
+    await a_client_that_leaves_is_cancelled(api.url + "/v1/responses", {"model": TINY_MODEL, "input": "Hello there", "max_output_tokens": 480, "stream": True}, bus.address)
 
 
 def test_metrics_count_the_endpoint(api):

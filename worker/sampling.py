@@ -110,7 +110,7 @@ def mask_early_ends(scores: torch.Tensor, logits: torch.Tensor, sequences: list[
     """No ending token (end of turn, stop token ids) for a row still short of its `min_tokens`.
     `scores` is copied first when it is still the model's `logits`."""
     for row, sequence in enumerate(sequences):
-        if sequence.may_end or not sequence.end_ids:
+        if not sequence.request.min_tokens or sequence.may_end or not sequence.end_ids:  # the usual row: no lookups
             continue
         if scores is logits:
             scores = logits.clone()

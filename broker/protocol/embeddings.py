@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.protocol.frames import ProtocolError
-from broker.protocol.fields import MAX_COUNT, _check_range, _get, _quote, is_token_id
+from broker.protocol.fields import MAX_COUNT, _check_range, _get, _reject_unknown, is_token_id
 
 
 MAX_EMBED_INPUTS = 128  # inputs of one EMBED; its answer (inputs x dimensions x 4 bytes) must fit in a body
@@ -37,9 +37,7 @@ class EmbeddingRequest:
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> EmbeddingRequest:
-        unknown = sorted(map(str, set(fields) - {"model", "input", "dimensions"}))
-        if unknown:
-            raise ProtocolError(f"unknown field {_quote(unknown[0])}", unknown[0][:64])
+        _reject_unknown(fields, ("model", "input", "dimensions"))
         raw = _get(fields, "input", list, required=True)
         if all(isinstance(item, str) for item in raw):
             inputs: tuple = tuple(raw)

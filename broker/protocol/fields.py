@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from broker.protocol.frames import ProtocolError
@@ -39,6 +40,15 @@ def _quote(value: Any) -> str:
     """A caller's value inside an error message, cut short: an answer must never outgrow its question."""
     text = repr(value)
     return text if len(text) <= 64 else text[:60] + "..."
+
+
+def _reject_unknown(fields: dict, known: Iterable[str], at: str | None = None) -> None:
+    """A ProtocolError naming the first of `fields` not in `known`; `at`: the path of a nested map."""
+    unknown = sorted(map(str, set(fields) - set(known)))
+    if unknown:
+        name = unknown[0][:64]
+        raise ProtocolError(f"unknown field {_quote(name if at is None else f'{at}.{name}')}",
+                            name if at is None else at)
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:

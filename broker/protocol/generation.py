@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from broker.protocol.frames import ProtocolError
-from broker.protocol.fields import MAX_COUNT, _canonical_json, _check_range, _get, _number, _quote, is_token_id
+from broker.protocol.fields import MAX_COUNT, _canonical_json, _check_range, _get, _number, _quote, _reject_unknown, is_token_id
 from broker.protocol.tools import ToolCall, Tools
 
 
@@ -69,9 +69,7 @@ class Constraint:
     def from_fields(cls, value: Any) -> Constraint:
         if not isinstance(value, dict):
             raise ProtocolError("'constraint' must be a map", "constraint")
-        unknown = sorted(map(str, set(value) - {"type", "schema"}))
-        if unknown:
-            raise ProtocolError(f"unknown field 'constraint.{unknown[0][:64]}'", "constraint")
+        _reject_unknown(value, ("type", "schema"), "constraint")
         try:
             return cls(_get(value, "type", str, required=True), _get(value, "schema", dict))
         except ProtocolError as exc:
@@ -164,9 +162,7 @@ class GenerationRequest:
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:
-        unknown = sorted(map(str, set(fields) - set(cls.__slots__)))
-        if unknown:
-            raise ProtocolError(f"unknown field {_quote(unknown[0])}", unknown[0][:64])
+        _reject_unknown(fields, cls.__slots__)
         messages = _get(fields, "messages", list)
         if messages is not None:
             messages = tuple(_chat_message(index, m) for index, m in enumerate(messages))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.protocol.frames import ProtocolError
-from broker.protocol.fields import _get, _quote, is_token_id
+from broker.protocol.fields import _get, _reject_unknown, is_token_id
 from broker.protocol.tools import Tools
 from broker.protocol.generation import ChatMessage, _chat_message
 
@@ -37,9 +37,7 @@ class TokenizeRequest:
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> TokenizeRequest:
-        unknown = sorted(map(str, set(fields) - set(cls.__slots__)))
-        if unknown:
-            raise ProtocolError(f"unknown field {_quote(unknown[0])}", unknown[0][:64])
+        _reject_unknown(fields, cls.__slots__)
         messages = _get(fields, "messages", list)
         tokens = _get(fields, "tokens", list)
         return cls(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.protocol.frames import ProtocolError
-from broker.protocol.fields import _canonical_json, _quote
+from broker.protocol.fields import _canonical_json, _quote, _reject_unknown
 
 
 TOOL_CHOICES = ("auto", "required")  # auto: a reply or calls; required: calls only
@@ -102,9 +102,7 @@ class Tools:
     def from_fields(cls, value: Any) -> Tools:
         if not isinstance(value, dict):
             raise ProtocolError("'tools' must be a map", "tools")
-        unknown = sorted(map(str, set(value) - {"functions", "choice", "function", "parallel"}))
-        if unknown:
-            raise ProtocolError(f"unknown field 'tools.{unknown[0][:64]}'", "tools")
+        _reject_unknown(value, ("functions", "choice", "function", "parallel"), "tools")
         functions = value.get("functions")
         if not isinstance(functions, list):
             raise ProtocolError("'tools.functions' must be an array", "tools.functions")
@@ -122,9 +120,7 @@ def _function(index: int, value: Any) -> Function:
     name = f"tools.functions[{index}]"
     if not isinstance(value, dict):
         raise ProtocolError(f"'{name}' must be a map with 'name' and 'parameters'", name)
-    unknown = sorted(map(str, set(value) - {"name", "parameters", "description"}))
-    if unknown:
-        raise ProtocolError(f"unknown field '{name}.{unknown[0][:64]}'", name)
+    _reject_unknown(value, ("name", "parameters", "description"), name)
     if not isinstance(value.get("name"), str) or not value["name"]:
         raise ProtocolError(f"'{name}.name' must be a non-empty string", f"{name}.name")
     if not isinstance(value.get("parameters"), dict):
