@@ -164,17 +164,13 @@ class Engine:
         if sequence is None:
             return []
         events: list[Event] = []
-        if reason is FinishReason.DEADLINE:
-            held, calls = _held_back_text(sequence, end_of_turn=False), ()
-            if sequence.answer is not None:  # a tool call cut short ends with what it has
-                held, calls = sequence.answer.push(held)
-                rest, more_calls = sequence.answer.finish()
-                held, calls = held + rest, calls + more_calls
+        sequence.finish_reason = reason
+        if reason is FinishReason.DEADLINE:  # the answer so far goes out whole: held-back text, a cut tool call
+            held, calls = _read_answer(sequence, _held_back_text(sequence, end_of_turn=False))
             if held or calls or sequence.unsent_tokens:
                 unsent = sequence.output_ids[len(sequence.output_ids) - sequence.unsent_tokens:]
                 events.append(TokenEvent(request_id, protocol.TokenDelta(held, len(unsent), None, calls,
                                                                          tuple(unsent))))
-        sequence.finish_reason = reason
         self._retire([sequence])
         return [*events, self._done(sequence)]
 
@@ -260,14 +256,7 @@ class Engine:
             sequence.finish_reason = FinishReason.LENGTH
         if sequence.finished and not stopped:  # a stop string drops what follows it; other ends keep it
             text += _held_back_text(sequence, end_of_turn)
-        calls: tuple[protocol.ToolCallDelta, ...] = ()
-        if sequence.answer is not None:
-            text, calls = sequence.answer.push(text)
-            if sequence.finished:
-                rest, more_calls = sequence.answer.finish()
-                text, calls = text + rest, calls + more_calls
-                if sequence.answer.made_calls and sequence.finish_reason is FinishReason.STOP:
-                    sequence.finish_reason = FinishReason.TOOL_CALLS
+        text, calls = _read_answer(sequence, text)
         logprobs = None
         if sequence.request.logprobs:
             logprob = self.prompts.token_logprob
@@ -294,6 +283,20 @@ class Engine:
             self.runner.release(sequences, keep)
             for sequence in sequences:
                 self.scheduler.remove(sequence)
+
+
+def _read_answer(sequence: Sequence, text: str) -> tuple[str, tuple[protocol.ToolCallDelta, ...]]:
+    """With tools, new output split into reply text and call pieces (all that is left, once the sequence
+    has ended: an answer that made calls and stopped ends with `tool_calls`); without, the text as it is."""
+    if sequence.answer is None:
+        return text, ()
+    text, calls = sequence.answer.push(text)
+    if sequence.finished:
+        rest, more_calls = sequence.answer.finish()
+        text, calls = text + rest, calls + more_calls
+        if sequence.answer.made_calls and sequence.finish_reason is FinishReason.STOP:
+            sequence.finish_reason = FinishReason.TOOL_CALLS
+    return text, calls
 
 
 def _held_back_text(sequence: Sequence, end_of_turn: bool) -> str:
