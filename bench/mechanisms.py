@@ -21,7 +21,8 @@ from broker.protocol import GenerationRequest
 from broker.settings import cli_config, load_settings
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
-from worker.engine import DoneEvent, Engine
+from worker.engine import Engine
+from worker.engine_api import DoneEvent
 
 
 class MechanismSettings(BaseSettings):

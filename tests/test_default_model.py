@@ -15,7 +15,7 @@ from frontends.client import BusClient
 from tests.processes import ROOT
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
-from worker.engine import TokenEvent
+from worker.engine_api import TokenEvent
 from worker.model_source import DEFAULT_MODEL_NAME
 
 pytestmark = pytest.mark.slow

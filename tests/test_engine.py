@@ -13,7 +13,8 @@ from frontends.client import BusClient
 from tests.helpers import HELLO, TINY_MODEL
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
-from worker.engine import DoneEvent, Engine, ErrorEvent, TokenEvent
+from worker.engine import Engine
+from worker.engine_api import DoneEvent, ErrorEvent, TokenEvent
 from worker.prompt import PromptEncoder
 from worker.sampling import TokenChoice
 from worker.scheduler import Scheduler, SchedulerLimits
@@ -77,18 +78,19 @@ class ScriptedRunner:
             return None
         return self.prefill([sequence])[0]
 
-    def decode(self, sequences):
-        assert sorted(map(id, sequences)) == sorted(map(id, self.rows)), "decode exactly the cached rows"
+    def decode(self, batch):
+        assert list(map(id, batch)) == list(map(id, self.rows)), "decode the cached rows, in row order"
         if self.fail_next_decode:
             raise RuntimeError("device lost")
-        return [self._next(s) for s in sequences]
+        return [self._next(s) for s in batch]
 
-    def release(self, sequences, keep=True):
+    def release(self, batch, leaving, keep=True):
+        assert [id(s) for s in batch] == [id(s) for s in self.rows], "the batch is the cached rows, in row order"
         if self.fail_next_release:
             self.fail_next_release = False
             raise RuntimeError("out of memory")
-        self.released.extend(sequences)
-        self.rows = [s for s in self.rows if s not in sequences]
+        self.released.extend(leaving)
+        self.rows = [s for s in self.rows if s not in leaving]
 
     def _next(self, sequence) -> TokenChoice:
         script = self.scripts[sequence.request.prompt]

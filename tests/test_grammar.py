@@ -14,7 +14,7 @@ from broker.settings import load_settings
 from tests.test_default_model import PROMPTS, run_engine
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
-from worker.engine import DoneEvent, ErrorEvent, TokenEvent
+from worker.engine_api import DoneEvent, ErrorEvent, TokenEvent
 from worker.grammar import GrammarCompiler, closed_objects, mask_logits
 from worker.model_source import default_model_dir
 

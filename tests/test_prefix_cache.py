@@ -10,7 +10,8 @@ from broker.protocol import ChatMessage, FinishReason, GenerationRequest
 from broker.settings import load_settings
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
-from worker.engine import DoneEvent, Engine, TokenEvent
+from worker.engine import Engine
+from worker.engine_api import DoneEvent, TokenEvent
 from worker.prefix_cache import BLOCK_SIZE, PrefixStore
 
 LAYERS, HEADS, DIM = 2, 1, 2

@@ -10,7 +10,7 @@ from broker.settings import load_settings
 from tests.helpers import HELLO
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
-from worker.engine import DoneEvent, ErrorEvent, TokenEvent
+from worker.engine_api import DoneEvent, ErrorEvent, TokenEvent
 
 WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},

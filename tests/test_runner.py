@@ -20,16 +20,19 @@ def engine(tiny_model_dir):
     return engine
 
 
-def check_tight(runner) -> None:
-    """One cache row per running sequence, as wide as the longest one needs and no wider."""
-    layout = runner.layout()
-    assert layout.mask_shape[0] == len(layout.rows) == layout.num_positions
-    assert all(row.generator is not None for row in layout.rows)  # each row samples with its own
-    if layout.rows:
-        assert layout.mask_shape[1] == layout.longest_row
-        assert all(shape == layout.mask_shape for shape in layout.layer_shapes)
+def check_tight(engine) -> None:
+    """One cache row per running sequence, in its order, as wide as the longest one needs and no wider."""
+    runner, batch = engine.runner, engine.scheduler.running
+    mask, positions, cache = runner._mask, runner._positions, runner._cache
+    assert runner.num_rows == mask.shape[0] == len(batch) == positions.shape[0]
+    assert all(row.generator is not None for row in batch)  # each row samples with its own
+    if batch:
+        assert mask.shape[1] == int(mask.sum(-1).max())
+        assert all(tuple(layer.keys.shape[::2]) == tuple(mask.shape) for layer in cache.layers)
+        # row i holds sequence i: its cached tokens are its prompt and all its answer but the last token
+        assert mask.sum(-1).tolist() == [len(s.prompt_ids) + len(s.output_ids) - 1 for s in batch]
     else:
-        assert layout.layer_shapes == ()
+        assert cache is None
 
 
 def test_rows_that_finish_or_are_cancelled_free_their_place(engine):
@@ -41,28 +44,27 @@ def test_rows_that_finish_or_are_cancelled_free_their_place(engine):
     cancelled = chunked = False
     while engine.has_work:
         engine.step()
-        check_tight(runner)
-        assert list(runner.layout().rows) == engine.scheduler.running  # the scheduler's running sequences, in row order
-        chunked |= runner.layout().num_partial > 0  # the long prompt is prefilled 16 tokens at a time
-        seen_widths.append(runner.layout().mask_shape[1] if runner.num_rows else 0)
-        if not cancelled and b"l" * 16 in {s.request_id for s in runner.layout().rows}:
+        check_tight(engine)
+        chunked |= runner._chunked is not None  # the long prompt is prefilled 16 tokens at a time
+        seen_widths.append(runner._mask.shape[1])
+        if not cancelled and b"l" * 16 in {s.request_id for s in engine.scheduler.running}:
             engine.cancel(b"l" * 16)  # the longest row leaves: its columns go with it
             cancelled = True
-            check_tight(runner)
-            assert b"m" * 16 in {s.request_id for s in runner.layout().rows}
-            assert runner.layout().mask_shape[1] < seen_widths[-1]
+            check_tight(engine)
+            assert b"m" * 16 in {s.request_id for s in engine.scheduler.running}
+            assert runner._mask.shape[1] < seen_widths[-1]
     assert cancelled and chunked
-    assert runner.layout().rows == () and runner.layout().num_partial == 0
+    assert runner.num_rows == 0 and runner._chunked is None
 
 
-def test_decode_takes_exactly_the_cached_rows_in_any_order(engine):
+def test_decode_takes_the_whole_batch_in_row_order(engine):
     runner = engine.runner
     for rid, logprobs in ((b"x" * 16, True), (b"y" * 16, False)):
         engine.add(rid, GenerationRequest(model="m", prompt="Hello there", max_tokens=8, logprobs=logprobs))
     engine.step()
     x, y = engine.scheduler.running
-    assert [c.logprob is None for c in runner.decode([y, x])] == [True, False]  # in the order asked
-    with pytest.raises(RuntimeError, match="cache holds"):
+    assert [c.logprob is None for c in runner.decode([x, y])] == [False, True]  # one choice per row, in order
+    with pytest.raises(RuntimeError, match="cache holds 2 rows"):
         runner.decode([x])
     engine.drop_all()
     assert runner.num_rows == 0

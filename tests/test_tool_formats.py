@@ -30,7 +30,7 @@ from tests.processes import free_address, start_broker, start_worker, stop
 from tests.test_openai_api import Api
 from worker.__main__ import build_engine
 from worker.config import WorkerSettings
-from worker.engine import DoneEvent, TokenEvent
+from worker.engine_api import DoneEvent, TokenEvent
 from worker.grammar import GrammarCompiler, GrammarRefused
 from worker.model_source import default_model_dir
 from worker.prompt import PromptEncoder

@@ -18,7 +18,7 @@ import numpy as np
 
 from broker import protocol
 from broker.protocol import EmbeddingRequest, ErrorCode, FinishReason
-from worker.engine import DoneEvent, ErrorEvent
+from worker.engine_api import DoneEvent, EmbeddingsEvent, ErrorEvent, Event, Request
 
 if TYPE_CHECKING:  # sentence-transformers loads slowly: only an embedding worker imports it
     from worker.embedding_runner import EmbeddingRunner
@@ -31,15 +31,6 @@ _ANSWER_OVERHEAD = 1024  # bytes of an EMBEDDINGS body besides its vectors (msgp
 MAX_PADDING_SHARE = 0.2
 
 
-@dataclass(frozen=True, slots=True)
-class EmbeddingsEvent:
-    """A request's vectors: its only event."""
-
-    request_id: bytes
-    embeddings: protocol.Embeddings
-
-
-EmbeddingEvent = EmbeddingsEvent | DoneEvent | ErrorEvent
 
 
 @dataclass(slots=True, eq=False)
@@ -109,8 +100,10 @@ class Embedder:
     def has_work(self) -> bool:
         return bool(self.pending)
 
-    def add(self, request_id: bytes, request: EmbeddingRequest) -> list[EmbeddingEvent]:
+    def add(self, request_id: bytes, request: Request) -> list[Event]:
         """Queue a request; one this model cannot answer is refused at once."""
+        if not isinstance(request, EmbeddingRequest):
+            return [ErrorEvent(request_id, protocol.Error(ErrorCode.BAD_REQUEST, "this worker embeds: it does not generate"))]
         try:
             inputs = self._token_ids(request)
             dimensions = self._dimensions(request)
@@ -120,7 +113,8 @@ class Embedder:
         self.pending[request_id] = PendingEmbedding(request_id, inputs, dimensions)
         return []
 
-    def cancel(self, request_id: bytes) -> list[EmbeddingEvent]:
+    def cancel(self, request_id: bytes, reason: FinishReason = FinishReason.CANCELLED) -> list[Event]:
+        """Stop a request; its vectors come whole or not at all, so a deadline cancels it like any other."""
         request = self.pending.pop(request_id, None)
         if request is None:
             return []  # answered already: its EMBEDDINGS crossed the CANCEL
@@ -130,7 +124,7 @@ class Embedder:
     def drop_all(self) -> None:
         self.pending.clear()
 
-    def step(self) -> list[EmbeddingEvent]:
+    def step(self) -> list[Event]:
         """One forward pass; a failure ends the requests in it with an explicit error."""
         plan = plan_pass(list(self.pending.values()), self.max_pass_tokens)
         try:
@@ -141,7 +135,7 @@ class Embedder:
                 del self.pending[request.request_id]
             return [ErrorEvent(r.request_id, protocol.Error(ErrorCode.INTERNAL, f"the worker failed: {exc}"))
                     for r, _ in plan]
-        events: list[EmbeddingEvent] = []
+        events: list[Event] = []
         row = 0
         for request, taken in plan:
             request.vectors.extend(vectors[row:row + len(taken)])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from broker import protocol
 from broker.protocol import ErrorCode, FinishReason, GenerationRequest, ProtocolError, TokenizeRequest
+from worker.engine_api import DoneEvent, ErrorEvent, Event, Request, TokenEvent, TokensEvent
 from worker.grammar import GrammarCompiler, GrammarRefused
 from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
@@ -18,39 +18,6 @@ from worker.text import Detokenizer, StopMatcher
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """New text (or only logprobs, or only a token count) for one request."""
-
-    request_id: bytes
-    delta: protocol.TokenDelta
-
-
-@dataclass(frozen=True, slots=True)
-class DoneEvent:
-    """A request ended normally: its last event."""
-
-    request_id: bytes
-    done: protocol.Done
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorEvent:
-    """A request failed or could not start: its last event."""
-
-    request_id: bytes
-    error: protocol.Error
-
-
-@dataclass(frozen=True, slots=True)
-class TokensEvent:
-    """The answer to a TOKENIZE: its only event."""
-
-    request_id: bytes
-    tokens: protocol.Tokens
-
-
-Event = TokenEvent | DoneEvent | ErrorEvent | TokensEvent
 
 
 def _error(request_id: bytes, code: ErrorCode, message: str, field: str | None = None) -> ErrorEvent:
@@ -58,8 +25,9 @@ def _error(request_id: bytes, code: ErrorCode, message: str, field: str | None =
 
 
 class Engine:
-    """Admits requests, runs the scheduler's plan on the runner each step, and turns sampled tokens
-    into events. The scheduler alone decides which sequences run."""
+    """The generation engine (a `WorkerEngine`): admits requests, runs the scheduler's plan on the
+    runner each step, and turns sampled tokens into events. The scheduler alone decides which
+    sequences run."""
 
     def __init__(self, runner: ModelRunner, prompts: PromptEncoder, scheduler: Scheduler, context_length: int,
                  grammars: GrammarCompiler | None = None) -> None:
@@ -83,8 +51,13 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def add(self, request_id: bytes, request: GenerationRequest) -> list[Event]:
-        """Queue a request; one that cannot run on this model is answered with an error at once."""
+    def add(self, request_id: bytes, request: Request) -> list[Event]:
+        """Queue a request; one that cannot run on this model is answered with an error at once, and
+        a TOKENIZE at once with its tokens."""
+        if isinstance(request, TokenizeRequest):
+            return self.tokenize(request_id, request)
+        if not isinstance(request, GenerationRequest):
+            return [_error(request_id, ErrorCode.BAD_REQUEST, "this worker generates text: it does not embed")]
         try:
             prompt_ids = self.prompts.encode(request)
             grammar, answer = None, None
@@ -201,18 +174,20 @@ class Engine:
             try:
                 if plan.chunk is not None:
                     choice = self.runner.prefill_chunk(plan.chunk.sequence, plan.chunk.start, plan.chunk.end)
-                    self._accept(plan.joining, [] if choice is None else [choice], events)
+                    choices = [] if choice is None else [choice]
                 else:
-                    self._accept(plan.joining, self.runner.prefill(plan.prefill), events)
+                    choices = self.runner.prefill(plan.prefill)
             except Exception as exc:
                 # New prompts have their own cache until they join: only they fail, the batch runs on.
                 log.exception("prefill failed; failing the %d requests that were joining", len(plan.joining))
                 self._retire(plan.joining, keep=False)
                 events += _failed(plan.joining, exc, events)
-        running = set(self.scheduler.running)  # without those that ended or failed as they joined
-        decoding = [s for s in plan.decode if s in running]
-        if decoding:
-            self._accept(decoding, self.runner.decode(decoding), events)
+            else:
+                self.scheduler.join(plan.ready)
+                self._accept(plan.ready, choices, events)
+        if self.scheduler.running:
+            batch = list(self.scheduler.running)
+            self._accept(batch, self.runner.decode(batch), events)
 
     def _accept(self, sequences: list[Sequence], choices: list[TokenChoice], events: list[Event]) -> None:
         refused = []
@@ -280,7 +255,7 @@ class Engine:
     def _retire(self, sequences: list[Sequence], keep: bool = True) -> None:
         """Take sequences out of the batch; `keep`: their cache may serve later prompts (not after a failure)."""
         if sequences:
-            self.runner.release(sequences, keep)
+            self.runner.release(self.scheduler.running, sequences, keep)
             for sequence in sequences:
                 self.scheduler.remove(sequence)
 

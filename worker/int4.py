@@ -50,7 +50,7 @@ class DualLinear(torch.nn.Module):
         rows = x.numel() // self.in_features
         if rows > self.max_rows:
             return self.linear(x)
-        flat = x.reshape(rows, self.in_features)
+        flat = x.reshape(rows, self.in_features).contiguous()  # a slice (a prefill's last positions) is not
         if flat.dtype != self.scales_and_zeros.dtype:
             flat = flat.to(self.scales_and_zeros.dtype)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP_SIZE, self.scales_and_zeros)

@@ -4,7 +4,8 @@ The sequences the scheduler runs are the rows of one left-padded batch. A step m
 new prompts (as their own padded batch), whose cache is then padded to the running cache's length
 and stacked under it; then the rows decode one token each. Rows that finish leave at once, and
 columns of padding that no row needs any more are cut off the left. Which sequences run is the
-scheduler's decision: the runner keeps only what torch needs for the ones it is given.
+scheduler's decision, and the scheduler's `running` list is the batch: the runner keeps only the
+tensors, row for row in that list's order, and is handed the list whenever it needs it.
 
 With a `PrefixStore`, the runner keeps the KV of each prompt as it joins and of each prompt and
 answer as its row leaves, and a prompt that starts with a stored prefix prefills only the rest.
@@ -13,8 +14,6 @@ answer as its row leaves, and a prompt that starts with a stored prefix prefills
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -72,18 +71,6 @@ def _new_cache() -> DynamicCache:
     return cache
 
 
-@dataclass(frozen=True, slots=True)
-class CacheLayout:
-    """A snapshot of the runner's batch: its rows in order and the shapes of what they cache."""
-
-    rows: tuple[Sequence, ...]
-    mask_shape: tuple[int, ...]  # [B, L]
-    num_positions: int  # B
-    longest_row: int  # tokens cached by the fullest row
-    layer_shapes: tuple[tuple[int, int], ...]  # per layer: [B, L] of its keys
-    num_partial: int  # long prompts part-way through their chunks
-
-
 class ModelRunner:
     """Owns the model and the batch's KV cache; samples through a `Sampler`."""
 
@@ -96,27 +83,15 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
         self.sampler = Sampler(self.device, unpenalized_ids)
-        self._rows: list[Sequence] = []  # the sequence in each cache row, in row order
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, L]: 1 where a token is cached
         self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # [B]: next position id
-        self._partial: dict[Sequence, DynamicCache] = {}  # caches of long prompts prefilled so far
+        self._chunked: tuple[Sequence, DynamicCache] | None = None  # a long prompt, prefilled chunk by chunk so far
 
     @property
     def num_rows(self) -> int:
-        return len(self._rows)
-
-    def layout(self) -> CacheLayout:
-        """What the batch's cache holds now, for checks and diagnostics."""
-        layers = self._cache.layers if self._cache is not None else []
-        return CacheLayout(
-            rows=tuple(self._rows),
-            mask_shape=tuple(self._mask.shape),
-            num_positions=int(self._positions.shape[0]),
-            longest_row=int(self._mask.sum(-1).max()) if self._rows else 0,
-            layer_shapes=tuple((int(layer.keys.shape[0]), int(layer.keys.shape[2])) for layer in layers),
-            num_partial=len(self._partial),
-        )
+        """Rows in the batch's cache."""
+        return int(self._mask.shape[0])
 
     # -- cached prefixes
 
@@ -165,8 +140,7 @@ class ModelRunner:
         _check_filled(cache, cached_width + width)
         for row, sequence in enumerate(sequences):
             self._keep(sequence.prompt_ids, cache, row, mask.shape[1])
-        self._append_rows(sequences, cache, mask, mask.sum(-1))
-        return self.sampler.sample(logits, sequences)
+        return self._join(sequences, logits, cache, mask, mask.sum(-1))
 
     def _cache_from_prefixes(self, sequences: list[Sequence], width: int) -> DynamicCache:
         """A new cache `width` columns wide, each row's cached prefix right-aligned in it."""
@@ -192,7 +166,8 @@ class ModelRunner:
     def prefill_chunk(self, sequence: Sequence, start: int, end: int) -> TokenChoice | None:
         """Prefill prompt tokens [start, end) of one sequence in a cache of its own. With the last
         chunk the sequence joins the batch, and its first token is returned."""
-        cache = self._partial.pop(sequence, None)
+        cache = self._chunked[1] if self._chunked is not None and self._chunked[0] is sequence else None
+        self._chunked = None
         if cache is None:  # its first chunk: it starts after its cached prefix, if any
             sequence.num_cached_tokens = start
             cache = self._cache_from_prefixes([sequence], start)
@@ -204,28 +179,29 @@ class ModelRunner:
                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         _check_filled(cache, end)
         if end < len(sequence.prompt_ids):
-            self._partial[sequence] = cache
+            self._chunked = (sequence, cache)
             return None
         self._keep(sequence.prompt_ids, cache, 0, end)
-        self._append_rows([sequence], cache, mask, torch.tensor([end], device=self.device))
-        return self.sampler.sample(logits, [sequence])[0]
+        return self._join([sequence], logits, cache, mask, torch.tensor([end], device=self.device))[0]
 
-    def release(self, sequences: list[Sequence], keep: bool = True) -> None:
-        """Forget `sequences` (finished or cancelled): their rows, and padding columns no row needs any
-        more. With `keep` (not after a failure) the prefix store keeps what their rows cached."""
-        gone = set(sequences)
-        if keep and self.prefixes is not None and self._cache is not None:
-            self._keep_rows(gone)
-        for sequence in sequences:
-            self._partial.pop(sequence, None)
-        keep = [i for i, s in enumerate(self._rows) if s not in gone]
-        if len(keep) == len(self._rows):
+    def release(self, batch: list[Sequence], leaving: list[Sequence], keep: bool = True) -> None:
+        """Forget `leaving` (finished or cancelled): the rows of those in `batch` (the running sequences,
+        in row order), and padding columns no row needs any more. With `keep` (not after a failure)
+        the prefix store keeps what their rows cached."""
+        gone = set(leaving)
+        if self._chunked is not None and self._chunked[0] in gone:
+            self._chunked = None
+        kept = [row for row, sequence in enumerate(batch) if sequence not in gone]
+        if len(kept) == len(batch):
             return
-        self._rows = [self._rows[i] for i in keep]
-        if not self._rows:
+        if keep and self.prefixes is not None:
+            self._check_batch(batch)
+            self._keep_rows(batch, gone)
+        if not kept:  # after a failure too, whatever state it left
             self._cache, self._mask, self._positions = None, self._mask[:0, :0], self._positions[:0]
             return
-        index = torch.tensor(keep, device=self.device)
+        self._check_batch(batch)
+        index = torch.tensor(kept, device=self.device)
         self._mask, self._positions = self._mask[index], self._positions[index]
         first_used = int(self._mask.any(0).int().argmax())
         self._mask = self._mask[:, first_used:]
@@ -234,12 +210,12 @@ class ModelRunner:
             _replace_tensors(layer, layer.keys[index, :, first_used:], layer.values[index, :, first_used:])
 
     @torch.inference_mode()
-    def _keep_rows(self, gone: set[Sequence]) -> None:
+    def _keep_rows(self, batch: list[Sequence], gone: set[Sequence]) -> None:
         """Store the prompt and answer of each leaving row: every token it has fed the model, i.e.
         all but the last one sampled."""
         assert self._cache is not None
         lengths = self._mask.sum(-1).tolist()
-        for row, sequence in enumerate(self._rows):
+        for row, sequence in enumerate(batch):
             if sequence in gone:
                 fed = (sequence.prompt_ids + sequence.output_ids)[:lengths[row]]
                 if len(fed) == lengths[row]:
@@ -248,34 +224,35 @@ class ModelRunner:
     # -- decoding
 
     @torch.inference_mode()
-    def decode(self, sequences: list[Sequence]) -> list[TokenChoice]:
-        """Feed each of `sequences` its last token and sample its next one; one choice per sequence,
-        in their order. They must be exactly the prefilled rows: the cache holds one block for all."""
-        if sequences != self._rows and (len(sequences) != len(self._rows) or set(sequences) != set(self._rows)):
-            raise RuntimeError(f"asked to decode {len(sequences)} sequences, but the cache holds "
-                               f"{len(self._rows)} other rows")
-        rows = self._rows
-        last = torch.tensor([s.output_ids[-1] for s in rows], device=self.device)[:, None]  # [B, 1]
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        self._use_threads(len(rows))
+    def decode(self, batch: list[Sequence]) -> list[TokenChoice]:
+        """Feed each row of `batch` (the running sequences, in row order) its last token and sample its
+        next one; one choice per row."""
+        self._check_batch(batch)
+        last = torch.tensor([s.output_ids[-1] for s in batch], device=self.device)[:, None]  # [B, 1]
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(batch), 1)], dim=1)
+        self._use_threads(len(batch))
         if self.decoder is not None:
             logits = self.decoder.step(last, self._mask, self._positions[:, None], self._cache)
         else:
             logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=self._positions[:, None],
                                 cache=self._cache, use_cache=True).logits[:, -1]
         self._positions = self._positions + 1
-        choices = self.sampler.sample(logits, rows)
-        if sequences == rows:
-            return choices
-        by_sequence = dict(zip(rows, choices))
-        return [by_sequence[s] for s in sequences]
+        return self.sampler.sample(logits, batch)
+
+    def _check_batch(self, batch: list[Sequence]) -> None:
+        if len(batch) != self.num_rows:
+            raise RuntimeError(f"handed a batch of {len(batch)} sequences, but the cache holds {self.num_rows} rows")
 
     def _use_threads(self, rows: int) -> None:
         if self.threads is not None:
             self.threads.use(rows)
 
-    def _append_rows(self, sequences: list[Sequence], cache: DynamicCache, mask: torch.Tensor,
-                     positions: torch.Tensor) -> None:
+    def _join(self, sequences: list[Sequence], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor,
+              positions: torch.Tensor) -> list[TokenChoice]:
+        """Sample the first token of each of `sequences`, then stack their cache under the batch's:
+        a failure leaves the batch as it was, without them."""
+        self.sampler.add(sequences)
+        choices = self.sampler.sample(logits, sequences)
         if self._cache is None:
             self._cache, self._mask, self._positions = cache, mask, positions
         else:
@@ -288,8 +265,7 @@ class ModelRunner:
             self._positions = torch.cat([self._positions, positions])
             for layer, (keys, values) in zip(self._cache.layers, stacked):
                 _replace_tensors(layer, keys, values)
-        self.sampler.add(sequences)
-        self._rows.extend(sequences)
+        return choices
 
 
 def _check_filled(cache: DynamicCache, length: int) -> None:

@@ -1,8 +1,8 @@
 """The batching policy: which sequences run in the next step. Pure Python, no torch.
 
-The scheduler alone owns the set of running sequences; each step's `Plan` tells the engine which
-of them to prefill, which prompt chunk to run, and which to decode, and the engine hands exactly
-those to the runner.
+The scheduler alone owns the running sequences: `running` is the batch, in the order of the
+runner's cache rows. Each step's `Plan` tells the engine which waiting prompts to prefill (or which
+chunk of a long one); the engine `join`s them once their prompts ran, and then decodes the batch.
 """
 
 from __future__ import annotations
@@ -39,21 +39,21 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """One step: prompts to prefill (they join the batch) or one chunk of a long prompt (it joins with
-    its last chunk), then one decode for every running sequence."""
+    """The prompts of one step, before the batch decodes: new prompts to prefill (they join the
+    batch) or one chunk of a long prompt (it joins with its last chunk)."""
 
     prefill: list[Sequence] = field(default_factory=list)
-    decode: list[Sequence] = field(default_factory=list)
     chunk: Chunk | None = None
 
     @property
-    def empty(self) -> bool:
-        return not self.prefill and not self.decode and self.chunk is None
+    def joining(self) -> list[Sequence]:
+        """The sequences whose prompts run this step: admitted, no longer waiting, not yet running."""
+        return [self.chunk.sequence] if self.chunk is not None else self.prefill
 
     @property
-    def joining(self) -> list[Sequence]:
-        """The sequences whose prompts run this step (before the decode)."""
-        return [self.chunk.sequence] if self.chunk is not None else self.prefill
+    def ready(self) -> list[Sequence]:
+        """Those that join the batch once their prompts ran (a long prompt: with its last chunk)."""
+        return self.prefill if self.chunk is None else [self.chunk.sequence] if self.chunk.last else []
 
 
 class Scheduler:
@@ -63,12 +63,16 @@ class Scheduler:
     def __init__(self, limits: SchedulerLimits) -> None:
         self.limits = limits
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # the batch, in cache row order
         self.chunking: Sequence | None = None  # admitted, its long prompt being prefilled chunk by chunk
         self._num_chunked = 0  # prompt tokens of `chunking` already prefilled
 
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
+
+    def join(self, sequences: list[Sequence]) -> None:
+        """Sequences whose prompts ran join the batch, below the rows already there."""
+        self.running.extend(sequences)
 
     def remove(self, sequence: Sequence) -> None:
         """Take a sequence out, waiting or running (finished or cancelled)."""
@@ -97,8 +101,7 @@ class Scheduler:
     def schedule(self) -> Plan:
         # Phase 1: prefill. A long prompt goes on chunk by chunk, and nothing else joins meanwhile.
         if self.chunking is not None:
-            chunk = self._next_chunk()
-            return Plan([], list(self.running), chunk)
+            return Plan(chunk=self._next_chunk())
         # Otherwise admit waiting sequences while they fit. The cache is one padded block, so what
         # a batch can come to hold is its number of rows times its longest reservation.
         longest = max((s.num_reserved_tokens for s in self.running), default=0)
@@ -121,9 +124,7 @@ class Scheduler:
                 chunk = self._next_chunk()
                 break
             prefill.append(self.waiting.popleft())
-        self.running.extend(prefill)
-        # Phase 2: every running sequence decodes one token.
-        return Plan(prefill, list(self.running), chunk)
+        return Plan(prefill, chunk)
 
     def _next_chunk(self) -> Chunk:
         sequence = self.chunking
@@ -132,7 +133,6 @@ class Scheduler:
         end = min(start + self.limits.max_prefill_tokens, len(sequence.prompt_ids))
         self._num_chunked = end
         chunk = Chunk(sequence, start, end)
-        if chunk.last:  # its first token comes from this chunk: it decodes with the others from now on
+        if chunk.last:  # its first token comes from this chunk: it joins the batch with it
             self.chunking = None
-            self.running.append(sequence)
         return chunk

@@ -27,10 +27,8 @@ from broker.protocol import (
     FinishReason,
     Message,
     ProtocolError,
-    TokenizeRequest,
 )
-from worker.embedder import Embedder, EmbeddingEvent, EmbeddingsEvent
-from worker.engine import DoneEvent, Engine, ErrorEvent, Event, TokenEvent, TokensEvent
+from worker.engine_api import DoneEvent, EmbeddingsEvent, ErrorEvent, Event, TokenEvent, TokensEvent, WorkerEngine
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ _ENDINGS = frozenset(c.value.encode() for c in (Command.DONE, Command.ERROR, Com
 class WorkerServer:
     """Announces the engine's models to the broker and shuttles requests and events."""
 
-    def __init__(self, engine: Engine | Embedder, ready: protocol.Ready, broker: str,
+    def __init__(self, engine: WorkerEngine, ready: protocol.Ready, broker: str,
                  heartbeat_interval: float = protocol.HEARTBEAT_INTERVAL, context: zmq.Context | None = None,
                  curve: CurveKeys | None = None, drain_timeout: float = 0.0) -> None:
         self.engine = engine
@@ -254,11 +252,11 @@ class WorkerServer:
         finally:
             pipe.close(linger=0)
 
-    def on_command(self, message: Message) -> list[Event | EmbeddingEvent]:
+    def on_command(self, message: Message) -> list[Event]:
         if message.command is Command.CANCEL:
-            if isinstance(self.engine, Engine) and message.fields().get("reason") == "deadline":
-                return self.engine.cancel(message.request_id, FinishReason.DEADLINE)
-            return self.engine.cancel(message.request_id)  # nothing, for a request that already ended
+            deadline = message.fields().get("reason") == "deadline"
+            # nothing, for a request that already ended
+            return self.engine.cancel(message.request_id, FinishReason.DEADLINE if deadline else FinishReason.CANCELLED)
         task = TASK_OF_COMMAND[message.command]
         if task not in self.ready.tasks:  # the broker routes by task: only a confused peer gets here
             return [ErrorEvent(message.request_id, protocol.Error(
@@ -268,22 +266,20 @@ class WorkerServer:
         except ProtocolError as exc:
             return [ErrorEvent(message.request_id, protocol.Error(ErrorCode.BAD_REQUEST, str(exc), exc.field))]
         try:
-            if isinstance(request, TokenizeRequest):
-                return self.engine.tokenize(message.request_id, request)
             return self.engine.add(message.request_id, request)
         except Exception as exc:  # e.g. a chat template that raises on these messages
             log.exception("could not admit request %s", message.request_id.hex())
             return [ErrorEvent(message.request_id,
                                protocol.Error(ErrorCode.INTERNAL, f"could not admit the request: {exc}"))]
 
-    def _send(self, pipe: zmq.Socket, events: list[Event | EmbeddingEvent]) -> None:
+    def _send(self, pipe: zmq.Socket, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, DoneEvent):  # signed, so that a client can tell which worker served it
                 event = DoneEvent(event.request_id, dataclasses.replace(event.done, worker_id=self.ready.worker_id))
             pipe.send_multipart(event_frames(event))
 
 
-def event_frames(event: Event | EmbeddingEvent) -> list[bytes]:
+def event_frames(event: Event) -> list[bytes]:
     """The message an engine event becomes on the bus."""
     match event:
         case TokenEvent(request_id, delta):
