@@ -8,6 +8,7 @@ from broker import protocol
 from broker.protocol import ErrorCode, FinishReason, GenerationRequest, ProtocolError, TokenizeRequest
 from worker.engine_api import DoneEvent, ErrorEvent, Event, Request, TokenEvent, TokensEvent
 from worker.grammar import GrammarCompiler, GrammarRefused
+from worker.output import OutputStep
 from worker.prompt import PromptEncoder
 from worker.runner import ModelRunner
 from worker.sampling import TokenChoice
@@ -36,6 +37,7 @@ class Engine:
         self.scheduler = scheduler
         self.context_length = context_length
         self._grammars = grammars  # built on the first constrained request when not given
+        self.output = OutputStep(prompts.token_logprob)
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -98,7 +100,7 @@ class Engine:
         where they stood when it was cut; then they join the prompt, to be prefilled with it."""
         try:
             for token in sequence.request.resume_ids:
-                self._extend(sequence, TokenChoice(token))
+                self.output.push(sequence, TokenChoice(token))
                 sequence.unsent_tokens = 0  # the caller counted it, with its frame
                 if sequence.finished:  # only its DONE was lost with its worker
                     return [self._done(sequence)]
@@ -139,11 +141,9 @@ class Engine:
         events: list[Event] = []
         sequence.finish_reason = reason
         if reason is FinishReason.DEADLINE:  # the answer so far goes out whole: held-back text, a cut tool call
-            held, calls = _read_answer(sequence, _held_back_text(sequence, end_of_turn=False))
-            if held or calls or sequence.unsent_tokens:
-                unsent = sequence.output_ids[len(sequence.output_ids) - sequence.unsent_tokens:]
-                events.append(TokenEvent(request_id, protocol.TokenDelta(held, len(unsent), None, calls,
-                                                                         tuple(unsent))))
+            delta = self.output.flush(sequence)
+            if delta is not None:
+                events.append(TokenEvent(request_id, delta))
         self._retire([sequence])
         return [*events, self._done(sequence)]
 
@@ -193,7 +193,7 @@ class Engine:
         refused = []
         for sequence, choice in zip(sequences, choices):
             try:
-                delta = self._extend(sequence, choice)
+                delta = self.output.push(sequence, choice)
             except GrammarRefused as exc:  # a bug must cost its own row, never the batch
                 log.error("request %s: %s", sequence.request_id.hex(), exc)
                 refused.append(sequence)
@@ -204,45 +204,6 @@ class Engine:
             if sequence.finished:
                 events.append(self._done(sequence))
         self._retire([s for s in sequences if s.finished] + refused)
-
-    def _extend(self, sequence: Sequence, choice: TokenChoice) -> protocol.TokenDelta | None:
-        """Add one sampled token to `sequence`; returns the TOKEN frame it brings, if any.
-
-        A frame counts every token since the previous one (tokens held back: part of a character,
-        or what may start a stop string), and a sequence that ends sends a last frame for the tokens
-        still uncounted, so a stream's `num_tokens` add up to its DONE's `completion_tokens`.
-        """
-        request = sequence.request
-        token = choice.token_id
-        sequence.output_ids.append(token)
-        sequence.unsent_tokens += 1
-        # before min_tokens the sampler never picks an ending token; ignore_eos leaves the end of turn out of them
-        end_of_turn = token in sequence.end_ids
-        text, stopped, complete = "", False, False
-        if sequence.grammar is not None:
-            sequence.grammar.advance(token)
-            # a complete constrained output ends here: its grammar allows nothing but the end of turn
-            complete = sequence.grammar.complete
-        if not end_of_turn or (request.include_stop_str_in_output and token in request.stop_token_ids):
-            text, stopped = sequence.stop_matcher.push(sequence.detokenizer.push(token), active=sequence.may_end)
-        if end_of_turn or stopped or complete:
-            sequence.finish_reason = FinishReason.STOP
-        elif sequence.num_generated >= sequence.max_tokens:
-            sequence.finish_reason = FinishReason.LENGTH
-        if sequence.finished and not stopped:  # a stop string drops what follows it; other ends keep it
-            text += _held_back_text(sequence, end_of_turn)
-        text, calls = _read_answer(sequence, text)
-        logprobs = None
-        if sequence.request.logprobs:
-            logprob = self.prompts.token_logprob
-            logprobs = (logprob(choice.token_id, choice.logprob or 0.0,
-                                tuple(logprob(t, lp) for t, lp in choice.top)),)
-        if not text and not calls and logprobs is None and not sequence.finished:
-            return None  # counted by the next frame
-        delta = protocol.TokenDelta(text, sequence.unsent_tokens, logprobs, calls,
-                                    tuple(sequence.output_ids[-sequence.unsent_tokens:]))
-        sequence.unsent_tokens = 0
-        return delta
 
     def _done(self, sequence: Sequence) -> DoneEvent:
         assert sequence.finish_reason is not None
@@ -258,28 +219,6 @@ class Engine:
             self.runner.release(self.scheduler.running, sequences, keep)
             for sequence in sequences:
                 self.scheduler.remove(sequence)
-
-
-def _read_answer(sequence: Sequence, text: str) -> tuple[str, tuple[protocol.ToolCallDelta, ...]]:
-    """With tools, new output split into reply text and call pieces (all that is left, once the sequence
-    has ended: an answer that made calls and stopped ends with `tool_calls`); without, the text as it is."""
-    if sequence.answer is None:
-        return text, ()
-    text, calls = sequence.answer.push(text)
-    if sequence.finished:
-        rest, more_calls = sequence.answer.finish()
-        text, calls = text + rest, calls + more_calls
-        if sequence.answer.made_calls and sequence.finish_reason is FinishReason.STOP:
-            sequence.finish_reason = FinishReason.TOOL_CALLS
-    return text, calls
-
-
-def _held_back_text(sequence: Sequence, end_of_turn: bool) -> str:
-    """At the end of a sequence: the text its detokenizer and stop matcher still hold."""
-    held = sequence.detokenizer.flush()
-    if end_of_turn:  # a character the model never finished: keep what came before it
-        held = held.rstrip("\ufffd")
-    return sequence.stop_matcher.push(held)[0] + sequence.stop_matcher.flush()
 
 
 def _failed(sequences: list[Sequence], exc: Exception, events: list[Event]) -> list[Event]:
