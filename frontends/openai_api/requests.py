@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.protocol import SEED_RANGE, GenerationRequest, ProtocolError
+from frontends.openai_api.body import object_body
 from frontends.openai_api.errors import bad_request
 from frontends.openai_api.tools import assistant_calls, parse_tools
 
@@ -46,7 +47,7 @@ class ApiCall:
 
 
 def parse_chat(body: Any, max_n: int) -> ApiCall:
-    body = object_body(body, CHAT_FIELDS)
+    body = object_body(body, CHAT_FIELDS, IGNORED_FIELDS)
     if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
         raise bad_request("'logprobs' must be a boolean", "logprobs")
     if body.get("top_logprobs") and not body.get("logprobs"):
@@ -96,7 +97,7 @@ def format_constraint(value: Any, param: str, schema_key: str | None) -> dict[st
 
 
 def parse_completion(body: Any, max_n: int) -> ApiCall:
-    body = object_body(body, COMPLETION_FIELDS)
+    body = object_body(body, COMPLETION_FIELDS, IGNORED_FIELDS)
     # Accepted only at the values that ask for nothing (null was dropped already).
     for param, harmless in (("echo", False), ("suffix", ""), ("best_of", 1)):
         if param in body and not (type(body[param]) is type(harmless) and body[param] == harmless):
@@ -168,18 +169,6 @@ def generation_request(fields: dict, max_tokens_param: str = "max_tokens",
             param = "tools"
         message = str(exc).replace("'max_tokens'", f"'{param}'")
         raise bad_request(message, param) from None
-
-
-def object_body(body: Any, allowed: set[str]) -> dict:
-    """The body as a dict without its null fields and those ignored; a 400 for fields not in `allowed`."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    body = {k: v for k, v in body.items() if v is not None and k not in IGNORED_FIELDS}  # null means "not given"
-    unsupported = sorted(set(body) - allowed)
-    if unsupported:
-        raise bad_request(f"'{unsupported[0]}' is not supported by this server", unsupported[0],
-                          "unsupported_parameter")
-    return body
 
 
 def _required(body: dict, name: str, kind: type | tuple) -> Any:

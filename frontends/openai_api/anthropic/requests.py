@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.protocol import Function, GenerationRequest, ProtocolError, ToolCall, Tools
+from frontends.openai_api.body import object_body
 from frontends.openai_api.errors import ApiError, bad_request
 
 _CHAT_FIELDS = {"model", "messages", "system", "tools", "tool_choice"}
@@ -36,7 +37,7 @@ def invalid(field: str | None, problem: str) -> ApiError:
 
 
 def parse_message_request(body: Any) -> MessagesCall:
-    body = _object(body, MESSAGE_FIELDS)
+    body = object_body(body, MESSAGE_FIELDS, IGNORED_FIELDS, unsupported=_extra_input)
     fields = _chat_fields(body)
     if "max_tokens" not in body:
         raise invalid("max_tokens", "Field required")
@@ -63,7 +64,8 @@ def parse_message_request(body: Any) -> MessagesCall:
 
 def parse_count_request(body: Any) -> GenerationRequest:
     """A `/v1/messages/count_tokens` body: the bus request whose prompt is counted."""
-    return _generation_request(_chat_fields(_object(body, _CHAT_FIELDS)))
+    body = object_body(body, _CHAT_FIELDS, IGNORED_FIELDS, unsupported=_extra_input)
+    return _generation_request(_chat_fields(body))
 
 
 def _generation_request(fields: dict[str, Any]) -> GenerationRequest:
@@ -75,14 +77,8 @@ def _generation_request(fields: dict[str, Any]) -> GenerationRequest:
         raise invalid(name or None, str(exc).replace(f"'{field}'", f"'{name}'")) from None
 
 
-def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise invalid(None, "the request body must be a JSON object")
-    body = {k: v for k, v in body.items() if v is not None and k not in IGNORED_FIELDS}  # null means "not given"
-    unsupported = sorted(set(body) - allowed)
-    if unsupported:
-        raise invalid(unsupported[0], "Extra inputs are not permitted (not supported by this server)")
-    return body
+def _extra_input(name: str) -> ApiError:
+    return invalid(name, "Extra inputs are not permitted (not supported by this server)")
 
 
 def _chat_fields(body: dict[str, Any]) -> dict[str, Any]:
