@@ -10,7 +10,7 @@ from typing import Any
 
 from broker.protocol import Function, GenerationRequest, ProtocolError, ToolCall, Tools
 from frontends.openai_api.body import object_body
-from frontends.openai_api.errors import ApiError, bad_request
+from frontends.openai_api.errors import ApiError, bad_request, in_api_terms
 
 _CHAT_FIELDS = {"model", "messages", "system", "tools", "tool_choice"}
 MESSAGE_FIELDS = _CHAT_FIELDS | {"max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream"}
@@ -19,8 +19,8 @@ MESSAGE_FIELDS = _CHAT_FIELDS | {"max_tokens", "stop_sequences", "temperature", 
 IGNORED_FIELDS = frozenset({"metadata", "service_tier", "cache_control"})
 _BLOCK_IGNORED = frozenset({"cache_control", "citations"})  # caching is automatic here (the prefix cache)
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "required"}
-# bus field -> Anthropic field, for the errors `GenerationRequest` raises
-_BUS_FIELDS = {"stop": "stop_sequences"}
+# bus field -> Anthropic field, for the errors of the bus request (the tools' own fields are all `tools`)
+FIELD_NAMES = {"stop": "stop_sequences", "tools": "tools"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +72,8 @@ def _generation_request(fields: dict[str, Any]) -> GenerationRequest:
     try:
         return GenerationRequest.from_fields(fields)
     except ProtocolError as exc:
-        field = exc.field or ""
-        name = "tools" if field.startswith("tools") else _BUS_FIELDS.get(field, field)
-        raise invalid(name or None, str(exc).replace(f"'{field}'", f"'{name}'")) from None
+        error = in_api_terms(exc, FIELD_NAMES)
+        raise invalid(error.field, str(error)) from None
 
 
 def _extra_input(name: str) -> ApiError:
@@ -236,8 +235,8 @@ def _tools(body: dict[str, Any]) -> Tools | None:
         raise invalid("tool_choice.name", f"{json.dumps(name)} names none of the tools")
     try:
         return Tools(functions, _TOOL_CHOICES[choice["type"]], name, not disable_parallel)
-    except ProtocolError as exc:  # too many, names alike, or a schema that is not JSON
-        raise invalid("tools", str(exc).replace("'tools.functions'", "'tools'")) from None
+    except ProtocolError as exc:  # too many, names alike, or a schema that is not JSON: all about `tools`
+        raise invalid("tools", str(exc.renamed("tools"))) from None
 
 
 def _function(tool: Any, path: str) -> Function:

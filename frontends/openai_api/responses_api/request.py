@@ -31,6 +31,8 @@ HARMLESS_VALUES: dict[str, Any] = {"truncation": "disabled", "background": False
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _TEXT_PARTS = ("input_text", "output_text")
 MAX_METADATA_KEYS = 16
+# bus field -> Responses field, for the errors of the bus request and those a worker finds
+FIELD_NAMES = {"constraint": "text.format", "max_tokens": "max_output_tokens", "tools": "tools"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,7 @@ def _bus_request(body: dict[str, Any], model: str, messages: list[dict[str, Any]
     fields = {"model": model, "messages": messages, "max_tokens": body.get("max_output_tokens"),
               "constraint": constraint, "tools": None if tools is None else tools.to_fields(),
               **{key: body[key] for key in ("temperature", "top_p") if key in body}}
-    return generation_request(fields, "max_output_tokens", "text.format")
+    return generation_request(fields, FIELD_NAMES)
 
 
 def _echo(body: dict[str, Any], request: GenerationRequest, instructions: str | None, keep: bool) -> dict[str, Any]:
