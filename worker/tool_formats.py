@@ -26,7 +26,7 @@ import jinja2
 import jinja2.meta
 
 from broker.protocol import ChatMessage, Function, ToolCallDelta, Tools
-from worker.grammar import JSON_STYLE, closed_objects
+from worker.json_schema import JSON_STYLE, closed_objects
 from worker.streamed_json import NAME_START, CallsReader, StringReader
 
 log = logging.getLogger(__name__)
