@@ -1,6 +1,6 @@
 """OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, and the calls and results in a chat's
 history, as the bus carries them. How a model sees the tools and writes its calls is the worker's
-business (worker/tool_formats.py); its calls come back as pieces on TOKEN frames."""
+business (worker/tool_formats/); its calls come back as pieces on TOKEN frames."""
 
 from __future__ import annotations
 
