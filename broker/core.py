@@ -2,26 +2,25 @@
 
 Inputs are what a peer sent (`receive`), that a peer could not be reached (`unreachable`) and the
 passing of time (`tick`), each with the current time; each returns the messages to send. The
-server (`broker/server.py`) does the I/O. Workers live in the `WorkerRegistry`, requests in the
-`RequestTable`; `dispatch` says which request goes where and which waited too long, `status`
-answers the lists.
+server (`broker/server.py`) does the I/O. The core reads each message and decides; the `Router`
+holds the workers (a `WorkerRegistry`) and the requests (a `RequestTable`) and makes the moves
+that follow, `dispatch` saying which request goes where. `status` answers the lists.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from broker import protocol
+from broker import dispatch, protocol
 from broker.affinity import request_parts
 from broker.auth import Role
 from broker.config import BrokerSettings
+from broker.outbox import Outgoing
 from broker.protocol import REQUEST_BODIES, TASK_OF_COMMAND, Command, ErrorCode, Message
-from broker import dispatch
-from broker.registry import WorkerRecord, WorkerRegistry
-from broker.requests import Request, RequestTable, State
+from broker.registry import WorkerRecord
+from broker.requests import Request
+from broker.routing import Router
 from broker.status import model_infos, worker_infos
 
 log = logging.getLogger(__name__)
@@ -30,31 +29,6 @@ _WORKER_REPLIES = (Command.TOKEN, Command.DONE, Command.EMBEDDINGS, Command.TOKE
 _WORKER_COMMANDS = (Command.READY, *_WORKER_REPLIES, Command.DRAIN, Command.DISCONNECT)
 _LOG_INTERVAL = 5.0  # seconds between warnings about malformed or refused messages
 EVERY_ROLE = frozenset(Role)  # a bus without authentication: every peer may do everything
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One message for the server to send to a peer."""
-
-    identity: bytes
-    command: Command
-    request_id: bytes = b""
-    body: dict[str, Any] | bytes | None = None
-
-
-@dataclass(slots=True)
-class BusStats:
-    """Counts since the broker started, for its metrics; `waits` are queue waits not yet reported."""
-
-    sent: Counter[str] = field(default_factory=Counter)  # messages sent, by command (relayed ones included)
-    num_malformed: int = 0
-    num_refused: int = 0  # messages refused for their sender's role
-    num_workers_lost: int = 0  # removed for silence, unreachability or a fresh READY, not DISCONNECT
-    waits: list[float] = field(default_factory=list)
-
-    def take_waits(self) -> list[float]:
-        waits, self.waits = self.waits, []
-        return waits
 
 
 @dataclass(slots=True)
@@ -70,18 +44,17 @@ class BrokerCore:
 
     def __init__(self, settings: BrokerSettings, now: float) -> None:
         self.settings = settings
-        self.workers = WorkerRegistry()
-        self.requests = RequestTable()
+        self._router = Router(settings)
+        # The router's state, named here for short (the metrics read it too)
+        self.workers, self.requests, self.stats = self._router.workers, self._router.requests, self._router.stats
+        self._out = self._router.out
         self._clients: dict[bytes, ClientWatch] = {}
         self._reannounced: dict[bytes, float] = {}  # unknown workers asked to announce, and when
-        self._models_seen: set[str] = set()
         # Until then, workers that served this broker's predecessor may still be re-announcing: a
         # request for a model none has announced waits for them instead of failing at once.
         self._announcing_until: float | None = now + self._timeout
         self._next_heartbeat = now
-        self.stats = BusStats()
         self._last_warning = {"malformed": -float("inf"), "refused": -float("inf")}
-        self._out: list[Outgoing] = []
 
     @property
     def _timeout(self) -> float:
@@ -105,7 +78,7 @@ class BrokerCore:
             answerable = len(frames) == 4 and frames[0] == protocol.PROTOCOL_SIGNATURE
             request_id = frames[2] if answerable and len(frames[2]) == protocol.REQUEST_ID_SIZE else b""
             self._reject(identity, request_id, exc, now, answer=answerable)
-            return self._flush()
+            return self._out.take()
         return self.handle(identity, message, now, roles)
 
     def handle(self, identity: bytes, message: Message, now: float,
@@ -122,7 +95,7 @@ class BrokerCore:
             log.exception("failed to handle a message from %s", identity.hex())
             if message.command in REQUEST_BODIES:  # REQUEST and EMBED: their client waits for an ending
                 self._abort(identity, message.request_id, exc)
-        return self._flush()
+        return self._out.take()
 
     def unreachable(self, identity: bytes, now: float) -> list[Outgoing]:
         """A send to this peer failed: it is gone (or stopped reading)."""
@@ -130,10 +103,10 @@ class BrokerCore:
         if worker is not None:
             log.info("worker %s unreachable: removed", worker.ready.worker_id)
             self.stats.num_workers_lost += 1
-            self._remove_worker(worker, now)
+            self._router.remove_worker(worker, now)
         elif identity in self._clients:
-            self._forget_client(identity, now)
-        return self._flush()
+            self._forget_client(identity)
+        return self._out.take()
 
     def tick(self, now: float) -> list[Outgoing]:
         """Time passes: dead peers, waits that ran out, heartbeats that are due."""
@@ -143,25 +116,25 @@ class BrokerCore:
         for worker in self.workers.expired(now - self._timeout):
             log.warning("worker %s silent for %.1fs: removed", worker.ready.worker_id, now - worker.last_seen)
             self.stats.num_workers_lost += 1
-            self._remove_worker(worker, now)
+            self._router.remove_worker(worker, now)
         for identity, client in list(self._clients.items()):
             if not self.requests.of_client(identity):
                 del self._clients[identity]  # watched only while it has requests
             elif client.heartbeats and client.last_seen < now - protocol.CLIENT_TIMEOUT:
-                self._forget_client(identity, now)
+                self._forget_client(identity)
         if self._announcing_until is not None and now >= self._announcing_until:
             self._announcing_until = None
             for model in self.requests.queued_models():
                 if not self.workers.serving(model):
-                    self._fail_queued(model)  # nobody announced it in time
-        self._expire_waits(now)
+                    self._router.fail_queued(model)  # nobody announced it in time
+        self._router.expire_waits(now)
         if now >= self._next_heartbeat:
             for worker in self.workers:
-                self._send(worker.identity, Command.HEARTBEAT)
+                self._out.send(worker.identity, Command.HEARTBEAT)
             self._next_heartbeat = now + self.settings.heartbeat_interval
-        return self._flush()
+        return self._out.take()
 
-    # -- routing
+    # -- messages
 
     def _handle(self, identity: bytes, message: Message, now: float) -> None:
         worker = self.workers.get(identity)
@@ -180,22 +153,23 @@ class BrokerCore:
                     log.info("worker %s draining: %d requests to finish", worker.ready.worker_id,
                              self.requests.num_on_worker(identity))
                 worker.draining = True
-                self._send(identity, Command.DRAIN)  # after every request sent to it: it has them all
+                self._out.send(identity, Command.DRAIN)  # after every request sent to it: it has them all
         elif command is Command.DISCONNECT:
             if worker is not None:
                 log.info("worker %s disconnected", worker.ready.worker_id)
-                self._remove_worker(worker, now)
+                self._router.remove_worker(worker, now)
         elif command is Command.HEARTBEAT:
             self._on_heartbeat(identity, worker, message.fields(), now)
         elif command in REQUEST_BODIES:
             self._on_request(identity, message, now)
         elif command is Command.CANCEL:
-            self._on_cancel(identity, message.request_id, now)
+            self._on_cancel(identity, message.request_id)
         elif command is Command.LIST_MODELS:
-            self._send(identity, Command.MODELS, message.request_id, protocol.model_list_fields(model_infos(self.workers, self.requests)))
+            self._out.send(identity, Command.MODELS, message.request_id,
+                           protocol.model_list_fields(model_infos(self.workers, self.requests)))
         elif command is Command.LIST_WORKERS:
-            self._send(identity, Command.WORKERS, message.request_id,
-                       protocol.worker_list_fields(worker_infos(self.workers, self.requests, now)))
+            self._out.send(identity, Command.WORKERS, message.request_id,
+                           protocol.worker_list_fields(worker_infos(self.workers, self.requests, now)))
         else:
             raise protocol.ProtocolError(f"{command.value} is not a command the broker accepts")
 
@@ -212,7 +186,7 @@ class BrokerCore:
         who = " or ".join(sorted(r.value for r in roles)) or "no longer allowed"
         text = f"{message.command.value} is not allowed for this key ({who})"
         self._warn("refused", f"refused a message (%d so far): {text}", self.stats.num_refused, now)
-        self._send_error(identity, message.request_id, ErrorCode.FORBIDDEN, text)
+        self._out.error(identity, message.request_id, ErrorCode.FORBIDDEN, text)
 
     def _warn(self, kind: str, text: str, count: int, now: float) -> None:
         if now - self._last_warning[kind] > _LOG_INTERVAL:
@@ -224,7 +198,7 @@ class BrokerCore:
         self.stats.num_malformed += 1
         self._warn("malformed", f"dropped malformed message (%d so far): {exc}", self.stats.num_malformed, now)
         if answer:
-            self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, str(exc), exc.field)
+            self._out.error(identity, request_id, ErrorCode.BAD_REQUEST, str(exc), exc.field)
         request = self.requests.get(request_id) if request_id else None
         worker = self.workers.get(identity)
         if worker is not None and request is not None and request.worker == identity:
@@ -232,81 +206,52 @@ class BrokerCore:
             # stop it, and its slot is free at once.
             log.warning("worker %s sent a malformed reply to request %s: %s", worker.ready.worker_id,
                         request_id.hex(), exc)
-            self._send(identity, Command.CANCEL, request_id)
-            self._end(request, ErrorCode.INTERNAL, f"worker {worker.ready.worker_id} sent a malformed reply: {exc}")
-            self._dispatch(worker.ready.models, now)
+            self._out.send(identity, Command.CANCEL, request_id)
+            self._router.end(request, ErrorCode.INTERNAL,
+                            f"worker {worker.ready.worker_id} sent a malformed reply: {exc}")
+            self._router.dispatch(worker.ready.models, now)
 
     def _abort(self, identity: bytes, request_id: bytes, exc: Exception) -> None:
         """A request the broker failed on: its client still gets an ending."""
         request = self.requests.get(request_id)
         message = f"the broker failed on this request: {exc}"
         if request is None:
-            self._send_error(identity, request_id, ErrorCode.INTERNAL, message)
+            self._out.error(identity, request_id, ErrorCode.INTERNAL, message)
         elif request.client == identity and request.listening:
             if request.worker is not None:
-                self._send(request.worker, Command.CANCEL, request_id)
-            self._end(request, ErrorCode.INTERNAL, message)
+                self._out.send(request.worker, Command.CANCEL, request_id)
+            self._router.end(request, ErrorCode.INTERNAL, message)
 
     # -- workers
 
     def _on_ready(self, identity: bytes, ready: protocol.Ready, now: float) -> None:
-        # A worker announces again only after losing the broker, and then it has dropped its work:
-        # its new self starts empty, and what the old one held is settled as if it had died.
-        previous = self.workers.remove(identity)
-        self.workers.add(identity, ready, now)
         self._reannounced.pop(identity, None)
-        self._models_seen.update(ready.models)
-        log.info("worker %s ready: models %s, capacity %d", ready.worker_id, list(ready.models), ready.capacity)
-        if previous is not None:
-            self.stats.num_workers_lost += 1
-            self._settle(previous, now)
-        self._dispatch(ready.models, now)
+        self._router.add_worker(identity, ready, now)
 
     def _on_worker_reply(self, identity: bytes, worker: WorkerRecord | None, message: Message, now: float) -> None:
         request = self.requests.get(message.request_id)
         if worker is None or request is None or request.worker != identity:
             # A stream the broker does not know (it restarted, or the request ended): stop it.
             if message.command is Command.TOKEN:
-                self._send(identity, Command.CANCEL, message.request_id)
+                self._out.send(identity, Command.CANCEL, message.request_id)
             if worker is None:
                 self._ask_to_announce(identity, now)
             return
         if request.listening:
-            self._send(request.client, message.command, message.request_id, message.body)
+            self._out.send(request.client, message.command, message.request_id, message.body)
         if message.command is Command.TOKEN:
             self.requests.mark_started(request)
             return
         self.requests.end(request)
         # The freed slot may serve any of the worker's models (aliases share it).
-        self._dispatch(worker.ready.models, now)
+        self._router.dispatch(worker.ready.models, now)
 
     def _ask_to_announce(self, identity: bytes, now: float) -> None:
         """An unknown worker (this broker restarted, or declared it dead) gets one REANNOUNCE per
         heartbeat interval, however many of its messages arrive before its READY does."""
         if now - self._reannounced.get(identity, -float("inf")) >= self.settings.heartbeat_interval:
             self._reannounced[identity] = now
-            self._send(identity, Command.REANNOUNCE)
-
-    def _remove_worker(self, worker: WorkerRecord, now: float) -> None:
-        if self.workers.remove(worker.identity) is not None:
-            self._settle(worker, now)
-
-    def _settle(self, worker: WorkerRecord, now: float) -> None:
-        """A worker's requests after it is gone: those that produced no token go back to the front
-        of their queue while some worker still serves their model; the rest end."""
-        model_served = {m: bool(self.workers.serving(m)) for m in worker.ready.models}
-        held = self.requests.on_worker(worker.identity)
-        for request in reversed(held):  # the oldest ends up first
-            if request.state is State.RUNNING and not request.started and model_served.get(request.model):
-                self.requests.requeue(request, now)  # its wait for a worker starts again
-                log.info("re-queued request %s from lost worker %s", request.request_id.hex(), worker.ready.worker_id)
-        for request in held:
-            if request.state is not State.QUEUED:
-                self._end(request, ErrorCode.WORKER_LOST, f"worker {worker.ready.worker_id} serving the request was lost")
-        for model, served in model_served.items():
-            if not served:
-                self._fail_queued(model)
-        self._dispatch(tuple(m for m, served in model_served.items() if served), now)
+            self._out.send(identity, Command.REANNOUNCE)
 
     # -- clients
 
@@ -321,33 +266,33 @@ class BrokerCore:
         for request_id in protocol.ClientHeartbeat.from_fields(fields).request_ids:
             request = self.requests.get(request_id)
             if request is None or request.client != identity or not request.listening:
-                self._send_error(identity, request_id, ErrorCode.UNKNOWN_REQUEST,
-                                 "the broker does not know this request (it may have restarted)")
-        self._send(identity, Command.HEARTBEAT)
+                self._out.error(identity, request_id, ErrorCode.UNKNOWN_REQUEST,
+                                "the broker does not know this request (it may have restarted)")
+        self._out.send(identity, Command.HEARTBEAT)
 
     def _on_request(self, identity: bytes, message: Message, now: float) -> None:
         request_id = message.request_id
         if len(request_id) != protocol.REQUEST_ID_SIZE:
             raise protocol.ProtocolError(f"{message.command.value} needs a 16-byte request id")
         if request_id in self.requests:
-            self._on_duplicate(identity, request_id, now)
+            self._on_duplicate(identity, request_id)
             return
         body = REQUEST_BODIES[message.command].from_fields(message.fields())
         model = body.model
         task = TASK_OF_COMMAND[message.command]
         parts = request_parts(body) if isinstance(body, protocol.GenerationRequest) else ()
         if not self.workers.serving(model) and self._announcing_until is None:
-            self._send_error(identity, request_id, *dispatch.not_served(self.workers, model, self._models_seen))
+            self._out.error(identity, request_id, *dispatch.not_served(self.workers, model, self._router.models_seen))
             return
         refusal = dispatch.wrong_task(self.workers, model, task)
         if refusal is not None:  # refused here, so no worker ever sees a request it cannot run
-            self._send_error(identity, request_id, ErrorCode.BAD_REQUEST, refusal)
+            self._out.error(identity, request_id, ErrorCode.BAD_REQUEST, refusal)
             return
         num_waiting = self.requests.num_queued(model)
         if num_waiting >= self.settings.max_queue and not dispatch.has_room(self.workers, self.requests, model,
                                                                                message.command):
-            self._send_error(identity, request_id, ErrorCode.OVERLOADED,
-                             f"every worker for '{model}' is busy and {num_waiting} requests are waiting")
+            self._out.error(identity, request_id, ErrorCode.OVERLOADED,
+                            f"every worker for '{model}' is busy and {num_waiting} requests are waiting")
             return
         generation = body if isinstance(body, protocol.GenerationRequest) else None
         timeout = None if generation is None else generation.timeout or self.settings.request_timeout
@@ -355,92 +300,27 @@ class BrokerCore:
                                       command=message.command, priority=generation.priority if generation else 0,
                                       deadline=now + timeout if timeout else None))
         self._clients.setdefault(identity, ClientWatch(now))
-        self._dispatch((model,), now)
+        self._router.dispatch((model,), now)
 
-    def _on_duplicate(self, identity: bytes, request_id: bytes, now: float) -> None:
+    def _on_duplicate(self, identity: bytes, request_id: bytes) -> None:
         """A REQUEST on an id in use. Its sender gets exactly one ending on that id, this ERROR: a
         request of its own under that id is cancelled, so no frame of it follows. Another client's
         request under the id is left alone."""
         request = self.requests.get(request_id)
         assert request is not None
         if request.client == identity and request.listening:
-            self._cancel(request, now)
-        self._send_error(identity, request_id, ErrorCode.DUPLICATE_REQUEST, "request id already in use")
+            self._router.cancel(request)
+        self._out.error(identity, request_id, ErrorCode.DUPLICATE_REQUEST, "request id already in use")
 
-    def _on_cancel(self, identity: bytes, request_id: bytes, now: float) -> None:
+    def _on_cancel(self, identity: bytes, request_id: bytes) -> None:
         request = self.requests.get(request_id)
         if request is not None and request.client == identity and request.listening:
-            self._cancel(request, now)
+            self._router.cancel(request)
 
-    def _cancel(self, request: Request, now: float) -> None:
-        """The client stops listening; a running request's slot is freed when its worker confirms."""
-        if not self.requests.cancel(request):
-            self._send(request.worker, Command.CANCEL, request.request_id)
-
-    def _forget_client(self, identity: bytes, now: float) -> None:
+    def _forget_client(self, identity: bytes) -> None:
         requests = self.requests.of_client(identity)
         self._clients.pop(identity, None)
         if requests:
             log.info("client gone; cancelling its %d requests", len(requests))
         for request in requests:
-            self._cancel(request, now)
-
-    # -- dispatch
-
-    def _dispatch(self, models: tuple[str, ...], now: float) -> None:
-        """Serve the queues of these models (one worker's aliases share its slots), by priority, then
-        the request that came first, whichever name it used."""
-        # A queue per model and request kind: an EMBED waiting for a full embedding worker does not
-        # hold up a REQUEST for a free generating worker under the same name, nor the other way round.
-        candidates = {(model, command) for model in models for command in TASK_OF_COMMAND}
-        while (request := dispatch.next_request(self.requests, candidates)) is not None:
-            worker = dispatch.worker_for(self.workers, self.requests, request, self.settings.affinity_slack)
-            if worker is None:
-                refusal = dispatch.wrong_task(self.workers, request.model, TASK_OF_COMMAND[request.command])
-                if refusal is not None:  # queued while workers were announcing; those that came do other work
-                    self._end(request, ErrorCode.BAD_REQUEST, refusal)
-                else:
-                    candidates.discard((request.model, request.command))
-                continue
-            self.requests.assign(request, worker.identity)
-            worker.prefixes.remember(request.parts)
-            worker.last_dispatch = now
-            worker.num_served += 1
-            self.stats.waits.append(now - request.enqueued_at)
-            self._send(worker.identity, request.command, request.request_id, request.body)
-
-    def _fail_queued(self, model: str) -> None:
-        """No worker serves `model`: its waiting requests end now, saying so."""
-        code, message = dispatch.not_served(self.workers, model, self._models_seen)
-        for request in self.requests.queue(model):
-            self._end(request, code, message)
-
-    def _expire_waits(self, now: float) -> None:
-        """Requests that waited too long in a queue end; running ones past their deadline are told to stop."""
-        for expiry in list(dispatch.expired(self.requests, now, self.settings.queue_timeout)):
-            self._end(expiry.request, expiry.code, expiry.message)
-        for request in dispatch.overdue(self.requests, now):
-            # the worker ends it with DONE `deadline`, the answer so far kept
-            self.requests.mark_deadline_sent(request)
-            self._send(request.worker, Command.CANCEL, request.request_id, {"reason": "deadline"})
-
-    def _end(self, request: Request, code: ErrorCode, message: str) -> None:
-        """End a request with an ERROR to its client, if it still listens."""
-        if request.listening:
-            self._send_error(request.client, request.request_id, code, message)
-        self.requests.end(request)
-
-    # -- output
-
-    def _send_error(self, identity: bytes, request_id: bytes, code: ErrorCode, message: str,
-                    field: str | None = None) -> None:
-        self._send(identity, Command.ERROR, request_id, protocol.Error(code, message, field).to_fields())
-
-    def _send(self, identity: bytes, command: Command, request_id: bytes = b"",
-              body: dict[str, Any] | bytes | None = None) -> None:
-        self.stats.sent[command.value] += 1
-        self._out.append(Outgoing(identity, command, request_id, body))
-
-    def _flush(self) -> list[Outgoing]:
-        out, self._out = self._out, []
-        return out
+            self._router.cancel(request)

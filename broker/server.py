@@ -13,7 +13,8 @@ from zmq.utils.monitor import recv_monitor_message
 from broker import protocol, sockets
 from broker.auth import AllowList, BusAuthenticator, Role, broker_keys
 from broker.config import BrokerSettings, is_local
-from broker.core import EVERY_ROLE, BrokerCore, Outgoing
+from broker.core import EVERY_ROLE, BrokerCore
+from broker.outbox import Outgoing
 from broker.metrics import BrokerMetrics
 
 log = logging.getLogger(__name__)

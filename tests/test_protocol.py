@@ -192,3 +192,16 @@ def test_tools_go_with_chats_and_nothing_that_could_break_a_call(fields, field):
     with pytest.raises(ProtocolError) as caught:
         GenerationRequest.from_fields({"model": "m", **fields})
     assert caught.value.field == field
+
+
+def test_an_error_about_one_field_names_it_in_its_message_and_can_be_renamed():
+    with pytest.raises(ProtocolError) as caught:
+        GenerationRequest.from_fields({"model": "m", "prompt": "a", "max_tokens": 0})
+    renamed = caught.value.renamed("max_completion_tokens")
+    assert renamed.field == "max_completion_tokens"
+    assert str(renamed) == "'max_completion_tokens' must be between 1 and 2147483647, got 0"
+    with pytest.raises(ProtocolError) as caught:  # a message not built from the name keeps its text
+        GenerationRequest.from_fields({"model": "m"})
+    assert str(caught.value.renamed("input")) == str(caught.value) and caught.value.renamed("input").field == "input"
+    with pytest.raises(ProtocolError, match="^'constraint.type' is required$"):  # a nested field, by its path
+        GenerationRequest.from_fields({"model": "m", "prompt": "a", "constraint": {}})

@@ -22,9 +22,9 @@ class EmbeddingRequest:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ProtocolError("'model' must be a non-empty string", "model")
+            raise ProtocolError.about("model", "must be a non-empty string")
         if not 1 <= len(self.inputs) <= MAX_EMBED_INPUTS:
-            raise ProtocolError(f"'input' must hold 1 to {MAX_EMBED_INPUTS} entries", "input")
+            raise ProtocolError.about("input", f"must hold 1 to {MAX_EMBED_INPUTS} entries")
         for index, item in enumerate(self.inputs):
             if not item:  # an empty text or token list means nothing; OpenAI refuses it too
                 raise ProtocolError(f"'input[{index}]' must not be empty", "input")
@@ -44,8 +44,8 @@ class EmbeddingRequest:
         elif all(isinstance(item, list) and all(is_token_id(t) for t in item) for item in raw):
             inputs = tuple(tuple(item) for item in raw)
         else:
-            raise ProtocolError("'input' must be an array of strings or an array of arrays of token ids "
-                                "(integers 0 to 2^31-1)", "input")
+            raise ProtocolError.about("input", "must be an array of strings or an array of arrays of token ids "
+                                      "(integers 0 to 2^31-1)")
         return cls(_get(fields, "model", str, required=True), inputs, _get(fields, "dimensions", int))
 
     def to_fields(self) -> dict[str, Any]:
@@ -81,5 +81,5 @@ class Embeddings:
         if not all(isinstance(v, bytes) and len(v) == 4 * dimensions for v in vectors):
             raise ProtocolError(f"each embedding must be {dimensions} float32 values as bin", "embeddings")
         if len(counts) != len(vectors) or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-            raise ProtocolError("'token_counts' must hold one integer per embedding", "token_counts")
+            raise ProtocolError.about("token_counts", "must hold one integer per embedding")
         return cls(tuple(vectors), dimensions, tuple(counts))

@@ -15,12 +15,12 @@ def _get(fields: dict, name: str, kind: type | tuple, default: Any = None, requi
     value = fields.get(name, default)
     if value is None:
         if required:
-            raise ProtocolError(f"'{name}' is required", name)
+            raise ProtocolError.about(name, "is required")
         return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
     # bool is an int in Python; never accept it where a number is meant
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise ProtocolError(f"'{name}' must be {_kind_name(kinds)}", name)
+        raise ProtocolError.about(name, f"must be {_kind_name(kinds)}")
     return value
 
 
@@ -33,7 +33,7 @@ def _number(fields: dict, name: str, default: float) -> float:
     try:
         return float(_get(fields, name, (int, float), default))
     except OverflowError:  # an integer too large for a float
-        raise ProtocolError(f"'{name}' is out of range", name) from None
+        raise ProtocolError.about(name, "is out of range") from None
 
 
 def _quote(value: Any) -> str:
@@ -53,7 +53,7 @@ def _reject_unknown(fields: dict, known: Iterable[str], at: str | None = None) -
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:  # also rejects NaN
-        raise ProtocolError(f"'{name}' must be between {low} and {high}, got {value}", name)
+        raise ProtocolError.about(name, f"must be between {low} and {high}, got {value}")
 
 
 def _canonical_json(value: Any, field: str) -> str:
@@ -62,7 +62,7 @@ def _canonical_json(value: Any, field: str) -> str:
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as exc:  # bin values or non-string keys: no JSON schema has them
-        raise ProtocolError(f"'{field}' is not JSON: {exc}", field) from None
+        raise ProtocolError.about(field, f"is not JSON: {exc}") from None
 
 
 def is_token_id(value: Any) -> bool:

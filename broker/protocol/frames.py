@@ -84,11 +84,28 @@ class FinishReason(str, enum.Enum):
 
 
 class ProtocolError(ValueError):
-    """A message or field that breaks the protocol. `field` names the offending field."""
+    """A message or field that breaks the protocol. `field` names the offending field.
+
+    An error about one field is built from its name (`about`), so that a frontend which spells the
+    field otherwise names it its own way (`renamed`) and never edits the text."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+        self.problem: str | None = None  # set by `about`: the message after the field's name
+
+    @classmethod
+    def about(cls, field: str, problem: str) -> ProtocolError:
+        """The error of one field, its name first: ``'top_p' must be greater than 0``."""
+        error = cls(f"'{field}' {problem}", field)
+        error.problem = problem
+        return error
+
+    def renamed(self, field: str) -> ProtocolError:
+        """The same error about `field`, named so in the message too where the message was built from the name."""
+        if self.problem is None:
+            return ProtocolError(str(self), field)
+        return ProtocolError.about(field, self.problem)
 
 
 @dataclass(frozen=True, slots=True)

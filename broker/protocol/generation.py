@@ -50,11 +50,10 @@ class Constraint:
 
     def __post_init__(self) -> None:
         if self.type not in CONSTRAINT_TYPES:
-            raise ProtocolError(f"'constraint.type' must be one of {', '.join(CONSTRAINT_TYPES)}, got "
-                                f"{_quote(self.type)}", "constraint.type")
+            raise ProtocolError.about("constraint.type", f"must be one of {', '.join(CONSTRAINT_TYPES)}, "
+                                      f"got {_quote(self.type)}")
         if (self.type == "json_schema") != (self.schema is not None):
-            raise ProtocolError("'constraint.schema' is required with type json_schema, and only then",
-                                "constraint.schema")
+            raise ProtocolError.about("constraint.schema", "is required with type json_schema, and only then")
         _canonical_json(self.schema, "constraint.schema")  # a schema that is not JSON is refused here, at the broker
 
     @property
@@ -68,15 +67,14 @@ class Constraint:
     @classmethod
     def from_fields(cls, value: Any) -> Constraint:
         if not isinstance(value, dict):
-            raise ProtocolError("'constraint' must be a map", "constraint")
+            raise ProtocolError.about("constraint", "must be a map")
         _reject_unknown(value, ("type", "schema"), "constraint")
         try:
             return cls(_get(value, "type", str, required=True), _get(value, "schema", dict))
         except ProtocolError as exc:
             if exc.field not in ("type", "schema"):
                 raise
-            name = f"constraint.{exc.field}"  # the name as the caller knows it
-            raise ProtocolError(str(exc).replace(f"'{exc.field}'", f"'{name}'"), name) from None
+            raise exc.renamed(f"constraint.{exc.field}") from None  # the name as the caller knows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,22 +112,22 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ProtocolError("'model' must be a non-empty string", "model")
+            raise ProtocolError.about("model", "must be a non-empty string")
         if (self.messages is None) == (self.prompt is None):
             raise ProtocolError("exactly one of 'messages' or 'prompt' is required", "messages")
         if self.messages is not None and not self.messages:
-            raise ProtocolError("'messages' must not be empty", "messages")
+            raise ProtocolError.about("messages", "must not be empty")
         if self.max_tokens is not None:
             _check_range("max_tokens", self.max_tokens, 1, MAX_COUNT)
         _check_range("temperature", self.temperature, 0.0, 2.0)
         _check_range("top_p", self.top_p, 0.0, 1.0)
         if self.top_p == 0.0:
-            raise ProtocolError("'top_p' must be greater than 0", "top_p")
+            raise ProtocolError.about("top_p", "must be greater than 0")
         _check_range("top_k", self.top_k, 0, MAX_COUNT)  # 0: off
         if self.seed is not None:
             _check_range("seed", self.seed, *SEED_RANGE)
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
-            raise ProtocolError(f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+            raise ProtocolError.about("stop", f"takes at most {MAX_STOP_STRINGS} non-empty strings")
         _check_range("repetition_penalty", self.repetition_penalty, 0.01, 10.0)
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
@@ -137,28 +135,27 @@ class GenerationRequest:
         _check_range("min_p", self.min_p, 0.0, 1.0)
         _check_range("min_tokens", self.min_tokens, 0, MAX_COUNT)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ProtocolError(f"'min_tokens' ({self.min_tokens}) must not exceed 'max_tokens' ({self.max_tokens})",
-                                "min_tokens")
+            raise ProtocolError.about("min_tokens",
+                                      f"({self.min_tokens}) must not exceed 'max_tokens' ({self.max_tokens})")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(map(is_token_id, self.stop_token_ids)):
-            raise ProtocolError(f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} token ids (integers 0 to "
-                                "2^31-1)", "stop_token_ids")
+            raise ProtocolError.about("stop_token_ids", f"takes at most {MAX_STOP_TOKEN_IDS} token ids "
+                                      "(integers 0 to 2^31-1)")
         _check_range("priority", self.priority, -MAX_COUNT - 1, MAX_COUNT)
         if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT:
-            raise ProtocolError(f"'timeout' must be a number of seconds above 0 and at most {MAX_TIMEOUT:.0f}",
-                                "timeout")
+            raise ProtocolError.about("timeout", f"must be a number of seconds above 0 and at most {MAX_TIMEOUT:.0f}")
         if not all(map(is_token_id, self.resume_ids)):
-            raise ProtocolError("'resume_ids' must be an array of token ids (integers 0 to 2^31-1)", "resume_ids")
+            raise ProtocolError.about("resume_ids", "must be an array of token ids (integers 0 to 2^31-1)")
         if self.max_tokens is not None and len(self.resume_ids) > self.max_tokens:
-            raise ProtocolError("'resume_ids' must not be longer than 'max_tokens'", "resume_ids")
+            raise ProtocolError.about("resume_ids", "must not be longer than 'max_tokens'")
         if self.constraint is not None and self.stop:  # a stop string could cut the output short of valid
-            raise ProtocolError("'stop' cannot be combined with 'constraint'", "stop")
+            raise ProtocolError.about("stop", "cannot be combined with 'constraint'")
         if self.tools is not None:
             if self.messages is None:
-                raise ProtocolError("'tools' needs 'messages'", "tools")
+                raise ProtocolError.about("tools", "needs 'messages'")
             if self.constraint is not None:
-                raise ProtocolError("'tools' cannot be combined with 'constraint'", "tools")
+                raise ProtocolError.about("tools", "cannot be combined with 'constraint'")
             if self.stop:
-                raise ProtocolError("'stop' cannot be combined with 'tools'", "stop")
+                raise ProtocolError.about("stop", "cannot be combined with 'tools'")
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:
@@ -168,7 +165,7 @@ class GenerationRequest:
             messages = tuple(_chat_message(index, m) for index, m in enumerate(messages))
         stop = _get(fields, "stop", list, [])
         if not all(isinstance(s, str) for s in stop):
-            raise ProtocolError("'stop' must be an array of strings", "stop")
+            raise ProtocolError.about("stop", "must be an array of strings")
         return cls(
             model=_get(fields, "model", str, required=True),
             messages=messages,
@@ -225,19 +222,18 @@ def _default_extra(name: str, value: Any) -> bool:
 def _chat_message(index: int, value: Any) -> ChatMessage:
     name = f"messages[{index}]"
     if not isinstance(value, dict):
-        raise ProtocolError(f"'{name}' must be a map with 'role' and 'content'", name)
+        raise ProtocolError.about(name, "must be a map with 'role' and 'content'")
     role, content = value.get("role"), value.get("content")
     if role not in CHAT_ROLES:
-        raise ProtocolError(f"'{name}.role' must be one of {', '.join(CHAT_ROLES)}, got {_quote(role)}",
-                            f"{name}.role")
+        raise ProtocolError.about(f"{name}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {_quote(role)}")
     if not isinstance(content, str):
-        raise ProtocolError(f"'{name}.content' must be a string", f"{name}.content")
+        raise ProtocolError.about(f"{name}.content", "must be a string")
     for key in ("name", "tool_call_id"):
         if value.get(key) is not None and not isinstance(value[key], str):
-            raise ProtocolError(f"'{name}.{key}' must be a string", f"{name}.{key}")
+            raise ProtocolError.about(f"{name}.{key}", "must be a string")
     calls = value.get("tool_calls") or []
     if not isinstance(calls, list) or (calls and role != "assistant"):
-        raise ProtocolError(f"'{name}.tool_calls' must be an array, in an assistant message", f"{name}.tool_calls")
+        raise ProtocolError.about(f"{name}.tool_calls", "must be an array, in an assistant message")
     tool_calls = tuple(ToolCall.from_fields(call, f"{name}.tool_calls[{i}]") for i, call in enumerate(calls))
     return ChatMessage(role, content, value.get("name"), tool_calls, value.get("tool_call_id"))
 

@@ -23,11 +23,11 @@ class Ready:
 
     def __post_init__(self) -> None:
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
-            raise ProtocolError("'models' must be a non-empty array of names", "models")
+            raise ProtocolError.about("models", "must be a non-empty array of names")
         if self.capacity < 1:
-            raise ProtocolError("'capacity' must be at least 1", "capacity")
+            raise ProtocolError.about("capacity", "must be at least 1")
         if not self.tasks:
-            raise ProtocolError("'tasks' must not be empty", "tasks")
+            raise ProtocolError.about("tasks", "must not be empty")
 
     def to_fields(self) -> dict[str, Any]:
         return {
@@ -58,7 +58,7 @@ def _tasks(values: list) -> tuple[Task, ...]:
         return tuple(dict.fromkeys(Task(v) for v in values))
     except (ValueError, TypeError):
         known = ", ".join(t.value for t in Task)
-        raise ProtocolError(f"'tasks' must be an array of task names ({known})", "tasks") from None
+        raise ProtocolError.about("tasks", f"must be an array of task names ({known})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,5 +143,5 @@ class ClientHeartbeat:
     def from_fields(cls, fields: dict[str, Any]) -> ClientHeartbeat:
         ids = _get(fields, "request_ids", list, [])
         if not all(isinstance(i, bytes) and len(i) == REQUEST_ID_SIZE for i in ids):
-            raise ProtocolError("'request_ids' must be an array of 16-byte binaries", "request_ids")
+            raise ProtocolError.about("request_ids", "must be an array of 16-byte binaries")
         return cls(tuple(ids))

@@ -89,7 +89,7 @@ class TokenDelta:
         calls = tuple(ToolCallDelta.from_fields(entry) for entry in _get(fields, "tool_calls", list, []))
         token_ids = _get(fields, "token_ids", list, [])
         if not all(map(is_token_id, token_ids)):
-            raise ProtocolError("'token_ids' must be an array of token ids", "token_ids")
+            raise ProtocolError.about("token_ids", "must be an array of token ids")
         return cls(_get(fields, "text", str, ""), _get(fields, "num_tokens", int, 1), logprobs, calls,
                    tuple(token_ids))
 

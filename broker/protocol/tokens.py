@@ -25,15 +25,15 @@ class TokenizeRequest:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ProtocolError("'model' must be a non-empty string", "model")
+            raise ProtocolError.about("model", "must be a non-empty string")
         if sum(x is not None for x in (self.prompt, self.messages, self.tokens)) != 1:
             raise ProtocolError("exactly one of 'prompt', 'messages' or 'tokens' is required", "prompt")
         if self.messages is not None and not self.messages:
-            raise ProtocolError("'messages' must not be empty", "messages")
+            raise ProtocolError.about("messages", "must not be empty")
         if self.tools is not None and self.messages is None:
-            raise ProtocolError("'tools' needs 'messages'", "tools")
+            raise ProtocolError.about("tools", "needs 'messages'")
         if self.tokens is not None and not all(map(is_token_id, self.tokens)):
-            raise ProtocolError("'tokens' must be an array of token ids (integers 0 to 2^31-1)", "tokens")
+            raise ProtocolError.about("tokens", "must be an array of token ids (integers 0 to 2^31-1)")
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> TokenizeRequest:
@@ -82,5 +82,5 @@ class Tokens:
     def from_fields(cls, fields: dict[str, Any]) -> Tokens:
         tokens = _get(fields, "tokens", list, required=True)
         if not all(map(is_token_id, tokens)):
-            raise ProtocolError("'tokens' must be an array of token ids", "tokens")
+            raise ProtocolError.about("tokens", "must be an array of token ids")
         return cls(tuple(tokens), _get(fields, "text", str, ""), _get(fields, "max_model_len", int, required=True))

@@ -27,11 +27,11 @@ class ToolCall:
     @classmethod
     def from_fields(cls, value: Any, name: str) -> ToolCall:
         if not isinstance(value, dict):
-            raise ProtocolError(f"'{name}' must be a map with 'id', 'name' and 'arguments'", name)
+            raise ProtocolError.about(name, "must be a map with 'id', 'name' and 'arguments'")
         fields = []
         for key in ("id", "name", "arguments"):
             if not isinstance(value.get(key), str):
-                raise ProtocolError(f"'{name}.{key}' must be a string", f"{name}.{key}")
+                raise ProtocolError.about(f"{name}.{key}", "must be a string")
             fields.append(value[key])
         return cls(*fields)
 
@@ -65,15 +65,15 @@ class Tools:
 
     def __post_init__(self) -> None:
         if not self.functions or len(self.functions) > MAX_TOOLS:
-            raise ProtocolError(f"'tools.functions' takes 1 to {MAX_TOOLS} functions", "tools.functions")
+            raise ProtocolError.about("tools.functions", f"takes 1 to {MAX_TOOLS} functions")
         names = [f.name for f in self.functions]
         if len(set(names)) != len(names):
-            raise ProtocolError("each of 'tools.functions' must have its own name", "tools.functions")
+            raise ProtocolError.about("tools.functions", "must have distinct names")
         if self.choice not in TOOL_CHOICES:
-            raise ProtocolError(f"'tools.choice' must be one of {', '.join(TOOL_CHOICES)}, got {_quote(self.choice)}",
-                                "tools.choice")
+            raise ProtocolError.about("tools.choice",
+                                      f"must be one of {', '.join(TOOL_CHOICES)}, got {_quote(self.choice)}")
         if self.function is not None and self.function not in names:
-            raise ProtocolError(f"'tools.function' names no function: {_quote(self.function)}", "tools.function")
+            raise ProtocolError.about("tools.function", f"names no function: {_quote(self.function)}")
         for function in self.functions:
             _canonical_json(function.parameters, "tools.functions")
 
@@ -101,31 +101,31 @@ class Tools:
     @classmethod
     def from_fields(cls, value: Any) -> Tools:
         if not isinstance(value, dict):
-            raise ProtocolError("'tools' must be a map", "tools")
+            raise ProtocolError.about("tools", "must be a map")
         _reject_unknown(value, ("functions", "choice", "function", "parallel"), "tools")
         functions = value.get("functions")
         if not isinstance(functions, list):
-            raise ProtocolError("'tools.functions' must be an array", "tools.functions")
+            raise ProtocolError.about("tools.functions", "must be an array")
         choice, function, parallel = value.get("choice", "auto"), value.get("function"), value.get("parallel", True)
         if not isinstance(choice, str):
-            raise ProtocolError("'tools.choice' must be a string", "tools.choice")
+            raise ProtocolError.about("tools.choice", "must be a string")
         if function is not None and not isinstance(function, str):
-            raise ProtocolError("'tools.function' must be a string", "tools.function")
+            raise ProtocolError.about("tools.function", "must be a string")
         if not isinstance(parallel, bool):
-            raise ProtocolError("'tools.parallel' must be a boolean", "tools.parallel")
+            raise ProtocolError.about("tools.parallel", "must be a boolean")
         return cls(tuple(_function(index, f) for index, f in enumerate(functions)), choice, function, parallel)
 
 
 def _function(index: int, value: Any) -> Function:
     name = f"tools.functions[{index}]"
     if not isinstance(value, dict):
-        raise ProtocolError(f"'{name}' must be a map with 'name' and 'parameters'", name)
+        raise ProtocolError.about(name, "must be a map with 'name' and 'parameters'")
     _reject_unknown(value, ("name", "parameters", "description"), name)
     if not isinstance(value.get("name"), str) or not value["name"]:
-        raise ProtocolError(f"'{name}.name' must be a non-empty string", f"{name}.name")
+        raise ProtocolError.about(f"{name}.name", "must be a non-empty string")
     if not isinstance(value.get("parameters"), dict):
-        raise ProtocolError(f"'{name}.parameters' must be a JSON schema map", f"{name}.parameters")
+        raise ProtocolError.about(f"{name}.parameters", "must be a JSON schema map")
     description = value.get("description")
     if description is not None and not isinstance(description, str):
-        raise ProtocolError(f"'{name}.description' must be a string", f"{name}.description")
+        raise ProtocolError.about(f"{name}.description", "must be a string")
     return Function(value["name"], value["parameters"], description)

@@ -12,7 +12,8 @@ from typing import Any
 
 from broker.protocol import MAX_EMBED_INPUTS, EmbeddingRequest, ProtocolError, is_token_id
 from frontends.openai_api.errors import bad_request
-from frontends.openai_api.requests import _required, object_body
+from frontends.openai_api.body import object_body
+from frontends.openai_api.requests import IGNORED_FIELDS, _required
 
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
 MAX_INPUTS = 2048  # OpenAI's own limit per call
@@ -36,7 +37,7 @@ class EmbeddingCall:
 
 
 def parse_embeddings(body: Any) -> EmbeddingCall:
-    body = object_body(body, EMBEDDING_FIELDS)
+    body = object_body(body, EMBEDDING_FIELDS, IGNORED_FIELDS)
     model = _required(body, "model", str)
     inputs = _inputs(_required(body, "input", (str, list)))
     encoding_format = body.get("encoding_format", "float")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from broker.protocol import ErrorCode
+from broker.protocol import ErrorCode, ProtocolError
 from frontends.client import BusError
 
-# Bus fields that OpenAI's chat and completion bodies spell otherwise (errors a worker finds name them).
-CHAT_FIELD_NAMES = {"constraint": "response_format"}
+# Bus fields that OpenAI's chat and completion bodies spell otherwise (errors a worker finds name them);
+# the tools' own fields are all `tools` to the API.
+CHAT_FIELD_NAMES = {"constraint": "response_format", "tools": "tools"}
 
 # status, OpenAI error type, OpenAI error code
 _BUS_ERRORS: dict[ErrorCode, tuple[int, str, str | None]] = {
@@ -57,6 +58,11 @@ def api_field(path: str | None, names: Mapping[str, str]) -> str | None:
         return None
     head = path.split(".", 1)[0].split("[", 1)[0]
     return names.get(head, path)
+
+
+def in_api_terms(error: ProtocolError, names: Mapping[str, str]) -> ProtocolError:
+    """A bus request's error as the API words it: its field named by `names`, in its message too."""
+    return error if error.field is None else error.renamed(api_field(error.field, names))
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:

@@ -3,11 +3,13 @@ by `GenerationRequest`; this module checks the OpenAI-only fields and the shape 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from broker.protocol import SEED_RANGE, GenerationRequest, ProtocolError
-from frontends.openai_api.errors import bad_request
+from frontends.openai_api.body import object_body
+from frontends.openai_api.errors import CHAT_FIELD_NAMES, bad_request, in_api_terms
 from frontends.openai_api.tools import assistant_calls, parse_tools
 
 # vLLM's sampling extras, which benchmark and eval tools send; the bus carries them as they are
@@ -46,7 +48,7 @@ class ApiCall:
 
 
 def parse_chat(body: Any, max_n: int) -> ApiCall:
-    body = object_body(body, CHAT_FIELDS)
+    body = object_body(body, CHAT_FIELDS, IGNORED_FIELDS)
     if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
         raise bad_request("'logprobs' must be a boolean", "logprobs")
     if body.get("top_logprobs") and not body.get("logprobs"):
@@ -67,7 +69,7 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
         "tools": None if tools is None else tools.to_fields(),
     }
     max_tokens_param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return _call(body, "messages", [fields], max_n, max_tokens_param)
+    return _call(body, "messages", [fields], max_n, {**CHAT_FIELD_NAMES, "max_tokens": max_tokens_param})
 
 
 def format_constraint(value: Any, param: str, schema_key: str | None) -> dict[str, Any] | None:
@@ -96,7 +98,7 @@ def format_constraint(value: Any, param: str, schema_key: str | None) -> dict[st
 
 
 def parse_completion(body: Any, max_n: int) -> ApiCall:
-    body = object_body(body, COMPLETION_FIELDS)
+    body = object_body(body, COMPLETION_FIELDS, IGNORED_FIELDS)
     # Accepted only at the values that ask for nothing (null was dropped already).
     for param, harmless in (("echo", False), ("suffix", ""), ("best_of", 1)):
         if param in body and not (type(body[param]) is type(harmless) and body[param] == harmless):
@@ -114,7 +116,7 @@ def parse_completion(body: Any, max_n: int) -> ApiCall:
 
 
 def _call(body: dict, input_param: str, per_input: list[dict], max_n: int,
-          max_tokens_param: str = "max_tokens") -> ApiCall:
+          field_names: Mapping[str, str] = CHAT_FIELD_NAMES) -> ApiCall:
     model = _required(body, "model", str)
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
@@ -143,7 +145,7 @@ def _call(body: dict, input_param: str, per_input: list[dict], max_n: int,
         for choice in range(n):
             # n choices with one seed must still differ, and stay reproducible
             seeded = {"seed": _choice_seed(seed, choice)} if has_seed else {}
-            requests.append(generation_request({"model": model, **sampling, **fields, **seeded}, max_tokens_param))
+            requests.append(generation_request({"model": model, **sampling, **fields, **seeded}, field_names))
     return ApiCall(model, input_param, requests, n, stream, bool(options.get("include_usage")), requests[0].logprobs)
 
 
@@ -155,31 +157,13 @@ def _choice_seed(seed: int, choice: int) -> int:
     return (seed + choice - low) % (high - low + 1) + low
 
 
-def generation_request(fields: dict, max_tokens_param: str = "max_tokens",
-                       constraint_param: str = "response_format") -> GenerationRequest:
-    """The bus request, its errors naming the API's fields rather than the bus's."""
+def generation_request(fields: dict, field_names: Mapping[str, str] = CHAT_FIELD_NAMES) -> GenerationRequest:
+    """The bus request, its errors naming the API's fields (`field_names`: bus field -> API field)."""
     try:
         return GenerationRequest.from_fields(fields)
     except ProtocolError as exc:
-        param = max_tokens_param if exc.field == "max_tokens" else exc.field
-        if exc.field and exc.field.startswith("constraint"):
-            param = constraint_param
-        elif exc.field and exc.field.startswith("tools"):
-            param = "tools"
-        message = str(exc).replace("'max_tokens'", f"'{param}'")
-        raise bad_request(message, param) from None
-
-
-def object_body(body: Any, allowed: set[str]) -> dict:
-    """The body as a dict without its null fields and those ignored; a 400 for fields not in `allowed`."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    body = {k: v for k, v in body.items() if v is not None and k not in IGNORED_FIELDS}  # null means "not given"
-    unsupported = sorted(set(body) - allowed)
-    if unsupported:
-        raise bad_request(f"'{unsupported[0]}' is not supported by this server", unsupported[0],
-                          "unsupported_parameter")
-    return body
+        error = in_api_terms(exc, field_names)
+        raise bad_request(str(error), error.field) from None
 
 
 def _required(body: dict, name: str, kind: type | tuple) -> Any:

@@ -10,7 +10,8 @@ from frontends.client import BusError
 from frontends.openai_api.access import check_model
 from frontends.openai_api.context import BUS, json_body
 from frontends.openai_api.errors import ApiError, bad_request
-from frontends.openai_api.requests import _messages, object_body
+from frontends.openai_api.body import object_body
+from frontends.openai_api.requests import IGNORED_FIELDS, _messages
 from frontends.openai_api.tools import parse_tools
 
 _PROMPT_FIELDS = {"model", "prompt", "add_special_tokens", "return_token_strs"}
@@ -23,7 +24,7 @@ _FIXED = {"return_token_strs": False, "add_generation_prompt": True, "continue_f
 async def tokenize(request: web.Request) -> web.Response:
     raw = await json_body(request)
     chat = isinstance(raw, dict) and "messages" in raw
-    body = object_body(raw, _CHAT_FIELDS if chat else _PROMPT_FIELDS)
+    body = object_body(raw, _CHAT_FIELDS if chat else _PROMPT_FIELDS, IGNORED_FIELDS)
     for name, value in _FIXED.items():
         if name in body and body[name] is not value:
             raise bad_request(f"'{name}' is supported only as {str(value).lower()}", name, "unsupported_parameter")
@@ -53,7 +54,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def detokenize(request: web.Request) -> web.Response:
-    body = object_body(await json_body(request), {"model", "tokens"})
+    body = object_body(await json_body(request), {"model", "tokens"}, IGNORED_FIELDS)
     if not isinstance(body.get("tokens"), list):
         raise bad_request("'tokens' (an array of token ids) is required", "tokens", "missing_required_parameter")
     model = await _model(request, body)

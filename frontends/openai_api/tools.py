@@ -1,6 +1,6 @@
 """OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, and the calls and results in a chat's
 history, as the bus carries them. How a model sees the tools and writes its calls is the worker's
-business (worker/tool_formats.py); its calls come back as pieces on TOKEN frames."""
+business (worker/tool_formats/); its calls come back as pieces on TOKEN frames."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def parse_tools(body: dict[str, Any], flat: bool = False) -> Tools | None:
 def _tools(functions: tuple[Function, ...], choice: str, name: str | None, parallel: bool) -> Tools:
     try:
         return Tools(functions, choice, name, parallel)
-    except ProtocolError as exc:  # too many, names alike, or a schema that is not JSON: as OpenAI names the field
-        raise bad_request(str(exc).replace("'tools.functions'", "'tools'"), "tools") from None
+    except ProtocolError as exc:  # too many, names alike, or a schema that is not JSON: all about the API's `tools`
+        raise bad_request(str(exc.renamed("tools")), "tools") from None
 
 
 def _function(tool: Any, index: int, flat: bool) -> Function:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.protocol import Function, GenerationRequest, ProtocolError, ToolCall, Tools
-from frontends.openai_api.errors import ApiError, bad_request
+from frontends.openai_api.body import object_body
+from frontends.openai_api.errors import ApiError, bad_request, in_api_terms
 
 _CHAT_FIELDS = {"model", "messages", "system", "tools", "tool_choice"}
 MESSAGE_FIELDS = _CHAT_FIELDS | {"max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream"}
@@ -18,8 +19,8 @@ MESSAGE_FIELDS = _CHAT_FIELDS | {"max_tokens", "stop_sequences", "temperature", 
 IGNORED_FIELDS = frozenset({"metadata", "service_tier", "cache_control"})
 _BLOCK_IGNORED = frozenset({"cache_control", "citations"})  # caching is automatic here (the prefix cache)
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "tool": "required"}
-# bus field -> Anthropic field, for the errors `GenerationRequest` raises
-_BUS_FIELDS = {"stop": "stop_sequences"}
+# bus field -> Anthropic field, for the errors of the bus request (the tools' own fields are all `tools`)
+FIELD_NAMES = {"stop": "stop_sequences", "tools": "tools"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,7 @@ def invalid(field: str | None, problem: str) -> ApiError:
 
 
 def parse_message_request(body: Any) -> MessagesCall:
-    body = _object(body, MESSAGE_FIELDS)
+    body = object_body(body, MESSAGE_FIELDS, IGNORED_FIELDS, unsupported=_extra_input)
     fields = _chat_fields(body)
     if "max_tokens" not in body:
         raise invalid("max_tokens", "Field required")
@@ -63,26 +64,20 @@ def parse_message_request(body: Any) -> MessagesCall:
 
 def parse_count_request(body: Any) -> GenerationRequest:
     """A `/v1/messages/count_tokens` body: the bus request whose prompt is counted."""
-    return _generation_request(_chat_fields(_object(body, _CHAT_FIELDS)))
+    body = object_body(body, _CHAT_FIELDS, IGNORED_FIELDS, unsupported=_extra_input)
+    return _generation_request(_chat_fields(body))
 
 
 def _generation_request(fields: dict[str, Any]) -> GenerationRequest:
     try:
         return GenerationRequest.from_fields(fields)
     except ProtocolError as exc:
-        field = exc.field or ""
-        name = "tools" if field.startswith("tools") else _BUS_FIELDS.get(field, field)
-        raise invalid(name or None, str(exc).replace(f"'{field}'", f"'{name}'")) from None
+        error = in_api_terms(exc, FIELD_NAMES)
+        raise invalid(error.field, str(error)) from None
 
 
-def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise invalid(None, "the request body must be a JSON object")
-    body = {k: v for k, v in body.items() if v is not None and k not in IGNORED_FIELDS}  # null means "not given"
-    unsupported = sorted(set(body) - allowed)
-    if unsupported:
-        raise invalid(unsupported[0], "Extra inputs are not permitted (not supported by this server)")
-    return body
+def _extra_input(name: str) -> ApiError:
+    return invalid(name, "Extra inputs are not permitted (not supported by this server)")
 
 
 def _chat_fields(body: dict[str, Any]) -> dict[str, Any]:
@@ -240,8 +235,8 @@ def _tools(body: dict[str, Any]) -> Tools | None:
         raise invalid("tool_choice.name", f"{json.dumps(name)} names none of the tools")
     try:
         return Tools(functions, _TOOL_CHOICES[choice["type"]], name, not disable_parallel)
-    except ProtocolError as exc:  # too many, names alike, or a schema that is not JSON
-        raise invalid("tools", str(exc).replace("'tools.functions'", "'tools'")) from None
+    except ProtocolError as exc:  # too many, names alike, or a schema that is not JSON: all about `tools`
+        raise invalid("tools", str(exc.renamed("tools"))) from None
 
 
 def _function(tool: Any, path: str) -> Function:

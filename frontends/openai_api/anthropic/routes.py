@@ -12,7 +12,7 @@ from broker.protocol import Done
 from frontends.client import BusError, Overloaded, Stream
 from frontends.openai_api.access import with_priority
 from frontends.openai_api.anthropic.errors import error_object, error_status
-from frontends.openai_api.anthropic.requests import parse_count_request, parse_message_request
+from frontends.openai_api.anthropic.requests import FIELD_NAMES, parse_count_request, parse_message_request
 from frontends.openai_api.anthropic.responses import Event, MessageEvents, message, message_id, sse, token_count
 from frontends.openai_api.context import BUS, RECORDER, cors_headers, json_body
 from frontends.openai_api.errors import ApiError
@@ -98,7 +98,7 @@ async def _send(response: web.StreamResponse, events: list[Event]) -> None:
 def _api_error(request: web.Request, error: BusError, model: str) -> ApiError:
     if isinstance(error, Overloaded):  # a queue timeout too; only a served model is: fit to be a metrics label
         request[RECORDER].overloaded(model)
-    return ApiError.from_bus(error, "messages")
+    return ApiError.from_bus(error, "messages", FIELD_NAMES)
 
 
 def error_response(error: ApiError) -> web.Response:

@@ -16,7 +16,7 @@ from frontends.openai_api.access import key_name, with_priority
 from frontends.openai_api.context import BUS, RECORDER, RESPONSES, cors_headers, json_body
 from frontends.openai_api.errors import ApiError
 from frontends.openai_api.responses_api.objects import Event, ResponseBuilder, deletion
-from frontends.openai_api.responses_api.request import ResponsesCall, not_found, parse_create
+from frontends.openai_api.responses_api.request import FIELD_NAMES, ResponsesCall, not_found, parse_create
 from frontends.openai_api.responses_api.store import StoredResponse
 from frontends.streams import Outcome, outcomes
 
@@ -108,14 +108,11 @@ async def _stream(request: web.Request, call: ResponsesCall, builder: ResponseBu
     return response
 
 
-_FIELD_NAMES = {"constraint": "text.format", "max_tokens": "max_output_tokens"}  # bus fields, as Responses names them
-
-
 def _api_error(request: web.Request, call: ResponsesCall, error: BusError) -> ApiError:
     """The API error for a bus error, counted as an overload where it is one (only a served model is)."""
     if isinstance(error, Overloaded):  # a queue timeout too
         request[RECORDER].overloaded(call.model)
-    return ApiError.from_bus(error, INPUT_PARAM, _FIELD_NAMES)
+    return ApiError.from_bus(error, INPUT_PARAM, FIELD_NAMES)
 
 
 async def _send(response: web.StreamResponse, event: Event) -> None:

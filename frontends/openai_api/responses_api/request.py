@@ -5,11 +5,11 @@ Input items become the chat messages the bus carries; sampling ranges are checke
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from broker.protocol import GenerationRequest
+from frontends.openai_api.body import object_body
 from frontends.openai_api.errors import ApiError, bad_request
 from frontends.openai_api.requests import format_constraint, generation_request
 from frontends.openai_api.responses_api.store import ResponseStore
@@ -31,6 +31,8 @@ HARMLESS_VALUES: dict[str, Any] = {"truncation": "disabled", "background": False
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _TEXT_PARTS = ("input_text", "output_text")
 MAX_METADATA_KEYS = 16
+# bus field -> Responses field, for the errors of the bus request and those a worker finds
+FIELD_NAMES = {"constraint": "text.format", "max_tokens": "max_output_tokens", "tools": "tools"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +53,7 @@ class ResponsesCall:
 def parse_create(body: Any, store: ResponseStore, owner: str | None = None) -> ResponsesCall:
     """A create request; `store` holds the conversations `previous_response_id` may continue (those
     `owner`, the request's key, made)."""
-    body = _fields(body)
+    body = object_body(body, ACCEPTED_FIELDS, IGNORED_FIELDS, HARMLESS_VALUES)
     model = body.get("model")
     if not isinstance(model, str):
         raise bad_request("'model' is required and must be a string", "model", "missing_required_parameter")
@@ -81,7 +83,7 @@ def _bus_request(body: dict[str, Any], model: str, messages: list[dict[str, Any]
     fields = {"model": model, "messages": messages, "max_tokens": body.get("max_output_tokens"),
               "constraint": constraint, "tools": None if tools is None else tools.to_fields(),
               **{key: body[key] for key in ("temperature", "top_p") if key in body}}
-    return generation_request(fields, "max_output_tokens", "text.format")
+    return generation_request(fields, FIELD_NAMES)
 
 
 def _echo(body: dict[str, Any], request: GenerationRequest, instructions: str | None, keep: bool) -> dict[str, Any]:
@@ -98,23 +100,6 @@ def _echo(body: dict[str, Any], request: GenerationRequest, instructions: str | 
     if _optional(body, "user", str) is not None:  # the spec has no null user
         echo["user"] = body["user"]
     return echo
-
-
-def _fields(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    body = {k: v for k, v in body.items() if v is not None and k not in IGNORED_FIELDS}  # null means "not given"
-    for param, harmless in HARMLESS_VALUES.items():
-        if param in body:
-            if not (type(body[param]) is type(harmless) and body[param] == harmless):
-                raise bad_request(f"'{param}' is supported only as {json.dumps(harmless)}", param,
-                                  "unsupported_parameter")
-            del body[param]
-    unsupported = sorted(set(body) - ACCEPTED_FIELDS)
-    if unsupported:
-        raise bad_request(f"'{unsupported[0]}' is not supported by this server", unsupported[0],
-                          "unsupported_parameter")
-    return body
 
 
 def _optional(body: dict[str, Any], name: str, kind: type) -> Any:
