@@ -30,8 +30,7 @@ class WorkerSettings(BusPeerSettings):
     load_8bit: bool = Field(False, description="quantize weights to 8 bits with bitsandbytes")
     load_4bit: bool = Field(False, description="quantize weights to 4 bits (NF4) with bitsandbytes")
     int4_rows: int | None = Field(None, ge=0, description="decode steps of at most this many rows read 4-bit copies of "
-                                                           "the weights, and an 8-bit copy of an output layer without "
-                                                           "one (CPU; several times faster for few streams); "
+                                                           "the weights (CPU; several times faster for few streams); "
                                                            "default: 8 in bfloat16 on a CPU for models stored in float32 "
                                                            "(converted GGUFs), else 0 (off)")
     max_batch: int = Field(64, ge=1, description="sequences run at once: the capacity announced to the broker")

@@ -15,8 +15,7 @@ from transformers import (
 )
 
 from worker.config import WorkerSettings
-from worker.int4 import DualLinear, add_int4_weights, int4_supported
-from worker.int8 import Int8Linear, int8_supported
+from worker.int4 import add_int4_weights, int4_supported
 from worker.model_source import resolve
 from worker.onednn import onednn_packing_supported, pack_linear_layers
 
@@ -106,9 +105,6 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
         # Explicitly asked for: every layer; by default only those a GGUF stored in 4 bits.
         layers, eligible = add_int4_weights(model, int4_rows, dtype, on_grid_only=settings.int4_rows is None)
         log.info("decode steps of up to %d rows read 4-bit weights in %d of %d layers", int4_rows, layers, eligible)
-        if not isinstance(model.lm_head, DualLinear) and int8_supported(device):  # an 8-bit GGUF tensor, say
-            model.lm_head = Int8Linear(model.lm_head, int4_rows, dtype)
-            log.info("and an 8-bit copy of the output layer")
     if quantization_config is None:
         model.to(device, dtype)
         if onednn_packing_supported(device, dtype):
