@@ -11,8 +11,7 @@ boolean mask built once for all layers. In float32 its logits equal transformers
 Steps of few rows on 4-bit weights (`worker/int4.py`) call the 4-bit kernel directly, on one fused
 weight for queries, keys and values and one for gate and up: 7 projections per layer in 4 calls,
 with their outputs bit for bit those of the separate layers (one row: 23 ms a step against 19 on 2
-cores). Their output layer runs on every core of the step's threads (`StepThreads.use_all`): it
-is the step's largest product.
+cores).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from worker.int4 import DualLinear, Int4Codes, can_fuse, fused_codes, int4_matmul
-from worker.threads import StepThreads
 
 # Models whose decoder layer is exactly Llama's: RMS norms, rotary attention with grouped keys and
 # values, and a gated SiLU MLP.
@@ -47,11 +45,10 @@ class LlamaDecoder:
     Where every projection has a 4-bit copy, the decoder takes those copies over as fused weights
     (the layers keep only their float weights, for prefill and larger steps)."""
 
-    def __init__(self, model: torch.nn.Module, threads: StepThreads | None = None) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
         self.model = model
         self.inner = model.model
-        self.threads = threads
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -105,8 +102,6 @@ class LlamaDecoder:
             else:
                 hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
         hidden = F.rms_norm(hidden, width, self.inner.norm.weight, self.eps)
-        if self.threads is not None:
-            self.threads.use_all()
         return self.model.lm_head(hidden)
 
 

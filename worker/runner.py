@@ -78,7 +78,7 @@ class ModelRunner:
                  prefixes: PrefixStore | None = None, threads: StepThreads | None = None) -> None:
         self.model = model
         self.threads = threads  # CPU only: threads per pass by its size
-        self.decoder = LlamaDecoder(model, threads) if LlamaDecoder.supports(model) else None  # else transformers' forward
+        self.decoder = LlamaDecoder(model) if LlamaDecoder.supports(model) else None  # else transformers' forward
         self.prefixes = prefixes
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id

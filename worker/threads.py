@@ -55,15 +55,9 @@ class StepThreads:
         self.small_step_rows = small_step_rows
         self._current = 0
 
-    def use_all(self) -> None:
-        """For one large product inside a small step (its output layer); the next `use` sets its own."""
-        self._set(self.threads)
-
     def use(self, rows: int) -> None:
         """Before a pass over `rows` rows (tokens)."""
-        self._set(self.small_step_threads if rows <= self.small_step_rows else self.threads)
-
-    def _set(self, threads: int) -> None:
-        if threads != self._current:
-            self._torch.set_num_threads(threads)
-            self._current = threads
+        wanted = self.small_step_threads if rows <= self.small_step_rows else self.threads
+        if wanted != self._current:
+            self._torch.set_num_threads(wanted)
+            self._current = wanted
