@@ -28,6 +28,7 @@ from broker.protocol.frames import (
     Task,
     decode,
     encode,
+    pack_body,
     unpack_body,
 )
 from broker.protocol.fields import (
@@ -92,6 +93,6 @@ __all__ = [
     "MAX_TOOLS", "MAX_TOP_LOGPROBS", "Message", "ModelInfo", "PROTOCOL_SIGNATURE", "ProtocolError",
     "REQUEST_BODIES", "REQUEST_ID_SIZE", "Ready", "SEED_RANGE", "TASK_OF_COMMAND", "TOOL_CHOICES", "Task",
     "TokenDelta", "TokenLogprob", "TokenizeRequest", "Tokens", "ToolCall", "ToolCallDelta", "Tools",
-    "WorkerInfo", "decode", "encode", "is_token_id", "model_list_fields", "parse_model_list",
+    "WorkerInfo", "decode", "encode", "is_token_id", "model_list_fields", "pack_body", "parse_model_list",
     "parse_worker_list", "unpack_body", "worker_list_fields",
 ]

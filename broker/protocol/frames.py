@@ -120,16 +120,25 @@ class Message:
         return unpack_body(self.body)
 
 
+def pack_body(body: dict[str, Any]) -> bytes:
+    """A message body as it goes on the wire (for a body sent more than once, packed once)."""
+    return _within_limit(msgpack.packb(body, use_bin_type=True))
+
+
+def _within_limit(packed: bytes) -> bytes:
+    if len(packed) > MAX_MESSAGE_SIZE:  # checked here too: sent, it would cost the sender its connection
+        raise ProtocolError(f"body too large: {len(packed)} bytes packed, the limit is {MAX_MESSAGE_SIZE}")
+    return packed
+
+
 def encode(command: Command, request_id: bytes = b"", body: dict[str, Any] | bytes | None = None) -> list[bytes]:
     """Frames for one message; `body` may already be packed (forwarded verbatim)."""
     if body is None:
         packed = b"\x80"
     elif isinstance(body, bytes):
-        packed = body
+        packed = _within_limit(body)
     else:
-        packed = msgpack.packb(body, use_bin_type=True)
-    if len(packed) > MAX_MESSAGE_SIZE:  # checked here too: sent, it would cost the sender its connection
-        raise ProtocolError(f"body too large: {len(packed)} bytes packed, the limit is {MAX_MESSAGE_SIZE}")
+        packed = pack_body(body)
     return [PROTOCOL_SIGNATURE, command.value.encode(), request_id, packed]
 
 

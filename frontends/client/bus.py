@@ -99,10 +99,10 @@ class BusClient:
         yields none and holds its answer in `embeddings` or `tokens` once read to the end)."""
         request_id = uuid.uuid4().bytes
         try:
-            protocol.encode(_command(request), request_id, request.to_fields())
+            body = protocol.pack_body(request.to_fields())
         except protocol.ProtocolError as exc:
             raise BadRequest(str(exc)) from None
-        stream = Stream(self, request, request_id)
+        stream = Stream(self, request, request_id, body)
         if not self._streams and not self._replies:
             self._last_heard = time.monotonic()
         self._streams[request_id] = stream
@@ -205,7 +205,7 @@ class BusClient:
     async def _send_request(self, stream: Stream) -> None:
         """Send a stream's request, waiting for a broker while one has been heard from within
         `reconnect_timeout` (and at least the broker's liveness)."""
-        frames = protocol.encode(_command(stream.request), stream.request_id, stream.request.to_fields())
+        frames = protocol.encode(_command(stream.request), stream.request_id, stream.body)
         wait = max(self._last_heard + self.reconnect_timeout - time.monotonic(), self._liveness)
         if not await self._send_frames(frames, wait, unless=lambda: stream.finished):
             raise BrokerUnreachable(f"the broker at {self.address} is not connected")

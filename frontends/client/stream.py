@@ -47,9 +47,10 @@ class Stream:
     fresh one, and `request` then carries the tokens already delivered (`resume_ids`).
     """
 
-    def __init__(self, owner: StreamOwner, request: BusRequest, request_id: bytes) -> None:
+    def __init__(self, owner: StreamOwner, request: BusRequest, request_id: bytes, body: bytes | None = None) -> None:
         self._owner = owner
-        self.request = request
+        self._request = request
+        self._body = body  # `request` packed, once: None until asked for
         self.request_id = request_id
         self._queue: asyncio.Queue[Message | BusError] = asyncio.Queue()
         self.done: protocol.Done | None = None
@@ -70,6 +71,21 @@ class Stream:
         self.num_workers_lost = 0
         self.fault: BusError | None = None  # what cut it last, when it was resumed
         self.fault_at: float | None = None
+
+    @property
+    def request(self) -> BusRequest:
+        return self._request
+
+    @request.setter
+    def request(self, request: BusRequest) -> None:  # sent again, changed: a resume, the time left
+        self._request, self._body = request, None
+
+    @property
+    def body(self) -> bytes:
+        """The request as its message's body, packed once for every time it is sent."""
+        if self._body is None:
+            self._body = protocol.pack_body(self._request.to_fields())
+        return self._body
 
     def __aiter__(self) -> AsyncIterator[protocol.TokenDelta]:
         return self
