@@ -180,7 +180,7 @@ def test_malformed_tools_are_refused(tools, field):
 
 @pytest.mark.parametrize("fields, field", [
     ({"prompt": "x", "tools": {"functions": [WEATHER]}}, "tools"),
-    ({"messages": CHAT, "tools": {"functions": [WEATHER]}, "constraint": {"type": "json_object"}}, "tools"),
+    ({"messages": CHAT, "tools": {"functions": [WEATHER]}, "constraint": {"type": "json_object"}}, "constraint"),
     ({"messages": CHAT, "tools": {"functions": [WEATHER]}, "stop": ["x"]}, "stop"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c", "name": "f", "arguments": ""}]}]},
      "messages[0].tool_calls"),

@@ -107,3 +107,9 @@ def test_call_pieces_become_openai_deltas_and_calls():
     chunks = ChatResponses("m").delta_chunks(0, TokenDelta("Let me see.", 3, None, tuple(pieces[:2])))
     assert [c["choices"][0]["delta"] for c in chunks] == [
         {"content": "Let me see."}, {"tool_calls": [call_delta(pieces[0])]}, {"tool_calls": [call_delta(pieces[1])]}]
+
+
+def test_tools_are_built_once_per_request_and_passed_on():
+    call = parse_chat({"model": "m", "messages": ASK, "tools": [WEATHER], "n": 2}, max_n=2)
+    first, second = call.requests
+    assert first.tools is second.tools and first.tools.functions[0].name == "get_weather"

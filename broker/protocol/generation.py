@@ -147,15 +147,13 @@ class GenerationRequest:
             raise ProtocolError.about("resume_ids", "must be an array of token ids (integers 0 to 2^31-1)")
         if self.max_tokens is not None and len(self.resume_ids) > self.max_tokens:
             raise ProtocolError.about("resume_ids", "must not be longer than 'max_tokens'")
-        if self.constraint is not None and self.stop:  # a stop string could cut the output short of valid
-            raise ProtocolError.about("stop", "cannot be combined with 'constraint'")
+        if self.stop and (self.constraint is not None or self.tools is not None):  # it could cut them short of valid
+            raise ProtocolError.about("stop", "cannot be combined with a response format or tools")
         if self.tools is not None:
             if self.messages is None:
                 raise ProtocolError.about("tools", "needs 'messages'")
             if self.constraint is not None:
-                raise ProtocolError.about("tools", "cannot be combined with 'constraint'")
-            if self.stop:
-                raise ProtocolError.about("stop", "cannot be combined with 'tools'")
+                raise ProtocolError.about("constraint", "cannot be combined with tools")
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> GenerationRequest:
@@ -182,7 +180,7 @@ class GenerationRequest:
             logprobs=_get(fields, "logprobs", bool, False),
             top_logprobs=_get(fields, "top_logprobs", int, 0),
             constraint=None if fields.get("constraint") is None else Constraint.from_fields(fields["constraint"]),
-            tools=None if fields.get("tools") is None else Tools.from_fields(fields["tools"]),
+            tools=Tools.read(fields.get("tools")),
             min_p=_number(fields, "min_p", 0.0),
             min_tokens=_get(fields, "min_tokens", int, 0),
             ignore_eos=_get(fields, "ignore_eos", bool, False),

@@ -44,7 +44,7 @@ class TokenizeRequest:
             model=_get(fields, "model", str, required=True),
             prompt=_get(fields, "prompt", str),
             messages=None if messages is None else tuple(_chat_message(i, m) for i, m in enumerate(messages)),
-            tools=None if fields.get("tools") is None else Tools.from_fields(fields["tools"]),
+            tools=Tools.read(fields.get("tools")),
             tokens=None if tokens is None else tuple(tokens),
             add_special_tokens=_get(fields, "add_special_tokens", bool, True),
         )

@@ -99,6 +99,11 @@ class Tools:
         return fields
 
     @classmethod
+    def read(cls, value: Any) -> Tools | None:
+        """A request's `tools` field: absent, built already (by a client in this process), or on the wire."""
+        return value if value is None or isinstance(value, Tools) else cls.from_fields(value)
+
+    @classmethod
     def from_fields(cls, value: Any) -> Tools:
         if not isinstance(value, dict):
             raise ProtocolError.about("tools", "must be a map")

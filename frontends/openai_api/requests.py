@@ -55,10 +55,6 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     tools = parse_tools(body)
     constraint = format_constraint(body.get("response_format", {"type": "text"}), "response_format", "json_schema")
-    if tools is not None and constraint is not None:
-        raise bad_request("'response_format' cannot be combined with tool calls", "response_format")
-    if (tools is not None or constraint is not None) and body.get("stop"):  # a stop string could cut it short of valid
-        raise bad_request("'stop' cannot be combined with 'response_format' or 'tools'", "stop")
     messages = _messages(_required(body, "messages", list))
     fields = {
         "messages": messages,
@@ -66,7 +62,7 @@ def parse_chat(body: Any, max_n: int) -> ApiCall:
         "logprobs": bool(body.get("logprobs")),
         "top_logprobs": body.get("top_logprobs"),
         "constraint": constraint,
-        "tools": None if tools is None else tools.to_fields(),
+        "tools": tools,  # built once: the bus request takes it as it is
     }
     max_tokens_param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     return _call(body, "messages", [fields], max_n, {**CHAT_FIELD_NAMES, "max_tokens": max_tokens_param})

@@ -39,7 +39,7 @@ async def tokenize(request: web.Request) -> web.Response:
             raise bad_request("'messages' must be an array", "messages", "invalid_type")
         tools = parse_tools(body)
         params: dict[str, Any] = {"messages": _messages(body["messages"]),
-                                  "tools": None if tools is None else tools.to_fields()}
+                                  "tools": tools}
     else:
         if not isinstance(body.get("prompt"), str):
             raise bad_request("'prompt' (a string) or 'messages' is required", "prompt", "missing_required_parameter")

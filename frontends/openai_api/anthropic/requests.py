@@ -92,8 +92,7 @@ def _chat_fields(body: dict[str, Any]) -> dict[str, Any]:
     if "system" in body:
         chat.append({"role": "system", "content": _text(body["system"], "system")})
     chat += _messages(messages)
-    tools = _tools(body)
-    return {"model": model, "messages": chat, "tools": None if tools is None else tools.to_fields()}
+    return {"model": model, "messages": chat, "tools": _tools(body)}
 
 
 def _messages(messages: list[Any]) -> list[dict[str, Any]]:

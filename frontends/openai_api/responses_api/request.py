@@ -78,10 +78,8 @@ def _bus_request(body: dict[str, Any], model: str, messages: list[dict[str, Any]
     if set(text) - {"format", "verbosity"}:  # verbosity: a hint this server has no way to follow
         raise bad_request("'text' takes only 'format' and 'verbosity'", "text", "unsupported_parameter")
     constraint = format_constraint(text.get("format", {"type": "text"}), "text.format", None)
-    if tools is not None and constraint is not None:
-        raise bad_request("'text.format' cannot be combined with tool calls", "text.format")
     fields = {"model": model, "messages": messages, "max_tokens": body.get("max_output_tokens"),
-              "constraint": constraint, "tools": None if tools is None else tools.to_fields(),
+              "constraint": constraint, "tools": tools,
               **{key: body[key] for key in ("temperature", "top_p") if key in body}}
     return generation_request(fields, FIELD_NAMES)
 
