@@ -11,6 +11,7 @@ import sys
 
 from pydantic import Field
 
+from broker.protocol import TEMPERATURE_RANGE
 from broker.settings import (
     DEFAULT_BROKER_ADDRESS,
     BusPeerSettings,
@@ -28,7 +29,8 @@ class CliSettings(BusPeerSettings):
     broker: str = Field(DEFAULT_BROKER_ADDRESS, description="ZeroMQ address of the broker")
     model: str | None = Field(None, description="model to chat with (default: the first one served)")
     system: str | None = Field(None, description="system prompt")
-    temperature: float = Field(0.7, ge=0, le=2, description="sampling temperature (0 = greedy)")
+    temperature: float = Field(0.7, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1],
+                               description="sampling temperature (0 = greedy)")
     max_tokens: int = Field(512, ge=1, description="longest reply, in tokens")
 
 

@@ -52,6 +52,7 @@ from broker.protocol.generation import (
     MAX_STOP_TOKEN_IDS,
     MAX_TIMEOUT,
     MAX_TOP_LOGPROBS,
+    TEMPERATURE_RANGE,
     SEED_RANGE,
 )
 from broker.protocol.stream import (
@@ -90,7 +91,7 @@ __all__ = [
     "Constraint", "Done", "EmbeddingRequest", "Embeddings", "Error", "ErrorCode", "FinishReason", "Function",
     "GenerationRequest", "HEARTBEAT_INTERVAL", "HEARTBEAT_LIVENESS", "MAX_COUNT", "MAX_EMBED_INPUTS",
     "MAX_ERROR_MESSAGE", "MAX_MESSAGE_SIZE", "MAX_STOP_STRINGS", "MAX_STOP_TOKEN_IDS", "MAX_TIMEOUT",
-    "MAX_TOOLS", "MAX_TOP_LOGPROBS", "Message", "ModelInfo", "PROTOCOL_SIGNATURE", "ProtocolError",
+    "MAX_TOOLS", "MAX_TOP_LOGPROBS", "TEMPERATURE_RANGE", "Message", "ModelInfo", "PROTOCOL_SIGNATURE", "ProtocolError",
     "REQUEST_BODIES", "REQUEST_ID_SIZE", "Ready", "SEED_RANGE", "TASK_OF_COMMAND", "TOOL_CHOICES", "Task",
     "TokenDelta", "TokenLogprob", "TokenizeRequest", "Tokens", "ToolCall", "ToolCallDelta", "Tools",
     "WorkerInfo", "decode", "encode", "is_token_id", "model_list_fields", "pack_body", "parse_model_list",

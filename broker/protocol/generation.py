@@ -14,6 +14,7 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_TOKEN_IDS = 64
 MAX_TIMEOUT = 86400.0  # seconds: the longest `timeout` a request may ask for
 MAX_TOP_LOGPROBS = 20
+TEMPERATURE_RANGE = (0.0, 2.0)  # 0: greedy
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer
 CONSTRAINT_TYPES = ("json_object", "json_schema")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -119,7 +120,7 @@ class GenerationRequest:
             raise ProtocolError.about("messages", "must not be empty")
         if self.max_tokens is not None:
             _check_range("max_tokens", self.max_tokens, 1, MAX_COUNT)
-        _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("temperature", self.temperature, *TEMPERATURE_RANGE)
         _check_range("top_p", self.top_p, 0.0, 1.0)
         if self.top_p == 0.0:
             raise ProtocolError.about("top_p", "must be greater than 0")

@@ -6,6 +6,7 @@ from functools import partial
 
 import gradio as gr
 
+from broker.protocol import TEMPERATURE_RANGE
 from frontends.web.arena import VOTES, Arena
 from frontends.web.bus import LoopLocalBus
 from frontends.web.chat import ChatHandlers
@@ -57,7 +58,7 @@ def build_app(settings: WebSettings, drain: Drain | None = None) -> gr.Blocks:
                     regenerate = gr.Button("Regenerate", interactive=False, elem_id="regenerate")
                     clear = gr.Button("Clear", interactive=False, elem_id="clear")
                 with gr.Accordion("Parameters", open=False):
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", elem_id="temperature")
+                    temperature = gr.Slider(*TEMPERATURE_RANGE, value=0.7, step=0.05, label="Temperature", elem_id="temperature")
                     top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top p", elem_id="top-p")
                     max_tokens = gr.Slider(16, 4096, value=512, step=16, label="Max new tokens", elem_id="max-tokens")
             with gr.Tab("Side by side", elem_id="compare-tab"):
@@ -65,8 +66,8 @@ def build_app(settings: WebSettings, drain: Drain | None = None) -> gr.Blocks:
                     model_a = gr.Dropdown(label="Model A", choices=[], interactive=True, allow_custom_value=True)
                     model_b = gr.Dropdown(label="Model B", choices=[], interactive=True, allow_custom_value=True)
                 with gr.Row():
-                    temperature_a = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature A")
-                    temperature_b = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature B")
+                    temperature_a = gr.Slider(*TEMPERATURE_RANGE, value=0.7, step=0.05, label="Temperature A")
+                    temperature_b = gr.Slider(*TEMPERATURE_RANGE, value=0.7, step=0.05, label="Temperature B")
                 compare_max_tokens = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
                 prompt = gr.Textbox(label="Prompt", placeholder="One prompt for both", elem_id="prompt")
                 with gr.Row():
