@@ -31,8 +31,6 @@ _ANSWER_OVERHEAD = 1024  # bytes of an EMBEDDINGS body besides its vectors (msgp
 MAX_PADDING_SHARE = 0.2
 
 
-
-
 @dataclass(slots=True, eq=False)
 class PendingEmbedding:
     """One admitted request: its inputs as token ids, and the vectors made so far."""
@@ -103,7 +101,8 @@ class Embedder:
     def add(self, request_id: bytes, request: Request) -> list[Event]:
         """Queue a request; one this model cannot answer is refused at once."""
         if not isinstance(request, EmbeddingRequest):
-            return [ErrorEvent(request_id, protocol.Error(ErrorCode.BAD_REQUEST, "this worker embeds: it does not generate"))]
+            return [ErrorEvent(request_id, protocol.Error(ErrorCode.BAD_REQUEST,
+                                                          "this worker embeds: it does not generate"))]
         try:
             inputs = self._token_ids(request)
             dimensions = self._dimensions(request)

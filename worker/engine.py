@@ -19,8 +19,6 @@ from worker.text import Detokenizer, StopMatcher
 log = logging.getLogger(__name__)
 
 
-
-
 def _error(request_id: bytes, code: ErrorCode, message: str, field: str | None = None) -> ErrorEvent:
     return ErrorEvent(request_id, protocol.Error(code, message, field))
 

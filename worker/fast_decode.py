@@ -86,8 +86,8 @@ class LlamaDecoder:
                 queries_keys = torch.cat([attention.q_proj(normed).view(rows, 1, heads, head_dim),
                                           attention.k_proj(normed).view(rows, 1, kv_heads, head_dim)], dim=2)
                 values = attention.v_proj(normed).view(rows, 1, kv_heads, head_dim)
-            # queries and keys turned together
-            rotated = queries_keys * cos + torch.cat([-queries_keys[..., half:], queries_keys[..., :half]], dim=-1) * sin
+            turned = torch.cat([-queries_keys[..., half:], queries_keys[..., :half]], dim=-1)
+            rotated = queries_keys * cos + turned * sin  # queries and keys turned together
             all_keys, all_values = cache.update(rotated[:, :, heads:].transpose(1, 2), values.transpose(1, 2), index)
             # One query per row: the query heads of a key head form its rows, so no key is repeated.
             grouped = rotated[:, :, :heads].reshape(rows, kv_heads, heads // kv_heads, head_dim)
@@ -97,8 +97,9 @@ class LlamaDecoder:
             normed = F.rms_norm(hidden, width, layer.post_attention_layernorm.weight, self.eps)
             if int4 is not None:
                 gate_up = int4_matmul(normed, int4[index].gate_up)
-                inner = gate_up.shape[-1] // 2
-                hidden = hidden + int4_matmul(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], int4[index].down)
+                intermediate = gate_up.shape[-1] // 2
+                activated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+                hidden = hidden + int4_matmul(activated, int4[index].down)
             else:
                 hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
         hidden = F.rms_norm(hidden, width, self.inner.norm.weight, self.eps)
@@ -113,13 +114,14 @@ def _take_int4_copies(layers: torch.nn.ModuleList) -> tuple[int, list[_Int4Layer
                             for attention, mlp in duals for module, names in ((attention, _ATTENTION), (mlp, _MLP))
                             for name in names):
         return 0, None
-    if not all(can_fuse([attention.q_proj, attention.k_proj, attention.v_proj]) and can_fuse([mlp.gate_proj, mlp.up_proj])
-               for attention, mlp in duals):
+    if not all(can_fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+               and can_fuse([mlp.gate_proj, mlp.up_proj]) for attention, mlp in duals):
         return 0, None  # the layers' own copies serve, one call each
     fused = []
     for attention, mlp in duals:
-        fused.append(_Int4Layer(fused_codes([attention.q_proj, attention.k_proj, attention.v_proj]), attention.o_proj.codes,
-                                fused_codes([mlp.gate_proj, mlp.up_proj]), mlp.down_proj.codes))
+        fused.append(_Int4Layer(fused_codes([attention.q_proj, attention.k_proj, attention.v_proj]),
+                                attention.o_proj.codes, fused_codes([mlp.gate_proj, mlp.up_proj]),
+                                mlp.down_proj.codes))
         for module, name in ((attention, "q_proj"), (attention, "k_proj"), (attention, "v_proj"),
                              (mlp, "gate_proj"), (mlp, "up_proj")):
             setattr(module, name, getattr(module, name).linear)

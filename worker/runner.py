@@ -14,6 +14,7 @@ answer as its row leaves, and a prompt that starts with a stored prefix prefills
 from __future__ import annotations
 
 import logging
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
