@@ -55,7 +55,8 @@ class DualLinear(torch.nn.Module):
         rows = x.numel() // self.in_features
         if rows > self.max_rows:
             return self.linear(x)
-        flat = x.reshape(rows, self.in_features).contiguous()  # a slice (a prefill's last positions) is not
+        # the kernel takes contiguous rows only, and a prefill's last position is a slice
+        flat = x.reshape(rows, self.in_features).contiguous()
         if flat.dtype != self.scales_and_zeros.dtype:
             flat = flat.to(self.scales_and_zeros.dtype)
         out = int4_matmul(flat, self.codes)

@@ -44,6 +44,22 @@ class Function:
     parameters: dict[str, Any]
     description: str | None = None
 
+    def __post_init__(self) -> None:  # errors name the field inside the function; callers put its path in front
+        if not isinstance(self.name, str) or not self.name:
+            raise ProtocolError.about("name", "must be a non-empty string")
+        if not isinstance(self.parameters, dict):
+            raise ProtocolError.about("parameters", "must be a JSON schema map")
+        if self.description is not None and not isinstance(self.description, str):
+            raise ProtocolError.about("description", "must be a string")
+
+    @classmethod
+    def at(cls, path: str, name: Any, parameters: Any, description: Any = None) -> Function:
+        """A function offered at `path` (`tools.functions[0]`): its errors name their field under it."""
+        try:
+            return cls(name, parameters, description)
+        except ProtocolError as exc:
+            raise exc.renamed(f"{path}.{exc.field}") from None
+
     def to_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"name": self.name, "parameters": self.parameters}
         if self.description is not None:
@@ -126,11 +142,4 @@ def _function(index: int, value: Any) -> Function:
     if not isinstance(value, dict):
         raise ProtocolError.about(name, "must be a map with 'name' and 'parameters'")
     _reject_unknown(value, ("name", "parameters", "description"), name)
-    if not isinstance(value.get("name"), str) or not value["name"]:
-        raise ProtocolError.about(f"{name}.name", "must be a non-empty string")
-    if not isinstance(value.get("parameters"), dict):
-        raise ProtocolError.about(f"{name}.parameters", "must be a JSON schema map")
-    description = value.get("description")
-    if description is not None and not isinstance(description, str):
-        raise ProtocolError.about(f"{name}.description", "must be a string")
-    return Function(value["name"], value["parameters"], description)
+    return Function.at(name, value.get("name"), value.get("parameters"), value.get("description"))

@@ -16,6 +16,7 @@ from broker.protocol import (
 )
 from frontends.openai_api.errors import bad_request
 
+_NO_PARAMETERS = {"type": "object", "properties": {}}
 _TOOL_CHOICES = ("none", "auto", "required")
 
 
@@ -35,13 +36,12 @@ def parse_tools(body: dict[str, Any], flat: bool = False) -> Tools | None:
     if not isinstance(tools, list) or not tools:
         raise bad_request("'tools' must be a non-empty array", "tools", "invalid_type")
     functions = tuple(_function(tool, index, flat) for index, tool in enumerate(tools))
-    names = [f.name for f in functions]
     if isinstance(choice, dict):
         named = choice if flat else choice.get("function")
         name = named.get("name") if isinstance(named, dict) else None
-        if choice.get("type") != "function" or name not in names:
+        if choice.get("type") != "function" or not isinstance(name, str):
             shape = '"name": ...' if flat else '"function": {"name": ...}'
-            raise bad_request(f"'tool_choice' must name one of the tools: {{\"type\": \"function\", {shape}}}",
+            raise bad_request(f"'tool_choice' must name a function: {{\"type\": \"function\", {shape}}}",
                               "tool_choice")
         return _tools(functions, "required", name, parallel=False)
     if choice not in _TOOL_CHOICES:
@@ -54,8 +54,9 @@ def parse_tools(body: dict[str, Any], flat: bool = False) -> Tools | None:
 def _tools(functions: tuple[Function, ...], choice: str, name: str | None, parallel: bool) -> Tools:
     try:
         return Tools(functions, choice, name, parallel)
-    except ProtocolError as exc:  # too many, names alike, or a schema that is not JSON: all about the API's `tools`
-        raise bad_request(str(exc.renamed("tools")), "tools") from None
+    except ProtocolError as exc:  # a named choice that names no tool; or too many, names alike, a schema not JSON
+        error = exc.renamed("tool_choice" if exc.field == "tools.function" else "tools")
+        raise bad_request(str(error), error.field) from None
 
 
 def _function(tool: Any, index: int, flat: bool) -> Function:
@@ -72,16 +73,13 @@ def _function(tool: Any, index: int, flat: bool) -> Function:
     extra = sorted(set(function) - {"name", "description", "parameters", "strict"})
     if extra:
         raise bad_request(f"{param}.{extra[0]} is not supported", f"{param}.{extra[0]}", "unsupported_parameter")
-    name = function.get("name")
-    if not isinstance(name, str) or not name:
-        raise bad_request(f"{param}.name must be a non-empty string", f"{param}.name")
     parameters = function.get("parameters")
-    if parameters is not None and not isinstance(parameters, dict):
-        raise bad_request(f"{param}.parameters must be a JSON schema object", f"{param}.parameters")
-    description = function.get("description")
-    if description is not None and not isinstance(description, str):
-        raise bad_request(f"{param}.description must be a string", f"{param}.description")
-    return Function(name, parameters or {"type": "object", "properties": {}}, description or None)
+    if parameters is None or parameters == {}:  # OpenAI's default: a function of no arguments
+        parameters = _NO_PARAMETERS
+    try:
+        return Function.at(param, function.get("name"), parameters, function.get("description") or None)
+    except ProtocolError as exc:
+        raise bad_request(str(exc), exc.field) from None
 
 
 def assistant_calls(tool_calls: Any, param: str) -> tuple[ToolCall, ...]:

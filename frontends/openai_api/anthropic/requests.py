@@ -230,12 +230,13 @@ def _tools(body: dict[str, Any]) -> Tools | None:
     if choice["type"] == "none":
         return None
     name = choice.get("name") if choice["type"] == "tool" else None
-    if choice["type"] == "tool" and name not in [f.name for f in functions]:
-        raise invalid("tool_choice.name", f"{json.dumps(name)} names none of the tools")
+    if choice["type"] == "tool" and not isinstance(name, str):
+        raise invalid("tool_choice.name", "must name one of the tools")
     try:
         return Tools(functions, _TOOL_CHOICES[choice["type"]], name, not disable_parallel)
-    except ProtocolError as exc:  # too many, names alike, or a schema that is not JSON: all about `tools`
-        raise invalid("tools", str(exc.renamed("tools"))) from None
+    except ProtocolError as exc:  # a named tool that is none of them; or too many, names alike, a schema not JSON
+        field = "tool_choice.name" if exc.field == "tools.function" else "tools"
+        raise invalid(field, exc.problem or str(exc)) from None
 
 
 def _function(tool: Any, path: str) -> Function:
@@ -244,11 +245,8 @@ def _function(tool: Any, path: str) -> Function:
     if (tool.get("type") or "custom") != "custom":  # Anthropic's server tools (web search, code execution...)
         raise invalid(f"{path}.type", f"tool type {json.dumps(tool['type'])} is not supported; only custom tools")
     _known_keys(tool, path, {"type", "name", "description", "input_schema"})
-    if not isinstance(tool.get("name"), str) or not tool["name"]:
-        raise invalid(f"{path}.name", "must be a non-empty string")
-    if not isinstance(tool.get("input_schema"), dict):
-        raise invalid(f"{path}.input_schema", "Field required (a JSON schema object)")
-    description = tool.get("description")
-    if description is not None and not isinstance(description, str):
-        raise invalid(f"{path}.description", "must be a string")
-    return Function(tool["name"], tool["input_schema"], description or None)
+    try:
+        return Function(tool.get("name"), tool.get("input_schema"), tool.get("description") or None)
+    except ProtocolError as exc:  # the function's own rules; Anthropic calls its parameters `input_schema`
+        field = f"{path}.{'input_schema' if exc.field == 'parameters' else exc.field}"
+        raise invalid(field, exc.problem or str(exc)) from None
