@@ -55,7 +55,7 @@ async def test_a_rolling_restart_under_load_loses_nothing(stack):
         await wait_until(lambda: _at_least(answered, 60))
         restarting = False
         await asyncio.wait_for(asyncio.gather(*loops), 120)
-    assert not failed and not resumed, (failed[:3], len(resumed))
+    assert not failed and not resumed, (failed[:3], [(s.fault, s.num_sends) for s in resumed])
     assert len({w for w in answered}) == 4  # every generation of worker served
 
 
