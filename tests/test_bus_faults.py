@@ -77,7 +77,8 @@ async def test_broker_restart_heals_without_touching_workers_or_clients(stack):
         broker.wait()
         stack.broker()
         rest = await asyncio.wait_for(stream.collect(), 60)  # resumed on the worker, once it re-announced
-        assert stream.num_resumes == 1
+        # Once; or twice, when the worker too noticed the silence and re-announced after taking the first resume.
+        assert 1 <= stream.num_resumes <= 2
         uncut = await (await client.chat(TINY_MODEL, HELLO, max_tokens=480, temperature=0)).collect()
         assert head.text + rest.text == uncut.text and rest.completion_tokens == uncut.completion_tokens
 

@@ -11,6 +11,7 @@ from frontends.client import BusClient, BusError
 from tests.helpers import HELLO, TINY_MODEL, num_workers, wait_for_models, wait_until
 
 CONCURRENCY = 8
+SLOW_HEARTBEATS = ("--heartbeat-interval", "2")
 
 
 async def _at_least(answered: list, count: int) -> bool:
@@ -22,13 +23,15 @@ async def _draining(client: BusClient, pid: int) -> bool:
 
 
 async def test_a_rolling_restart_under_load_loses_nothing(stack):
-    stack.broker()
-    workers = [stack.worker("--max-batch", "4"), stack.worker("--max-batch", "4")]
+    # Heartbeats slower than the fixture's: on a busy 2-core host a worker loading beside two busy ones
+    # must not be taken for dead (a fault, whose streams would resume); only the drain is on trial here.
+    stack.broker(*SLOW_HEARTBEATS)
+    workers = [stack.worker("--max-batch", "4", *SLOW_HEARTBEATS), stack.worker("--max-batch", "4", *SLOW_HEARTBEATS)]
     await wait_for_models(stack.address, {TINY_MODEL})
     answered, failed, resumed = [], [], []
     restarting = True
 
-    async with BusClient(stack.address) as client:
+    async with BusClient(stack.address, heartbeat_interval=2.0) as client:
         await wait_until(lambda: num_workers(client, 2))
 
         async def traffic(seed: int) -> None:
@@ -50,7 +53,7 @@ async def test_a_rolling_restart_under_load_loses_nothing(stack):
             worker.send_signal(signal.SIGTERM)
             await wait_until(lambda: _draining(client, worker.pid))  # the broker sends it nothing new
             assert await asyncio.to_thread(worker.wait, 60) == 0
-            workers[index] = stack.worker("--max-batch", "4")
+            workers[index] = stack.worker("--max-batch", "4", *SLOW_HEARTBEATS)
             await wait_until(lambda: num_workers(client, 2), timeout=120)
         await wait_until(lambda: _at_least(answered, 60))
         restarting = False
