@@ -88,7 +88,7 @@ class Streaming(threading.Thread):
         try:
             self.chunks.extend(self.api.client().chat.completions.create(
                 model=TINY_MODEL, messages=HELLO, max_tokens=self.max_tokens, stream=True,
-                stream_options={"include_usage": True}))
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
         except Exception as exc:
             self.error = exc
 

@@ -35,6 +35,7 @@ API_PORT = 8000
 METRICS_PORT = 9555
 INTERVAL = protocol.HEARTBEAT_INTERVAL
 LONG_ANSWER = 400  # tokens: streams still running when the link is cut
+NO_EARLY_END = {"ignore_eos": True}  # random weights may sample an end token: every answer runs to its length
 T = TypeVar("T")
 
 
@@ -199,7 +200,8 @@ def _models_answer(fleet: Fleet) -> bool:
 def ask(fleet: Fleet, max_tokens: int = 8) -> str:
     """One chat completion through the API host; its finish reason."""
     answer = fleet.openai_client().chat.completions.create(
-        model=TINY_MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=max_tokens)
+        model=TINY_MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=max_tokens,
+        extra_body=NO_EARLY_END)
     return answer.choices[0].finish_reason
 
 
@@ -216,7 +218,7 @@ def long_stream(fleet: Fleet, result: StreamResult) -> None:
     try:
         stream = fleet.openai_client().chat.completions.create(
             model=TINY_MODEL, messages=[{"role": "user", "content": "Tell me a long story"}],
-            max_tokens=LONG_ANSWER, stream=True)
+            max_tokens=LONG_ANSWER, stream=True, extra_body=NO_EARLY_END)
         for chunk in stream:
             result.first_token_at = result.first_token_at or time.monotonic()
             result.num_chunks += 1
