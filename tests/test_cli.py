@@ -20,7 +20,7 @@ def test_terminal_chat_streams_cancels_and_resets(default_bus):
         chat.sendline("/models")
         chat.expect(f"{bus.model}  workers=1 capacity=64")
         chat.expect_exact("you> ")
-        chat.sendline("What is the capital of France?")
+        chat.sendline("Tell me the capital of France.")
         chat.expect("Paris")
         chat.expect_exact("you> ")
         chat.sendline("Now tell me a very long story about its history.")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from broker.settings import load_settings
 from worker.config import WorkerSettings
 from worker.int4 import GROUP_SIZE, DualLinear, add_int4_weights
+from worker.llama_forward import LlamaForward
 from worker.loader import load_model
+from worker.runner import _new_cache
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
                                 reason="this torch has no packed 4-bit CPU kernel")
@@ -83,10 +84,9 @@ def next_token_logprobs(settings_args: list[str]) -> tuple[list[torch.Tensor], t
         for text in PROMPTS:
             ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                        return_tensors="pt", return_dict=True)["input_ids"]
-            cache = DynamicCache()
-            loaded.model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
-            logits = loaded.model(input_ids=ids[:, -1:], position_ids=torch.tensor([[ids.shape[1] - 1]]),
-                                  cache=cache, use_cache=True).logits[0, -1]
+            cache, forward, length = _new_cache(), LlamaForward(loaded.model), ids.shape[1]
+            forward(ids[:, :-1], torch.ones(1, length - 1, dtype=torch.long), torch.arange(length - 1)[None], cache)
+            logits = forward(ids[:, -1:], torch.ones(1, length, dtype=torch.long), torch.tensor([[length - 1]]), cache)[0]
             result.append(torch.log_softmax(logits.float(), -1))
     return result, loaded.model
 
@@ -96,7 +96,7 @@ def test_the_default_models_fast_path_stays_close_to_the_float_model():
     reference, _ = next_token_logprobs(["--dtype", "float32"])
     fast, model = next_token_logprobs(["--dtype", "bfloat16"])  # by default: 4-bit copies of the GGUF's 4-bit layers
     dual = [m for m in model.modules() if isinstance(m, DualLinear)]
-    assert len(dual) == 7 * model.config.num_hidden_layers  # every projection; not the 8-bit embeddings
+    assert len(dual) == 4 * model.config.num_hidden_layers  # every projection, joined; not the 8-bit embeddings
     for want, got in zip(reference, fast):
         assert int(got.argmax()) == int(want.argmax())
         top = want.topk(10).indices

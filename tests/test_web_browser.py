@@ -137,7 +137,7 @@ def test_chat_in_a_real_browser(page_url, default_bus):
                 texts = page.locator('#chatbot [data-testid="bot"]').all_inner_texts()
                 return texts[-1] if texts else ""
 
-            page.locator("#message textarea").fill("What is the capital of France?")
+            page.locator("#message textarea").fill("Tell me the capital of France.")
             page.locator("#message textarea").press("Enter")
             seen = watch(reply, until=lambda: "Paris" in reply() and in_flight(default_bus.address) == 0)
             assert all(later.startswith(earlier.rstrip()) for earlier, later in zip(seen, seen[1:]))

@@ -42,10 +42,7 @@ class DualLinear(torch.nn.Module):
         self.register_buffer("packed", codes.packed, persistent=False)
         self.register_buffer("scales_and_zeros", codes.scales_and_zeros, persistent=False)
         self.grid_error = codes.grid_error
-
-    @property
-    def codes(self) -> Int4Codes:
-        return Int4Codes(self.packed, self.scales_and_zeros, self.grid_error)
+        self._direct = linear.bias is None
 
     @property
     def weight(self) -> torch.Tensor:  # what other code (tied embeddings, generation utils) reads
@@ -55,39 +52,19 @@ class DualLinear(torch.nn.Module):
         rows = x.numel() // self.in_features
         if rows > self.max_rows:
             return self.linear(x)
-        # the kernel takes contiguous rows only, and a prefill's last position is a slice
-        flat = x.reshape(rows, self.in_features).contiguous()
-        if flat.dtype != self.scales_and_zeros.dtype:
-            flat = flat.to(self.scales_and_zeros.dtype)
-        out = int4_matmul(flat, self.codes)
+        if self._direct and x.dim() == 2 and x.dtype == self.scales_and_zeros.dtype and x.is_contiguous():
+            return int4_matmul(x, self.packed, self.scales_and_zeros)  # a decode step's rows: nothing to adapt
+        # the kernel takes contiguous rows only, in the type of its scales
+        flat = x.reshape(rows, self.in_features).contiguous().to(self.scales_and_zeros.dtype)
+        out = int4_matmul(flat, self.packed, self.scales_and_zeros)
         if self.linear.bias is not None:
             out = out + self.linear.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-# The CPU kernel packs output rows in blocks of this many.
-_PACKED_BLOCK_ROWS = 64
-
-
-def can_fuse(layers: list[DualLinear]) -> bool:
-    """Whether `fused_codes` can put these layers' codes side by side: every packed block whole."""
-    return all(layer.out_features % _PACKED_BLOCK_ROWS == 0 for layer in layers[:-1])
-
-
-def fused_codes(layers: list[DualLinear]) -> Int4Codes:
-    """One 4-bit weight for several layers that read the same input (queries, keys and values; gate
-    and up): their outputs side by side, from one call. Packed blocks stay whole (`can_fuse`), so
-    the result equals the layers' own, concatenated, bit for bit."""
-    if not can_fuse(layers):
-        raise ValueError("these layers' packed codes cannot be put side by side")
-    return Int4Codes(torch.cat([layer.packed for layer in layers]),
-                     torch.cat([layer.scales_and_zeros for layer in layers], dim=1).contiguous(),
-                     max(layer.grid_error for layer in layers))
-
-
-def int4_matmul(x: torch.Tensor, codes: Int4Codes) -> torch.Tensor:
-    """`x` [rows, in] (contiguous, in the codes' type) times a 4-bit weight: [rows, out]."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, codes.packed, GROUP_SIZE, codes.scales_and_zeros)
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """`x` [rows, in] (contiguous, in the scales' type) times a 4-bit weight: [rows, out]."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from worker import llama_forward
 from worker.config import WorkerSettings
 from worker.int4 import add_int4_weights, int4_supported
 from worker.model_source import resolve
@@ -101,6 +102,8 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
         source.location, dtype=load_dtype, quantization_config=quantization_config,
         device_map=str(device) if quantization_config else None,
     )
+    if llama_forward.supports(model) and llama_forward.fuse_projections(model):
+        log.info("queries, keys and values, and gate and up, each one product")
     if int4_rows:
         # Explicitly asked for: every layer; by default only those a GGUF stored in 4 bits.
         layers, eligible = add_int4_weights(model, int4_rows, dtype, on_grid_only=settings.int4_rows is None)

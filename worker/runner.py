@@ -19,7 +19,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from worker.fast_decode import LlamaDecoder
+from worker import llama_forward
+from worker.llama_forward import LlamaForward
 from worker.prefix_cache import PrefixStore
 from worker.sampling import Sampler, TokenChoice
 from worker.sequence import Sequence
@@ -79,7 +80,8 @@ class ModelRunner:
                  prefixes: PrefixStore | None = None, threads: StepThreads | None = None) -> None:
         self.model = model
         self.threads = threads  # CPU only: threads per pass by its size
-        self.decoder = LlamaDecoder(model) if LlamaDecoder.supports(model) else None  # else transformers' forward
+        # Llama-family models run through the worker's own forward pass, others through transformers'.
+        self._llama = LlamaForward(model) if llama_forward.supports(model) else None
         self.prefixes = prefixes
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
@@ -136,8 +138,7 @@ class ModelRunner:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached_width:]
         cache = self._cache_from_prefixes(sequences, cached_width)
         self._use_threads(input_ids.numel())
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = self._forward(input_ids, mask, positions, cache)
         _check_filled(cache, cached_width + width)
         for row, sequence in enumerate(sequences):
             self._keep(sequence.prompt_ids, cache, row, mask.shape[1])
@@ -176,8 +177,7 @@ class ModelRunner:
         mask = torch.ones((1, end), dtype=torch.long, device=self.device)  # [1, L]: the chunks so far
         positions = torch.arange(start, end, device=self.device)[None]
         self._use_threads(end - start)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = self._forward(input_ids, mask, positions, cache)
         _check_filled(cache, end)
         if end < len(sequence.prompt_ids):
             self._chunked = (sequence, cache)
@@ -232,13 +232,18 @@ class ModelRunner:
         last = torch.tensor([s.output_ids[-1] for s in batch], device=self.device)[:, None]  # [B, 1]
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(batch), 1)], dim=1)
         self._use_threads(len(batch))
-        if self.decoder is not None:
-            logits = self.decoder.step(last, self._mask, self._positions[:, None], self._cache)
-        else:
-            logits = self.model(input_ids=last, attention_mask=self._mask, position_ids=self._positions[:, None],
-                                cache=self._cache, use_cache=True).logits[:, -1]
+        logits = self._forward(last, self._mask, self._positions[:, None], self._cache)
         self._positions = self._positions + 1
         return self.sampler.sample(logits, batch)
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        """Feed each row its new tokens (`input_ids` [B, T], the last T columns of `mask` [B, L]); the
+        logits [B, V] of each row's last one."""
+        if self._llama is not None:
+            return self._llama(input_ids, mask, positions, cache)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                          cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def _check_batch(self, batch: list[Sequence]) -> None:
         if len(batch) != self.num_rows:
