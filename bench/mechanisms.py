@@ -14,7 +14,7 @@ import uuid
 import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from bench.load import prompt
 from broker.protocol import GenerationRequest
@@ -23,6 +23,7 @@ from worker.__main__ import build_engine
 from worker.config import WorkerSettings
 from worker.engine import Engine
 from worker.engine_api import DoneEvent
+from worker.model_source import resolve
 
 
 class MechanismSettings(BaseSettings):
@@ -66,7 +67,11 @@ def main() -> None:
     settings = load_settings(MechanismSettings)
     worker = WorkerSettings(device=settings.device, dtype=settings.dtype, max_batch=settings.num_prompts)
     engine, _ = build_engine(worker)
-    model, tokenizer = engine.runner.model, engine.prompts.tokenizer
+    tokenizer = engine.prompts.tokenizer
+    # transformers' own generation runs on transformers' own model: the engine's has its projections joined
+    engine_model = engine.runner.model
+    model = AutoModelForCausalLM.from_pretrained(resolve(None).location, dtype=engine_model.dtype).to(engine_model.device)
+    model.eval()
     prompts = [prompt(i) for i in range(settings.num_prompts)]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
