@@ -50,3 +50,23 @@ for threads in (0, 2):
 print(seen)
 """
     assert _run(code) == "[1, 1, 2, 1, 2, 2, 2, 2]"
+
+
+def test_the_output_layer_takes_every_thread_then_the_step_goes_on_as_before():
+    code = """
+import torch
+from worker.threads import StepThreads
+torch.set_num_threads(2)
+steps = StepThreads(0, small_step_rows=8)
+steps.use(1)
+seen = [torch.get_num_threads()]
+with steps.all_threads():
+    seen.append(torch.get_num_threads())
+seen.append(torch.get_num_threads())
+steps.use(9)
+with steps.all_threads():
+    seen.append(torch.get_num_threads())
+seen.append(torch.get_num_threads())
+print(seen)
+"""
+    assert _run(code) == "[1, 2, 1, 2, 2]"

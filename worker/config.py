@@ -41,7 +41,8 @@ class WorkerSettings(BusPeerSettings):
                                                             "for prompts that start alike (least recently used out first); 0 = off")
     cache_dir: Path | None = Field(None, description="where converted GGUF models are kept (default: ~/.cache/tokenbus)")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = one per physical core (torch's default), one "
-                                               "fewer for steps of at most 8 rows; 1 when several workers share a small host")
+                                               "fewer for steps of at most 8 rows (but their output layer); 1 when several "
+                                               "workers share a small host")
     heartbeat_interval: float = Field(protocol.HEARTBEAT_INTERVAL, gt=0, description="seconds between heartbeats")
     drain_timeout: float = Field(30.0, ge=0, description="on SIGTERM or SIGINT, seconds to finish the requests held "
                                  "(the broker sends no new ones) before leaving; those still running then resume "

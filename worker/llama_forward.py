@@ -60,7 +60,7 @@ def _joined(parent: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Linear:
 
 class LlamaForward:
     """Passes of one model: `__call__` feeds each row some new tokens and returns the next-token
-    logits of its last one."""
+    logits of its last one; `last_hidden` and `logits` are its two halves."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
@@ -73,9 +73,13 @@ class LlamaForward:
 
     def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: DynamicCache) -> torch.Tensor:
+        return self.logits(self.last_hidden(input_ids, mask, positions, cache))
+
+    def last_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                    cache: DynamicCache) -> torch.Tensor:
         """`input_ids` [B, T] (left-padded), `mask` [B, L] (1 where a token is cached, the new ones
-        included: they are its last T columns), `positions` [B, T]; returns logits [B, V] of each
-        row's last token. The new tokens' keys and values go into `cache`."""
+        included: they are its last T columns), `positions` [B, T]; returns the hidden state [B, H]
+        of each row's last token. The new tokens' keys and values go into `cache`."""
         rows, new = input_ids.shape
         tokens = rows * new
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -105,8 +109,11 @@ class LlamaForward:
             hidden = hidden + attention.o_proj(out)
             normed = F.rms_norm(hidden, width, layer.post_attention_layernorm.weight, self.eps)
             hidden = hidden + self._mlp(layer.mlp, normed)
-        last = hidden.view(rows, new, -1)[:, -1]
-        return self.model.lm_head(F.rms_norm(last, width, self.inner.norm.weight, self.eps))
+        return hidden.view(rows, new, -1)[:, -1]
+
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """[B, H] -> [B, V]: the final norm and the output layer."""
+        return self.model.lm_head(F.rms_norm(last_hidden, last_hidden.shape[-1:], self.inner.norm.weight, self.eps))
 
     @staticmethod
     def _queries_keys_values(attention: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ answer as its row leaves, and a prompt that starts with a stored prefix prefills
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache
@@ -241,7 +242,9 @@ class ModelRunner:
         """Feed each row its new tokens (`input_ids` [B, T], the last T columns of `mask` [B, L]); the
         logits [B, V] of each row's last one."""
         if self._llama is not None:
-            return self._llama(input_ids, mask, positions, cache)
+            hidden = self._llama.last_hidden(input_ids, mask, positions, cache)
+            with self.threads.all_threads() if self.threads is not None else nullcontext():
+                return self._llama.logits(hidden)
         return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                           cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
