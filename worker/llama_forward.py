@@ -88,7 +88,7 @@ class LlamaForward:
         width = (hidden.shape[-1],)
         cos, sin = self.inner.rotary_emb(hidden, positions.reshape(1, tokens))  # [1, N, D]
         cos, sin = cos.reshape(tokens, 1, head_dim), sin.reshape(tokens, 1, head_dim)  # every head alike
-        attend = _attention_mask(mask, new, groups)
+        attend = _attention_mask(mask, new, groups, hidden.dtype)
         for index, layer in enumerate(self.inner.layers):
             attention = layer.self_attn
             normed = F.rms_norm(hidden, width, layer.input_layernorm.weight, self.eps)
@@ -130,15 +130,22 @@ class LlamaForward:
         return mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
 
 
-def _attention_mask(mask: torch.Tensor, new: int, groups: int) -> torch.Tensor:
-    """Which cached columns each new token's queries see: [B, 1, groups * T, L], rows as the grouped
-    queries are laid out. A token sees the cached tokens up to itself; a padding token sees only
-    itself, so that no row of the softmax is empty."""
+def _attention_mask(mask: torch.Tensor, new: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """What each new token's queries add to their scores: 0 for the cached columns they see, -inf for
+    the others; [B, 1, groups * T, L], rows as the grouped queries are laid out. A token sees the
+    cached tokens up to itself; a padding token sees only itself, so that no row of the softmax is
+    empty. Made once a pass in the queries' type, as the attention kernel would make it of a boolean
+    mask in every layer (measured: decode steps of 16 and 32 rows 0.96-0.98 and 0.91-0.98 the time)."""
     seen = mask.bool()[:, None, None, :]  # [B, 1, 1, L]
     if new == 1:
-        return seen  # one token per row: the last column, and every cached one before it
+        return _additive(seen, dtype)  # one token per row: the last column, and every cached one before it
     length = mask.shape[1]
     columns = torch.arange(length, device=mask.device)
     own = torch.arange(length - new, length, device=mask.device)[:, None]  # [T, 1]: each new token's column
     allowed = (seen & (columns <= own)) | (columns == own)  # [B, 1, T, L]
-    return allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * new, length)
+    allowed = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * new, length)
+    return _additive(allowed, dtype)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
