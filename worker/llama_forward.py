@@ -88,6 +88,10 @@ class LlamaForward:
         width = (hidden.shape[-1],)
         cos, sin = self.inner.rotary_emb(hidden, positions.reshape(1, tokens))  # [1, N, D]
         cos, sin = cos.reshape(tokens, 1, head_dim), sin.reshape(tokens, 1, head_dim)  # every head alike
+        # Rotating a head's halves (x1, x2) gives x1 cos - x2 sin, x2 cos + x1 sin: the halves swapped
+        # (a roll by half) times the sines with the first half negated, the same numbers as transformers'
+        # rotate_half in 2 operations instead of 4.
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         attend = _attention_mask(mask, new, groups, hidden.dtype)
         for index, layer in enumerate(self.inner.layers):
             attention = layer.self_attn
@@ -95,8 +99,7 @@ class LlamaForward:
             projected = self._queries_keys_values(attention, normed)
             queries_keys = projected[:, :keys_end].view(tokens, heads + kv_heads, head_dim)
             values = projected[:, keys_end:].view(rows, new, kv_heads, head_dim)
-            turned = torch.cat([-queries_keys[..., half:], queries_keys[..., :half]], dim=-1)
-            rotated = queries_keys * cos + turned * sin  # queries and keys turned together
+            rotated = queries_keys * cos + queries_keys.roll(half, dims=-1) * signed_sin  # queries and keys together
             keys = rotated[:, heads:].view(rows, new, kv_heads, head_dim)
             all_keys, all_values = cache.update(keys.transpose(1, 2), values.transpose(1, 2), index)
             # The query heads of a key head attend as its rows (head by head, then token by token), so
