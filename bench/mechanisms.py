@@ -70,7 +70,8 @@ def main() -> None:
     tokenizer = engine.prompts.tokenizer
     # transformers' own generation runs on transformers' own model: the engine's has its projections joined
     engine_model = engine.runner.model
-    model = AutoModelForCausalLM.from_pretrained(resolve(None).location, dtype=engine_model.dtype)
+    source = resolve(worker.model, worker.cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=engine_model.dtype)
     model = model.to(engine_model.device).eval()
     prompts = [prompt(i) for i in range(settings.num_prompts)]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)

@@ -10,7 +10,7 @@ from worker.config import WorkerSettings
 from worker.int4 import GROUP_SIZE, DualLinear, add_int4_weights
 from worker.llama_forward import LlamaForward
 from worker.loader import load_model
-from worker.runner import _new_cache
+from worker.runner import new_cache
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
                                 reason="this torch has no packed 4-bit CPU kernel")
@@ -84,7 +84,7 @@ def next_token_logprobs(settings_args: list[str]) -> tuple[list[torch.Tensor], t
         for text in PROMPTS:
             ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                        return_tensors="pt", return_dict=True)["input_ids"]
-            cache, forward, length = _new_cache(), LlamaForward(loaded.model), ids.shape[1]
+            cache, forward, length = new_cache(), LlamaForward(loaded.model), ids.shape[1]
             forward(ids[:, :-1], torch.ones(1, length - 1, dtype=torch.long), torch.arange(length - 1)[None], cache)
             logits = forward(ids[:, -1:], torch.ones(1, length, dtype=torch.long), torch.tensor([[length - 1]]), cache)[0]
             result.append(torch.log_softmax(logits.float(), -1))

@@ -13,7 +13,7 @@ from worker import llama_forward
 from worker.int4 import DualLinear, add_int4_weights
 from worker.llama_forward import LlamaForward, fuse_projections
 from worker.model_source import default_model_dir
-from worker.runner import _new_cache
+from worker.runner import new_cache
 
 # In float32: attention over grouped queries, and products of joined weights, may add up in another
 # order than transformers' (measured: 3e-7 at most on the tiny model)
@@ -30,7 +30,7 @@ def run_both_ways(model: torch.nn.Module, ours: torch.nn.Module, steps: int = 6)
     for forward in (None, LlamaForward(ours)):
         mask = (torch.arange(12)[None] >= 12 - lengths[:, None]).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache, input_ids, seen = _new_cache(), prompt, []
+        cache, input_ids, seen = new_cache(), prompt, []
         with torch.inference_mode():
             for _ in range(steps + 1):
                 if forward is None:
@@ -97,8 +97,8 @@ def test_a_prompt_prefilled_in_two_passes_gives_the_logits_of_one(tiny_model_dir
     forward = LlamaForward(model)
     prompt = torch.randint(10, 1000, (1, 10))
     with torch.inference_mode():
-        whole = forward(prompt, torch.ones(1, 10, dtype=torch.long), torch.arange(10)[None], _new_cache())
-        cache = _new_cache()
+        whole = forward(prompt, torch.ones(1, 10, dtype=torch.long), torch.arange(10)[None], new_cache())
+        cache = new_cache()
         forward(prompt[:, :6], torch.ones(1, 6, dtype=torch.long), torch.arange(6)[None], cache)
         rest = forward(prompt[:, 6:], torch.ones(1, 10, dtype=torch.long), torch.arange(6, 10)[None], cache)
     assert torch.allclose(whole, rest, **CLOSE)

@@ -68,7 +68,8 @@ def _with_room(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     return buffer
 
 
-def _new_cache() -> DynamicCache:
+def new_cache() -> DynamicCache:
+    """An empty cache for the runner's passes, its layers `HeadroomLayer`s."""
     cache = DynamicCache()
     cache.layer_class_to_replicate = HeadroomLayer  # layers are created on first use, of this class
     return cache
@@ -147,7 +148,7 @@ class ModelRunner:
 
     def _cache_from_prefixes(self, sequences: list[Sequence], width: int) -> DynamicCache:
         """A new cache `width` columns wide, each row's cached prefix right-aligned in it."""
-        cache = _new_cache()
+        cache = new_cache()
         if width == 0:
             return cache
         rows = [(row, s.prefix.layers(s.num_cached_tokens)) for row, s in enumerate(sequences)
