@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 from worker.threads import prepare_openmp_environment
 
 # Engines built inside the test process wait as a worker's do: before any test module loads torch
 # (with OpenMP's default spinning, a busy host made their steps about ten times slower).
 prepare_openmp_environment()
+
+# The suite's workers and engines decode eagerly: compiling each one's steps would take it minutes.
+# tests/test_compiled_decode.py compiles them on purpose.
+os.environ.setdefault("TOKENBUS_WORKER_COMPILE_DECODE", "false")
 
 from collections.abc import Iterator
 from pathlib import Path

@@ -6,6 +6,7 @@ prepare_openmp_environment()  # OpenMP reads it once, when torch loads: before t
 
 import logging
 import signal
+import time
 
 from transformers import PreTrainedTokenizerBase
 
@@ -43,6 +44,10 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, protocol.Ready]:
     prefixes = PrefixStore(max(settings.prefix_cache_tokens, BLOCK_SIZE)) if settings.prefix_cache_tokens else None
     threads = StepThreads(settings.threads) if loaded.model.device.type == "cpu" else None
     runner = ModelRunner(loaded.model, pad_token_id or 0, unpenalized, prefixes, threads)
+    if settings.compile_decode and loaded.model.device.type == "cpu":
+        started = time.monotonic()
+        if runner.compile_decode(settings.max_batch):
+            logging.getLogger(__name__).info("decode steps compiled in %.0f s", time.monotonic() - started)
     engine = Engine(runner, prompts, Scheduler(limits), loaded.context_length, grammar_compiler(tokenizer, prompts))
     ready = protocol.Ready(WorkerServer.make_worker_id(), loaded.names, settings.max_batch, loaded.context_length,
                            limits.max_batch_tokens, prefixes.budget if prefixes else 0)

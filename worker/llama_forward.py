@@ -12,6 +12,8 @@ up: 4 products per layer instead of 7. Its logits match transformers' on the unf
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -80,6 +82,27 @@ class LlamaForward:
         """`input_ids` [B, T] (left-padded), `mask` [B, L] (1 where a token is cached, the new ones
         included: they are its last T columns), `positions` [B, T]; returns the hidden state [B, H]
         of each row's last token. The new tokens' keys and values go into `cache`."""
+        return self._layers(input_ids, mask, positions, cache.update)
+
+    def decode_into(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                    key_buffers: list[torch.Tensor], value_buffers: list[torch.Tensor]) -> torch.Tensor:
+        """`last_hidden` of one new token per row (`input_ids` [B, 1], `mask` [B, L + 1]) over a cache
+        held as each layer's key and value buffers [B, K, C, D] (C > L), whose first L columns are
+        cached: the new keys and values go into column L. A function of tensors alone, to compile."""
+        cached = mask.shape[1] - 1
+
+        def store(keys: torch.Tensor, values: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            key_buffer, value_buffer = key_buffers[index], value_buffers[index]
+            key_buffer[:, :, cached:cached + 1] = keys
+            value_buffer[:, :, cached:cached + 1] = values
+            return key_buffer[:, :, :cached + 1], value_buffer[:, :, :cached + 1]
+
+        return self._layers(input_ids, mask, positions, store)
+
+    def _layers(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                store: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """`last_hidden`, where `store(keys, values, layer)` caches a layer's new keys and values
+        ([B, K, T, D]) and returns all of its cached ones."""
         rows, new = input_ids.shape
         tokens = rows * new
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -101,7 +124,7 @@ class LlamaForward:
             values = projected[:, keys_end:].view(rows, new, kv_heads, head_dim)
             rotated = queries_keys * cos + queries_keys.roll(half, dims=-1) * signed_sin  # queries and keys together
             keys = rotated[:, heads:].view(rows, new, kv_heads, head_dim)
-            all_keys, all_values = cache.update(keys.transpose(1, 2), values.transpose(1, 2), index)
+            all_keys, all_values = store(keys.transpose(1, 2), values.transpose(1, 2), index)
             # The query heads of a key head attend as its rows (head by head, then token by token), so
             # no key is repeated.
             grouped = rotated[:, :heads].view(rows, new, kv_heads, groups, head_dim)

@@ -40,7 +40,24 @@ class PackedLinear(torch.nn.Module):
         return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.linear.bias, "none", [], "")
+        if torch.compiler.is_compiling():  # inductor would lower the product itself, and cannot on this weight
+            return packed_linear(x, self.packed_weight, self.linear.bias)
+        return _product(x, self.packed_weight, self.linear.bias)
+
+
+def _product(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+@torch.library.custom_op("tokenbus::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product as one opaque operation of a compiled graph."""
+    return _product(x, packed_weight, bias)
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed_weight.shape[0])
 
 
 def pack_linear_layers(model: torch.nn.Module) -> int:

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from worker import llama_forward
+from worker.compiled_decode import CompiledDecode, row_counts
 from worker.llama_forward import LlamaForward
 from worker.prefix_cache import PrefixStore
 from worker.sampling import Sampler, TokenChoice
@@ -44,14 +45,25 @@ class HeadroomLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized or self.keys.numel() == 0:
             return super().update(key_states, value_states, *args, **kwargs)
-        length, new = self.keys.shape[-2], key_states.shape[-2]
+        key_buffer, value_buffer, length = self.room_for(key_states.shape[-2])
+        end = length + key_states.shape[-2]
+        key_buffer[:, :, length:end] = key_states
+        value_buffer[:, :, length:end] = value_states
+        return self.grow(end)
+
+    def room_for(self, new: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Buffers for keys and values whose first columns are the cached ones, with room for `new`
+        more, and how many are cached. Whoever writes the new columns then calls `grow`."""
+        length = self.keys.shape[-2]
         if not self._backed() or length + new > self._key_buffer.shape[-2]:
             self._key_buffer = _with_room(self.keys, length + new + self._GROWTH)
             self._value_buffer = _with_room(self.values, length + new + self._GROWTH)
-        self._key_buffer[:, :, length:length + new] = key_states
-        self._value_buffer[:, :, length:length + new] = value_states
-        self.keys = self._key_buffer[:, :, :length + new]  # [B, H, L, D] views
-        self.values = self._value_buffer[:, :, :length + new]
+        return self._key_buffer, self._value_buffer, length
+
+    def grow(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers' first `length` columns are now the cache: [B, H, L, D] views."""
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
         return self.keys, self.values
 
     def _backed(self) -> bool:
@@ -84,6 +96,7 @@ class ModelRunner:
         self.threads = threads  # CPU only: threads per pass by its size
         # Llama-family models run through the worker's own forward pass, others through transformers'.
         self._llama = LlamaForward(model) if llama_forward.supports(model) else None
+        self._compiled: CompiledDecode | None = None  # see `compile_decode`
         self.prefixes = prefixes
         self.device = next(model.parameters()).device
         self.pad_token_id = pad_token_id
@@ -97,6 +110,24 @@ class ModelRunner:
     def num_rows(self) -> int:
         """Rows in the batch's cache."""
         return int(self._mask.shape[0])
+
+    @torch.inference_mode()
+    def compile_decode(self, max_rows: int) -> bool:
+        """Compile the decode steps of up to `max_rows` rows (a Llama-family model): every graph they
+        need, now. Returns whether they will run compiled; if compiling fails (no C++ compiler, say),
+        they stay eager, and the log says why."""
+        if self._llama is None:
+            return False
+        try:
+            compiled = CompiledDecode(self._llama)
+            for rows in row_counts(self.model, max_rows):
+                self._use_threads(rows)
+                compiled.warm_up(rows, new_cache())
+        except Exception:  # noqa: BLE001 - any failure of the compiler leaves the eager steps, which work
+            log.exception("decode steps stay eager: compiling them failed")
+            return False
+        self._compiled = compiled
+        return True
 
     # -- cached prefixes
 
@@ -187,6 +218,7 @@ class ModelRunner:
         self._keep(sequence.prompt_ids, cache, 0, end)
         return self._join([sequence], logits, cache, mask, torch.tensor([end], device=self.device))[0]
 
+    @torch.inference_mode()
     def release(self, batch: list[Sequence], leaving: list[Sequence], keep: bool = True) -> None:
         """Forget `leaving` (finished or cancelled): the rows of those in `batch` (the running sequences,
         in row order), and padding columns no row needs any more. With `keep` (not after a failure)
@@ -234,16 +266,17 @@ class ModelRunner:
         last = torch.tensor([s.output_ids[-1] for s in batch], device=self.device)[:, None]  # [B, 1]
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(batch), 1)], dim=1)
         self._use_threads(len(batch))
-        logits = self._forward(last, self._mask, self._positions[:, None], self._cache)
+        logits = self._forward(last, self._mask, self._positions[:, None], self._cache, self._compiled)
         self._positions = self._positions + 1
         return self.sampler.sample(logits, batch)
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: DynamicCache) -> torch.Tensor:
+                 cache: DynamicCache, compiled: CompiledDecode | None = None) -> torch.Tensor:
         """Feed each row its new tokens (`input_ids` [B, T], the last T columns of `mask` [B, L]); the
-        logits [B, V] of each row's last one."""
+        logits [B, V] of each row's last one. `compiled`: a decode step's layers, compiled."""
         if self._llama is not None:
-            hidden = self._llama.last_hidden(input_ids, mask, positions, cache)
+            layers = compiled if compiled is not None else self._llama.last_hidden
+            hidden = layers(input_ids, mask, positions, cache)
             with self.threads.all_threads() if self.threads is not None else nullcontext():
                 return self._llama.logits(hidden)
         return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
