@@ -63,8 +63,8 @@ class LocalStack:
         for command in self._commands:
             self._processes.append(subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.DEVNULL,
                                                     stderr=subprocess.DEVNULL))
-        self._wait_healthy(timeout=300)
-        self._wait_for_workers(timeout=300)
+        self._wait_healthy(timeout=600)
+        self._wait_for_workers(timeout=600)  # a cold start compiles the decode steps
         return self
 
     def worker_memory_mib(self) -> list[float]:
