@@ -10,7 +10,8 @@ compiled on one thread; 16 rows 51 against 34 ms and 32 rows 65 against 53 on tw
 Sizes vary symbolically (rows, cached columns, the buffers' room), so the batch growing, shrinking
 and getting longer compiles nothing again. What does choose another graph is which products a step
 uses: one row, up to the 4-bit copies' rows, and more (`row_counts`). The worker compiles them all
-before it serves, about 15 s each on 2 cores; torch keeps the results on disk for the next start.
+before it serves: on 2 cores about 3 minutes the first time, 40 s later, as torch keeps the generated
+code on disk and only traces the model again.
 """
 
 from __future__ import annotations
