@@ -21,8 +21,8 @@ from worker.engine_api import TokenEvent
 from worker.runner import new_cache
 
 # Rows leave at different steps (the batch shrinks and its padding is cut), one joins late, and one
-# answer outgrows the cache's first buffer (64 columns of room).
-WORKLOAD = [("Hi", 3), ("Tell me about the sea and its shores.", 80), ("Name three colours.", 20),
+# answer goes on alone long enough to fill the cache's buffer (64 columns of room) and outgrow it.
+WORKLOAD = [("Hi", 3), ("Tell me about the sea and its shores.", 100), ("Name three colours.", 20),
             ("Count to ten, slowly, one number at a time.", 9)]
 
 

@@ -55,7 +55,9 @@ class HeadroomLayer(DynamicLayer):
         """Buffers for keys and values whose first columns are the cached ones, with room for `new`
         more, and how many are cached. Whoever writes the new columns then calls `grow`."""
         length = self.keys.shape[-2]
-        if not self._backed() or length + new > self._key_buffer.shape[-2]:
+        # A column to spare, always: a compiled step's graph holds for buffers wider than the cache it
+        # makes (one exactly as wide would compile another).
+        if not self._backed() or length + new >= self._key_buffer.shape[-2]:
             self._key_buffer = _with_room(self.keys, length + new + self._GROWTH)
             self._value_buffer = _with_room(self.values, length + new + self._GROWTH)
         return self._key_buffer, self._value_buffer, length
