@@ -67,7 +67,7 @@ def test_compiled_steps_give_the_eager_steps_numbers_in_float32(tiny_model_dir):
     expected, got = serve(eager), serve(compiled)
     for rid, (text, logprobs) in expected.items():
         assert got[rid][0] == text
-        # Fused loops add up in another order: measured 2e-6 at most
+        # the fused loops add up in another order than the eager operations
         assert got[rid][1] == pytest.approx(logprobs, abs=1e-4)
 
 
